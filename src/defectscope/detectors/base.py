@@ -1,0 +1,234 @@
+"""The one contract every detector follows.
+
+A detector is built from keyword arguments only (stored, not validated), learns in
+``fit`` from good images, and scores new images in ``predict``. Higher scores and map
+values always mean more anomalous. Learned state lives in ``trailing_underscore_``
+attributes and round-trips through :meth:`state_dict` / :meth:`load_state` as tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backbones import FeatureExtractor
+from ..errors import DefectscopeError, NotFittedError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+@dataclass
+class Prediction:
+    """Per-image results of :meth:`Detector.predict`.
+
+    scores: (N,) float32 image anomaly scores.
+    maps:   (N, H, W) float32 anomaly maps at the model's input resolution.
+    """
+
+    scores: np.ndarray
+    maps: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def as_batches(images: torch.Tensor | Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Yield (B, 3, H, W) float tensors from one tensor or an iterable of batches."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise DefectscopeError(f"expected images shaped (N, 3, H, W), got {tuple(images.shape)}")
+        yield images
+        return
+    for batch in images:
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
+            raise DefectscopeError("expected an iterable of (B, 3, H, W) image tensors")
+        yield batch
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Smooth (N, H, W) maps with a Gaussian of standard deviation ``sigma`` pixels.
+
+    The kernel is truncated at 4 sigma (as scipy.ndimage does) and borders are reflected.
+    """
+    if sigma <= 0:
+        return maps
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = maps.unsqueeze(1)
+    out = F.pad(out, (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
+    return out.squeeze(1)
+
+
+class Detector(ABC):
+    """Base class: parameters in ``__init__``, learning in ``fit``, scoring in ``predict``.
+
+    Subclasses set ``method`` and implement :meth:`_fit`, :meth:`_predict_batch`,
+    :meth:`_state_tensors`, :meth:`_load_state_tensors` and :meth:`_training_scores`.
+    """
+
+    method: ClassVar[str]
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: list[str] | None = None,
+        image_size: int = 256,
+        weights: str | None = None,
+        seed: int = 0,
+        blur_sigma: float = 4.0,
+    ) -> None:
+        self.backbone = backbone
+        self.layers = layers
+        self.image_size = image_size
+        self.weights = weights
+        self.seed = seed
+        self.blur_sigma = blur_sigma
+        self._extractor: FeatureExtractor | None = None
+
+    # ----------------------------------------------------------------- parameters
+    def get_params(self) -> dict[str, Any]:
+        """The constructor's keyword arguments (JSON-serialisable)."""
+        names = self._param_names()
+        return {name: getattr(self, name) for name in names}
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        import inspect
+
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in names:
+                    names.append(p.name)
+        return names
+
+    def _validate_params(self) -> None:
+        if not isinstance(self.image_size, int) or not 32 <= self.image_size <= 2048:
+            raise DefectscopeError(f"image_size must be an integer between 32 and 2048, got {self.image_size!r}")
+        if self.blur_sigma < 0:
+            raise DefectscopeError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+
+    # ----------------------------------------------------------------- backbone
+    @property
+    def extractor(self) -> FeatureExtractor:
+        """The feature extractor, built on first use from backbone/layers/weights."""
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.backbone, self.layers, weights=self.weights)
+            self.layers = list(self._extractor.layers)
+        return self._extractor
+
+    def set_extractor(self, extractor: FeatureExtractor) -> None:
+        """Use an already built extractor (shares one backbone between detectors)."""
+        self._extractor = extractor
+        self.layers = list(extractor.layers)
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the backbone's weights expect, per RGB channel."""
+        return self.extractor.mean, self.extractor.std
+
+    # ----------------------------------------------------------------- contract
+    @property
+    def is_fitted(self) -> bool:
+        return getattr(self, "n_train_", None) is not None
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet: call fit() with good images, "
+                "or load a model file"
+            )
+
+    def fit(self, images: torch.Tensor | Iterable[torch.Tensor]) -> "Detector":
+        """Learn from good images: one (N, 3, H, W) tensor or an iterable of batches."""
+        self._validate_params()
+        torch.manual_seed(self.seed)
+        with torch.inference_mode():
+            self._fit(as_batches(images))
+        if not self.is_fitted:
+            raise RuntimeError(f"{type(self).__name__}._fit did not set n_train_")
+        return self
+
+    def predict(self, images: torch.Tensor | Iterable[torch.Tensor]) -> Prediction:
+        """Score images: returns scores (N,) and anomaly maps (N, H, W), H = W = image_size."""
+        self._check_fitted()
+        scores: list[np.ndarray] = []
+        maps: list[np.ndarray] = []
+        with torch.inference_mode():
+            for batch in as_batches(images):
+                s, m = self._predict_batch(batch)
+                scores.append(s.float().numpy())
+                maps.append(m.float().numpy())
+        if not scores:
+            size = self.image_size
+            return Prediction(np.zeros(0, np.float32), np.zeros((0, size, size), np.float32))
+        return Prediction(np.concatenate(scores), np.concatenate(maps))
+
+    def training_scores(self) -> np.ndarray:
+        """Leave-one-image-out scores of the training images (N_train,), for the threshold.
+
+        Each training image is scored as if it had not been part of the training set,
+        so these scores behave like those of unseen good images.
+        """
+        self._check_fitted()
+        with torch.inference_mode():
+            return self._training_scores().float().numpy()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Learned state as named CPU tensors (what the model file stores)."""
+        self._check_fitted()
+        return {k: v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> "Detector":
+        """Restore learned state written by :meth:`state_dict`."""
+        self._load_state_tensors(tensors)
+        return self
+
+    # ----------------------------------------------------------------- helpers
+    def _features(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone feature maps of the chosen layers, each (B, C_l, H_l, W_l)."""
+        return self.extractor(batch)
+
+    def _finish_maps(self, patch_maps: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) patch-level scores -> (B, S, S) map: bilinear upsampling, Gaussian blur."""
+        maps = F.interpolate(
+            patch_maps.unsqueeze(1), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        ).squeeze(1)
+        return gaussian_blur(maps, self.blur_sigma)
+
+    # ----------------------------------------------------------------- to implement
+    @abstractmethod
+    def _fit(self, batches: Iterator[torch.Tensor]) -> None:
+        """Learn from batches of good images; must set ``n_train_``."""
+
+    @abstractmethod
+    def _predict_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (scores (B,), maps (B, S, S)) for one batch."""
+
+    @abstractmethod
+    def _training_scores(self) -> torch.Tensor:
+        """Leave-one-image-out image scores of the training images (N_train,)."""
+
+    @abstractmethod
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Learned tensors to save."""
+
+    @abstractmethod
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore learned tensors; must set ``n_train_``."""
