@@ -1,0 +1,191 @@
+"""Read image and mask files robustly and turn images into normalised model input.
+
+Every file goes through :func:`_open`, which decodes it fully (so truncation is caught
+here, not later) and applies the EXIF orientation. Any problem with a file becomes an
+:class:`~defectscope.errors.ImageLoadError` whose one-line message is ``"<path>: <problem>"``.
+
+Conversion to 8-bit RGB (:func:`load_image`):
+
+* grayscale, palette, CMYK, YCbCr, LAB, HSV and 1-bit images are converted to RGB;
+* images with transparency (RGBA, LA, PA, palette with a transparent colour) are
+  composited over black: ``rgb * alpha / 255``, so fully transparent pixels become black;
+* 16-bit (and other integer) single-channel images are scaled by their declared bit depth
+  (``v * 255 / (2**bits - 1)``): a 16-bit 65535 becomes 255 and a 12-bit value stored in a
+  16-bit file stays dark, it is not stretched or clipped;
+* float images (``F``, e.g. float TIFF) in [0, 1] are scaled by 255; any other range is
+  min-max stretched to [0, 255]; NaN becomes 0;
+* multi-frame files (TIFF stacks, animated GIF/PNG) give their first frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import DefectscopeError, ImageLoadError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""File name endings treated as images (compared case-insensitively)."""
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_TIFF_BITS_PER_SAMPLE = 258
+
+
+def _open(path: str | Path) -> Image.Image:
+    """Open, fully decode and EXIF-orient the first frame of ``path``; raise ImageLoadError."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError(f"{path}: file not found")
+    if path.is_dir():
+        raise ImageLoadError(f"{path}: is a folder, not an image file")
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(f"{path}: file is empty (0 bytes)")
+        img = Image.open(path)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not an image file (cannot identify format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{path}: image is too large to decode safely ({exc})") from None
+    except PermissionError:
+        raise ImageLoadError(f"{path}: permission denied") from None
+    except OSError as exc:  # Pillow reports broken headers as OSError from open()
+        raise ImageLoadError(f"{path}: image data is truncated or corrupt: {_first_line(exc)}") from None
+    try:
+        with img:
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            img.load()  # force the full decode so truncated/corrupt data is caught here
+            bits = _declared_bits(img)
+            oriented = ImageOps.exif_transpose(img)
+            oriented = oriented if oriented is not None else img.copy()
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
+        raise ImageLoadError(f"{path}: image data is truncated or corrupt: {_first_line(exc)}") from None
+    if bits is not None:
+        oriented.info["defectscope_bits"] = bits
+    return oriented
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _declared_bits(img: Image.Image) -> int | None:
+    """Bits per sample the file declares for integer single-channel modes, else None."""
+    if img.mode.startswith("I;16"):
+        return 16
+    if img.mode != "I":
+        return None
+    tags = getattr(img, "tag_v2", None)
+    if tags is not None and _TIFF_BITS_PER_SAMPLE in tags:
+        value = tags[_TIFF_BITS_PER_SAMPLE]
+        return int(value[0] if isinstance(value, tuple) else value)
+    if img.format == "PNG":  # PNG integer images are 16-bit
+        return 16
+    return None
+
+
+def _to_rgb_uint8(img: Image.Image, path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array from any PIL mode (see the module docstring for the rules)."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8).copy()
+    if mode == "F":
+        return _gray_to_rgb(_float_to_uint8(np.asarray(img, dtype=np.float64)))
+    if mode == "I" or mode.startswith("I;"):
+        arr = np.asarray(img).astype(np.float64)
+        bits = img.info.get("defectscope_bits")
+        if bits is None:  # undeclared: the smallest common depth that holds the data
+            peak = float(arr.max()) if arr.size else 0.0
+            bits = next(b for b in (8, 16, 32) if peak < 2**b)
+        scaled = np.clip(arr, 0, None) * (255.0 / (2 ** int(bits) - 1))
+        return _gray_to_rgb(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        rgb = rgba[..., :3] * (rgba[..., 3:4] / 255.0)  # composite over black
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    try:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (ValueError, OSError) as exc:
+        raise ImageLoadError(f"{path}: cannot convert colour mode {mode!r} to RGB ({exc})") from None
+
+
+def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """(H, W) float -> uint8: [0, 1] data is scaled by 255, anything else min-max stretched."""
+    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
+    if lo < 0.0 or hi > 1.0:
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """(H, W) -> (H, W, 3) by repeating the channel."""
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read any supported image file as an (H, W, 3) uint8 RGB array, EXIF orientation applied.
+
+    Raises ImageLoadError ("<path>: <problem>") for a missing, empty, truncated, corrupt or
+    non-image file.
+    """
+    return _to_rgb_uint8(_open(path), path)
+
+
+def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a ground-truth mask as an (H, W) bool array: any non-zero colour channel = defect.
+
+    Grayscale, RGB, palette and 16-bit masks are accepted; an alpha channel is ignored.
+    ``size=(h, w)`` resizes with nearest-neighbour interpolation.
+    """
+    img = _open(path)
+    if img.mode == "P":
+        img = img.convert("RGB")
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        colour = arr[..., :3] if img.mode in ("RGBA", "RGBa", "RGBX") else arr
+        if img.mode in ("LA", "La"):
+            colour = arr[..., :1]
+        mask = np.any(colour != 0, axis=2)
+    else:
+        mask = arr != 0
+    if size is not None:
+        h, w = int(size[0]), int(size[1])
+        if mask.shape != (h, w):
+            small = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+            mask = np.asarray(small) > 0
+    return np.ascontiguousarray(mask, dtype=bool)
+
+
+def preprocess(image: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, size, size) float32 model input.
+
+    Resized straight to size x size (bilinear, antialiased; aspect ratio is not kept),
+    scaled to [0, 1], then normalised per channel: (x - mean) / std.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DefectscopeError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    if size < 1:
+        raise DefectscopeError(f"image size must be a positive number of pixels, got {size}")
+    if len(mean) != 3 or len(std) != 3:
+        raise DefectscopeError(f"mean and std need 3 values (R, G, B), got {list(mean)} and {list(std)}")
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x - m) / s).squeeze(0).contiguous()

@@ -1,0 +1,275 @@
+"""Find images on disk: command-line path arguments and dataset folder layouts.
+
+Two dataset layouts are understood:
+
+* **MVTec AD category** (:func:`mvtec_category`)::
+
+      <category>/train/good/*            good training images
+      <category>/test/<type>/*           test images; <type> "good" = label 0, anything else = defect
+      <category>/ground_truth/<type>/<stem>_mask.<ext>   optional masks (non-zero = defect)
+
+* **plain folder** (:func:`plain_folder`), for TEST data::
+
+      <folder>/good/*                    good test images (label 0)
+      <folder>/<type>/*                  every other sub-folder is a defect type (label 1)
+      <folder>/masks/<type>/<stem>*      optional masks
+      <folder>/train/**                  optional good training images (else train = [])
+
+Images may be any of :data:`~defectscope.data.images.IMAGE_EXTENSIONS` (any case). Hidden
+files and folders (name starting with ".") are skipped everywhere.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import DataLayoutError
+from .images import IMAGE_EXTENSIONS
+from .samples import Sample, Split
+
+log = logging.getLogger(__name__)
+
+_GLOB_CHARS = ("*", "?", "[")
+_PLAIN_RESERVED = ("good", "masks", "train")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def find_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files in ``folder`` (and its sub-folders if ``recursive``), sorted by path.
+
+    Hidden files and anything inside hidden folders are skipped. A missing folder gives [].
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p))
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        base = Path(dirpath)
+        found.extend(base / name for name in filenames if _is_image(base / name))
+    return sorted(found)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Non-hidden sub-folders of ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def expand_paths(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Turn ``predict`` arguments (files, folders, globs) into image paths.
+
+    A file is returned as given (whatever its extension: the loader reports undecodable
+    files); a folder is searched recursively for images; a glob (``*.png``, ``**/*.jpg``,
+    ``~`` expanded) gives its matching image files, sorted, and the images inside any
+    folder it matches. Paths keep the order of ``args`` and each file appears once
+    (compared by resolved path). Returns ``(paths, errors)``, where ``errors`` lists
+    ``(arg, message)`` for a missing path or a folder/glob without images.
+    """
+    paths: list[Path] = []
+    errors: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            paths.append(path)
+
+    for arg in args:
+        path = Path(os.path.expanduser(arg))
+        if path.is_file():
+            add(path)
+        elif path.is_dir():
+            images = find_images(path)
+            if not images:
+                errors.append((arg, f"folder contains no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+            for image in images:
+                add(image)
+        elif any(c in arg for c in _GLOB_CHARS):
+            images = []
+            for match in sorted(glob.glob(os.path.expanduser(arg), recursive=True)):
+                hit = Path(match)
+                if hit.is_dir():
+                    images.extend(find_images(hit))
+                elif hit.is_file() and _is_image(hit):
+                    images.append(hit)
+            if not images:
+                errors.append((arg, "pattern matched no image files"))
+            for image in images:
+                add(image)
+        else:
+            errors.append((arg, "no such file or folder"))
+    return paths, errors
+
+
+def _is_mvtec_category(folder: Path) -> bool:
+    return (folder / "train" / "good").is_dir() and (folder / "test").is_dir()
+
+
+def good_images(data_dir: Path, min_images: int = 1) -> list[Path]:
+    """Good training images: ``train/good`` of an MVTec AD category, else every image under ``data_dir``.
+
+    Raises DataLayoutError for a missing folder or fewer than ``min_images`` images.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise DataLayoutError(f"{data_dir}: folder not found")
+    if not data_dir.is_dir():
+        raise DataLayoutError(f"{data_dir}: is a file; expected a folder of good images")
+    source = data_dir / "train" / "good" if _is_mvtec_category(data_dir) else data_dir
+    images = find_images(source)
+    if len(images) < min_images:
+        raise DataLayoutError(
+            f"{source}: found {len(images)} good image(s), need at least {min_images} "
+            f"({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return images
+
+
+def _mask_index(mask_dir: Path) -> dict[str, Path]:
+    """Map image stem -> mask file for masks named ``<stem>_mask.<ext>`` or ``<stem>.<ext>``."""
+    index: dict[str, Path] = {}
+    plain: dict[str, Path] = {}
+    for mask in find_images(mask_dir, recursive=False):
+        stem = mask.stem
+        if stem.endswith("_mask"):
+            index.setdefault(stem[: -len("_mask")], mask)
+        else:
+            plain.setdefault(stem, mask)
+    for stem, mask in plain.items():
+        index.setdefault(stem, mask)
+    return index
+
+
+def _defect_samples(folder: Path, defect_type: str, masks: dict[str, Path]) -> tuple[list[Sample], int]:
+    """Defective samples of one type and how many of them have no mask."""
+    samples = []
+    missing = 0
+    for image in find_images(folder, recursive=False):
+        mask = masks.get(image.stem)
+        missing += mask is None
+        samples.append(Sample(path=image, label=1, defect_type=defect_type, mask_path=mask))
+    return samples, missing
+
+
+def _warn_missing_masks(where: Path, missing: int, total: int) -> None:
+    if missing:
+        log.warning(
+            "%s: %d of %d defective image(s) have no ground-truth mask; pixel metrics will skip them",
+            where,
+            missing,
+            total,
+        )
+
+
+def mvtec_category(category_dir: Path) -> Split:
+    """Parse an MVTec AD category folder (layout in the module docstring).
+
+    Defective images without a mask get ``mask_path=None`` (a warning gives the count).
+    Raises DataLayoutError naming a missing folder, or when train/good or test/ has no images.
+    """
+    category_dir = Path(category_dir)
+    if not category_dir.is_dir():
+        raise DataLayoutError(f"{category_dir}: folder not found")
+    missing = [name for name in ("train/good", "test") if not (category_dir / name).is_dir()]
+    if missing:
+        raise DataLayoutError(
+            f"{category_dir}: not an MVTec AD category, missing {' and '.join(m + '/' for m in missing)}"
+        )
+    train = find_images(category_dir / "train" / "good")
+    if not train:
+        raise DataLayoutError(f"{category_dir / 'train' / 'good'}: no training images found")
+    test: list[Sample] = []
+    n_missing = n_defective = 0
+    for type_dir in _subfolders(category_dir / "test"):
+        if type_dir.name == "good":
+            test.extend(Sample(path=p, label=0, defect_type="good") for p in find_images(type_dir, recursive=False))
+            continue
+        masks = _mask_index(category_dir / "ground_truth" / type_dir.name)
+        samples, missing_masks = _defect_samples(type_dir, type_dir.name, masks)
+        test.extend(samples)
+        n_missing += missing_masks
+        n_defective += len(samples)
+    if not test:
+        raise DataLayoutError(f"{category_dir / 'test'}: no test images found in its sub-folders")
+    _warn_missing_masks(category_dir, n_missing, n_defective)
+    return Split(name=category_dir.name, train=train, test=test)
+
+
+def mvtec_root(root: Path) -> list[Path]:
+    """Category folders (with train/good and test/) directly under an MVTec AD root, sorted.
+
+    Raises DataLayoutError when ``root`` is missing or holds no category.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataLayoutError(f"{root}: folder not found")
+    categories = [p for p in _subfolders(root) if _is_mvtec_category(p)]
+    if not categories:
+        raise DataLayoutError(f"{root}: no MVTec AD categories (sub-folders with train/good/ and test/) found")
+    return categories
+
+
+def _plain_mask_index(mask_dir: Path) -> dict[str, Path]:
+    """Map image stem -> mask for masks named ``<stem>.<ext>`` or ``<stem>_<anything>.<ext>``."""
+    index: dict[str, Path] = {}
+    masks = find_images(mask_dir, recursive=False)
+    for mask in masks:  # exact stems win over "<stem>_..." names
+        index.setdefault(mask.stem, mask)
+    for mask in masks:
+        if "_" in mask.stem:
+            index.setdefault(mask.stem.rsplit("_", 1)[0], mask)
+    return index
+
+
+def plain_folder(folder: Path) -> Split:
+    """Parse a plain folder of TEST data (layout in the module docstring).
+
+    There is no separate train split in this layout: train comes from an optional
+    ``folder/train/`` (searched recursively), else ``train == []`` and the caller must
+    supply good images separately. Raises DataLayoutError if ``good/`` is missing or there
+    are no test images.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataLayoutError(f"{folder}: folder not found")
+    if not (folder / "good").is_dir():
+        raise DataLayoutError(f"{folder}: missing good/ (a plain test folder needs good/ plus defect-type folders)")
+    test = [Sample(path=p, label=0, defect_type="good") for p in find_images(folder / "good", recursive=False)]
+    n_missing = n_defective = 0
+    for type_dir in _subfolders(folder):
+        if type_dir.name in _PLAIN_RESERVED:
+            continue
+        masks = _plain_mask_index(folder / "masks" / type_dir.name)
+        samples, missing_masks = _defect_samples(type_dir, type_dir.name, masks)
+        test.extend(samples)
+        n_missing += missing_masks
+        n_defective += len(samples)
+    if not test:
+        raise DataLayoutError(f"{folder}: no test images found in good/ or defect-type folders")
+    _warn_missing_masks(folder, n_missing, n_defective)
+    return Split(name=folder.name, train=find_images(folder / "train"), test=test)
+
+
+def load_category(path: Path) -> Split:
+    """Parse ``path`` as an MVTec AD category (has train/ and test/) or else a plain folder (has good/)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataLayoutError(f"{path}: folder not found")
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        return mvtec_category(path)
+    if (path / "good").is_dir():
+        return plain_folder(path)
+    raise DataLayoutError(
+        f"{path}: unknown layout: expected train/ and test/ (MVTec AD category) "
+        "or good/ plus defect-type folders (plain folder)"
+    )

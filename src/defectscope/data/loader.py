@@ -1,0 +1,167 @@
+"""Decode and preprocess images in background threads while the caller runs the model.
+
+:func:`iter_batches` splits the paths into stretches of ``batch_size``; a producer thread
+decodes each stretch (in a pool of ``workers`` threads when ``workers > 1``) and puts the
+finished :class:`Batch` on a queue of at most ``prefetch`` batches, so memory stays bounded.
+Batches come out in input order. Files that cannot be loaded are reported in the
+``failures`` of their own stretch's batch and never stop the others. Original pixels are
+not kept: callers that need them reload the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import DefectscopeError, ImageLoadError
+from .images import load_image, preprocess
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05
+
+
+@dataclass
+class Batch:
+    """One stretch of ``batch_size`` input paths, decoded.
+
+    images:   (B, 3, S, S) float32 preprocessed images (B may be 0).
+    paths:    the B files that loaded, in input order.
+    sizes:    original (H, W) of each, after EXIF orientation.
+    failures: (path, one-line message) for files of this stretch that could not be loaded.
+    """
+
+    images: torch.Tensor
+    paths: list[Path]
+    sizes: list[tuple[int, int]]
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class _Raised:
+    """Carries an unexpected exception from the producer thread to the caller."""
+
+    exc: BaseException
+
+
+_DONE = object()
+
+
+_Loaded = tuple[torch.Tensor, tuple[int, int]]
+
+
+def _load_one(path: Path, size: int, mean: Sequence[float], std: Sequence[float]) -> _Loaded | str:
+    """((3, S, S) tensor, original (H, W)), or the ImageLoadError message."""
+    try:
+        image = load_image(path)
+    except ImageLoadError as exc:
+        return str(exc)
+    return preprocess(image, size, mean, std), (int(image.shape[0]), int(image.shape[1]))
+
+
+def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int) -> Batch:
+    """A Batch from one stretch's load results (failures keep their input order)."""
+    tensors, paths, sizes, failures = [], [], [], []
+    for path, result in zip(chunk, results):
+        if isinstance(result, str):
+            log.debug("could not load %s", result)
+            failures.append((path, result))
+        else:
+            tensors.append(result[0])
+            paths.append(path)
+            sizes.append(result[1])
+    images = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
+    return Batch(images=images, paths=paths, sizes=sizes, failures=failures)
+
+
+def iter_batches(
+    paths: Sequence[Path],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 16,
+    workers: int = 1,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
+    """Yield :class:`Batch` es of preprocessed images, decoded ahead in background thread(s).
+
+    Every stretch of ``batch_size`` paths gives one batch (possibly with B=0 images and
+    only failures). Exceptions other than ImageLoadError are re-raised in the caller.
+    Closing the generator early stops the background thread(s).
+    """
+    if batch_size < 1 or workers < 1 or prefetch < 1:
+        raise DefectscopeError(
+            f"batch_size, workers and prefetch must be at least 1, got {batch_size}, {workers}, {prefetch}"
+        )
+    paths = [Path(p) for p in paths]
+    mean, std = list(mean), list(std)
+    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    out: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        """Put ``item`` unless asked to stop; True if it went in."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="defectscope-decode") if workers > 1 else None
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    return
+                if pool is None:
+                    results = []
+                    for p in chunk:
+                        if stop.is_set():
+                            return
+                        results.append(_load_one(p, size, mean, std))
+                else:
+                    results = list(pool.map(lambda p: _load_one(p, size, mean, std), chunk))
+                if not put(_assemble(chunk, results, size)):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
+            put(_Raised(exc))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    thread = threading.Thread(target=produce, name="defectscope-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = out.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not thread.is_alive() and out.empty():
+                    raise DefectscopeError("image loader thread stopped unexpectedly") from None
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue, then wait for it
+            try:
+                out.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=_POLL_S)
