@@ -1,0 +1,164 @@
+"""Greedy k-center coreset selection (PatchCore, Roth et al. 2022, Alg. 1).
+
+The memory bank of PatchCore is subsampled by repeatedly adding the patch feature that is
+farthest from the centres chosen so far. Distances may be computed on a Johnson-Lindenstrauss
+random projection of the features, which makes each step cheaper while keeping the selection
+close to the one in the original space.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..errors import DefectscopeError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["jl_dim", "random_projection", "greedy_coreset", "coverage_radius"]
+
+
+def jl_dim(n_samples: int, eps: float) -> int:
+    """Johnson-Lindenstrauss minimum dimension that keeps pairwise distances within 1 +/- eps.
+
+    k >= 4 ln(n) / (eps^2 / 2 - eps^3 / 3)  (Dasgupta & Gupta, 2003).
+    """
+    if n_samples < 1:
+        raise DefectscopeError(f"jl_dim needs n_samples >= 1, got {n_samples}")
+    if not 0.0 < eps < 1.0:
+        raise DefectscopeError(f"jl_dim needs 0 < eps < 1, got {eps}")
+    denominator = eps**2 / 2.0 - eps**3 / 3.0
+    return int(4.0 * math.log(n_samples) / denominator)
+
+
+def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Project (N, D) features to (N, dim) float32 with a seeded Gaussian matrix.
+
+    Entries are drawn from N(0, 1/dim), so squared distances are preserved in expectation.
+    If ``dim >= D`` the features are returned unchanged (as float32).
+    """
+    _check_matrix(features, "features")
+    if dim < 1:
+        raise DefectscopeError(f"projection dim must be >= 1, got {dim}")
+    features = features.float()
+    n_dims = features.shape[1]
+    if dim >= n_dims:
+        return features
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(n_dims, dim, generator=generator, dtype=torch.float32) / math.sqrt(dim)
+    return features @ matrix
+
+
+def greedy_coreset(
+    features: torch.Tensor,
+    n_select: int,
+    *,
+    eps: float | None = 0.9,
+    projection_dim: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Indices (n_select,) int64 of greedy k-center centres of (N, D) features, in selection order.
+
+    Starts from a seeded random point, then repeatedly adds the point whose distance to its
+    nearest centre is largest (PatchCore Alg. 1: m* = argmax_m min_n ||psi(m) - psi(n)||).
+    Distances are measured on a random projection to ``projection_dim`` dimensions if given,
+    else to ``jl_dim(N, eps)`` if ``eps`` is given; when that is >= D the features are used as
+    they are. When every remaining point coincides with a centre, the lowest unselected index
+    is taken, so indices are always distinct. ``n_select >= N`` returns ``arange(N)``.
+    """
+    _check_matrix(features, "features")
+    n_points, n_dims = features.shape
+    if n_points == 0:
+        raise DefectscopeError("greedy_coreset got no features (N == 0): fit on at least one image")
+    if n_select <= 0:
+        raise DefectscopeError(f"greedy_coreset needs n_select >= 1, got {n_select}")
+    if not torch.isfinite(features).all():
+        raise DefectscopeError("greedy_coreset got NaN or infinite features: check the backbone output and inputs")
+    if n_select >= n_points:
+        return torch.arange(n_points, dtype=torch.int64)
+
+    if projection_dim is not None:
+        dim = projection_dim
+    elif eps is not None:
+        dim = jl_dim(n_points, eps)
+    else:
+        dim = n_dims
+    x = random_projection(features, dim, seed) if dim < n_dims else features.float()
+    x = x.contiguous()
+    log.debug("greedy coreset: %d of %d points, distances in %d dims", n_select, n_points, x.shape[1])
+
+    generator = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(n_points, (1,), generator=generator))
+    return _greedy_loop(x, n_select, start, progress)
+
+
+def _greedy_loop(x: torch.Tensor, n_select: int, start: int, progress: bool) -> torch.Tensor:
+    """Greedy k-center on (N, d) float32 ``x`` from index ``start``; returns (n_select,) int64."""
+    sq_norms = (x * x).sum(dim=1)  # ||x||^2, (N,)
+    min_dist = torch.full_like(sq_norms, float("inf"))  # squared distance to the nearest centre
+    dist = torch.empty_like(sq_norms)  # reused buffer for one centre's distances
+    selected = torch.empty(n_select, dtype=torch.int64)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_select, desc="coreset", unit="centre")
+    idx = start
+    for i in range(n_select):
+        selected[i] = idx
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, for all points at once
+        torch.mv(x, x[idx], out=dist)
+        dist.mul_(-2.0).add_(sq_norms).add_(sq_norms[idx])
+        torch.minimum(min_dist, dist, out=min_dist)
+        # a chosen centre is never chosen again, even when rounding leaves it a tiny distance
+        # or all remaining points coincide with centres (ties: argmax takes the lowest index)
+        min_dist[idx] = -float("inf")
+        idx = int(torch.argmax(min_dist))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return selected
+
+
+def coverage_radius(features: torch.Tensor, centres: torch.Tensor, chunk_size: int = 4096) -> float:
+    """Largest distance from a point of (N, D) ``features`` to its nearest centre.
+
+    ``centres`` is either (K,) integer indices into ``features`` or (K, D) centre coordinates.
+    The nearest centre is found in chunks with the matrix expansion of the distance, then the
+    distance to it is recomputed directly as ||x - c||, so the result is exact to float32 rounding.
+    """
+    _check_matrix(features, "features")
+    x = features.float()
+    if not centres.is_floating_point():
+        if centres.ndim != 1 or centres.numel() == 0:
+            raise DefectscopeError("coverage_radius needs a non-empty 1-D tensor of centre indices")
+        c = x[centres.long()]
+    else:
+        _check_matrix(centres, "centres")
+        c = centres.float()
+        if c.shape[1] != x.shape[1] or c.shape[0] == 0:
+            raise DefectscopeError(
+                f"coverage_radius needs (K, {x.shape[1]}) centres with K >= 1, got {tuple(c.shape)}"
+            )
+    if x.shape[0] == 0:
+        return 0.0
+    c_sq = (c * c).sum(dim=1)
+    worst = 0.0
+    for lo in range(0, x.shape[0], chunk_size):
+        chunk = x[lo : lo + chunk_size]
+        d2 = (chunk * chunk).sum(dim=1, keepdim=True) - 2.0 * chunk @ c.T + c_sq
+        nearest = d2.argmin(dim=1)
+        exact = (chunk - c[nearest]).norm(dim=1)
+        worst = max(worst, float(exact.max()))
+    return worst
+
+
+def _check_matrix(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.ndim != 2:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise DefectscopeError(f"{name} must be a 2-D (N, D) tensor, got {shape}")
