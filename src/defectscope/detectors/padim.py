@@ -1,0 +1,225 @@
+"""PaDiM: a Gaussian per patch position over multi-scale CNN embeddings (Defard et al., ICPR 2020 w.).
+
+Fit: each position (i, j) of the embedding map gets a mean mu_ij and a covariance
+Sigma_ij = cov_ij + epsilon I (eq. 1) of a random subset of d_reduced channels.
+Predict: the Mahalanobis distance of each test embedding to its position's Gaussian (eq. 2),
+upsampled and blurred to the input size; the image score is the map's maximum.
+
+Memory: the fit streams float64 sums (P x d x (d + 1) x 8 bytes for P positions) and keeps
+the reduced training embeddings (N x P x d x 4 bytes, e.g. 209 x 64*64 x 100 x 4 = 342 MB)
+until the end of ``fit``, where they give the exact leave-one-image-out training scores
+(see :func:`~defectscope.components.gaussian.loo_mahalanobis`); then they are dropped.
+The model keeps the means (P x d) and inverse covariances (P x d x d) as float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from ..components.embedding import concat_layers, default_multiscale_layers
+from ..components.gaussian import (
+    GaussianAccumulator,
+    accumulator_bytes,
+    loo_mahalanobis,
+    mahalanobis,
+    regularized_inverse,
+)
+from ..backbones import FeatureExtractor
+from ..errors import DefectscopeError, ModelFileError
+from .base import DEFAULT_BACKBONE, Detector
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PaDiM", "default_d_reduced"]
+
+_STATE_KEYS = ("mean", "inv_cov", "channel_index", "feature_size", "training_scores", "n_train")
+_WORK_BYTES = 256 * 2**20  # scratch memory per chunk of positions
+
+
+def default_d_reduced(backbone: str, total_channels: int) -> int:
+    """Paper defaults: resnet18 -> 100, wide_resnet50_2 -> 550; efficientnet-lite -> 100; capped by channels."""
+    name = backbone.lower()
+    if name == "wide_resnet50_2":
+        d = 550
+    else:  # resnet18, tf_efficientnet_lite*, anything else
+        d = 100
+    return min(d, total_channels)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+class PaDiM(Detector):
+    """Patch Distribution Modeling. ``d_reduced`` None picks the backbone's default (see above)."""
+
+    method = "padim"
+    #: leave-one-out covariances need at least two other images
+    min_train_images = 3
+    #: fit refuses configurations whose Gaussians and embeddings would need more than this
+    max_memory_bytes: int = 8 * 2**30
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: list[str] | None = None,
+        image_size: int = 256,
+        weights: str | None = None,
+        seed: int = 0,
+        blur_sigma: float = 4.0,
+        d_reduced: int | None = None,
+        epsilon: float = 0.01,
+    ) -> None:
+        super().__init__(
+            backbone=backbone,
+            layers=layers,
+            image_size=image_size,
+            weights=weights,
+            seed=seed,
+            blur_sigma=blur_sigma,
+        )
+        self.d_reduced = d_reduced
+        self.epsilon = epsilon
+
+    # ----------------------------------------------------------------- backbone
+    @property
+    def extractor(self) -> FeatureExtractor:
+        """The feature extractor; without explicit ``layers``, built with this method's defaults."""
+        if self._extractor is None and self.layers is None:
+            self.layers = default_multiscale_layers(self.backbone)
+        return super().extractor
+
+    # ----------------------------------------------------------------- fit
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if self.d_reduced is not None and (
+            not isinstance(self.d_reduced, int) or isinstance(self.d_reduced, bool) or self.d_reduced < 1
+        ):
+            raise DefectscopeError(f"d_reduced must be a positive integer or None, got {self.d_reduced!r}")
+        if not isinstance(self.epsilon, (int, float)) or not self.epsilon > 0:
+            raise DefectscopeError(f"epsilon must be a number > 0, got {self.epsilon!r}")
+
+    def _fit(self, batches: Iterator[torch.Tensor]) -> None:
+        extractor = self.extractor
+        total = int(sum(extractor.channels))
+        d = self.d_reduced if self.d_reduced is not None else default_d_reduced(self.backbone, total)
+        if d > total:
+            raise DefectscopeError(
+                f"d_reduced={d} is more than the {total} channels of layers {', '.join(extractor.layers)}: "
+                f"use d_reduced <= {total}"
+            )
+        generator = torch.Generator().manual_seed(int(self.seed))
+        # random dimensionality reduction (paper sec. 3.1): a seeded random subset of channels
+        channel_index = torch.randperm(total, generator=generator)[:d].sort().values
+
+        # everything is built in locals and assigned at the end: a failed fit leaves the old state
+        acc: GaussianAccumulator | None = None
+        embeddings: list[torch.Tensor] = []  # kept for the exact leave-one-out scores
+        size = (0, 0)
+        for batch in batches:
+            emb, batch_size = self._embed(batch, channel_index)  # (B, P, d)
+            if acc is None:
+                size = batch_size
+            elif batch_size != size:
+                raise DefectscopeError(
+                    f"training images give {batch_size} feature maps but earlier ones gave {size}: "
+                    f"resize all images to {self.image_size}x{self.image_size}"
+                )
+            n_seen = emb.shape[0] + (0 if acc is None else acc.n)
+            self._check_memory(size, d, n_images=n_seen)  # before allocating anything for this batch
+            if acc is None:
+                acc = GaussianAccumulator(emb.shape[1], d)
+            acc.update(emb)
+            embeddings.append(emb)
+        if acc is None or acc.n < self.min_train_images:
+            raise DefectscopeError(
+                f"PaDiM needs at least {self.min_train_images} training images, got {0 if acc is None else acc.n}"
+            )
+
+        positions, n = acc.positions, acc.n
+        log.info("PaDiM: fitting %d Gaussians of dimension %d on %d images", positions, d, n)
+        mean64 = acc.mean()
+        inv_cov = torch.empty(positions, d, d, dtype=torch.float32)
+        loo = torch.empty(n, positions, dtype=torch.float32)
+        # positions per chunk so that the float64 scratch (embeddings, covariances, inverses) fits _WORK_BYTES
+        chunk = max(1, min(positions, _WORK_BYTES // (8 * d * (4 * n + 4 * d))))
+        for lo in range(0, positions, chunk):
+            hi = min(lo + chunk, positions)
+            cov = acc.covariance(lo, hi)  # unbiased, (p, d, d) float64
+            inv_cov[lo:hi] = regularized_inverse(cov, self.epsilon).to(torch.float32)  # eq. 1 inverted
+            x = torch.cat([e[:, lo:hi] for e in embeddings]).to(torch.float64)  # (N, p, d)
+            loo[:, lo:hi] = loo_mahalanobis(x, mean64[lo:hi], cov, self.epsilon).to(torch.float32)
+        del acc, embeddings
+        training_scores = torch.cat(  # image score = max of the finished map, as in predict
+            [self._finish_maps(part.view(-1, *size)).amax(dim=(1, 2)) for part in loo.split(32)]
+        )
+        self.channel_index_ = channel_index
+        self.feature_size_ = size
+        self.mean_ = mean64.to(torch.float32)
+        self.inv_cov_ = inv_cov
+        self.training_scores_ = training_scores
+        self.n_train_ = n
+
+    def _check_memory(self, size: tuple[int, int], d: int, n_images: int) -> None:
+        """Fail before allocating when sums, inverses and kept embeddings would exceed the budget."""
+        h, w = size
+        positions = h * w
+        needed = accumulator_bytes(positions, d) + positions * d * d * 4 + n_images * positions * d * 4
+        if needed > self.max_memory_bytes:
+            raise DefectscopeError(
+                f"PaDiM would need {needed} bytes ({_fmt_bytes(needed)}) for {h}x{w} positions, d_reduced={d} and "
+                f"{n_images} images, over the {_fmt_bytes(self.max_memory_bytes)} limit: "
+                "use a smaller d_reduced, image_size or fewer training images"
+            )
+
+    def _embed(self, batch: torch.Tensor, channel_index: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Reduced embeddings (B, P, d) float32 and the feature map size (h, w), P = h * w."""
+        emb = concat_layers(self._features(batch), mode="nearest")  # (B, C, h, w)
+        emb = emb.index_select(1, channel_index)
+        b, d, h, w = emb.shape
+        return emb.permute(0, 2, 3, 1).reshape(b, h * w, d).to(torch.float32).contiguous(), (h, w)
+
+    # ----------------------------------------------------------------- predict
+    def _predict_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, size = self._embed(batch, self.channel_index_)
+        if size != self.feature_size_:
+            raise DefectscopeError(
+                f"images give {size} feature maps but the model was fitted with {self.feature_size_}: "
+                f"resize images to {self.image_size}x{self.image_size}"
+            )
+        dist = mahalanobis(emb, self.mean_, self.inv_cov_)  # eq. 2, (B, P)
+        maps = self._finish_maps(dist.view(-1, *size))
+        return maps.amax(dim=(1, 2)), maps
+
+    def _training_scores(self) -> torch.Tensor:
+        return self.training_scores_
+
+    # ----------------------------------------------------------------- state
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "mean": self.mean_,
+            "inv_cov": self.inv_cov_,
+            "channel_index": self.channel_index_,
+            "feature_size": torch.tensor(self.feature_size_, dtype=torch.int64),
+            "training_scores": self.training_scores_,
+            "n_train": torch.tensor(self.n_train_, dtype=torch.int64),
+        }
+
+    def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in _STATE_KEYS if k not in tensors]
+        if missing:
+            raise ModelFileError(f"the PaDiM model state lacks {', '.join(missing)}: re-save the model with fit")
+        mean, inv_cov = tensors["mean"], tensors["inv_cov"]
+        h, w = (int(v) for v in tensors["feature_size"].tolist())
+        p, d = mean.shape
+        if inv_cov.shape != (p, d, d) or p != h * w or tensors["channel_index"].shape != (d,):
+            raise ModelFileError("the PaDiM model state has inconsistent tensor shapes: re-save the model with fit")
+        self.mean_ = mean.to(torch.float32)
+        self.inv_cov_ = inv_cov.to(torch.float32)
+        self.channel_index_ = tensors["channel_index"].to(torch.int64)
+        self.feature_size_ = (h, w)
+        self.training_scores_ = tensors["training_scores"].to(torch.float32)
+        self.n_train_ = int(tensors["n_train"])
