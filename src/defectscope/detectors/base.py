@@ -80,6 +80,8 @@ class Detector(ABC):
     """
 
     method: ClassVar[str]
+    #: fewest training images the method can learn from (leave-one-out needs at least two)
+    min_train_images: ClassVar[int] = 2
 
     def __init__(
         self,

@@ -1,0 +1,148 @@
+"""The model file: one safetensors file holding the learned tensors and JSON metadata.
+
+The JSON sits in the safetensors header (``__metadata__["defectscope"]``), so a model is a
+single file that loads without unpickling anything. Writes go to a temporary file in the
+same folder that replaces the target only once complete, so a crash never leaves a half
+file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .detectors import make_detector
+from .detectors.base import Detector
+from .errors import ModelFileError
+
+FORMAT_NAME = "defectscope-model"
+FORMAT_VERSION = 1
+_META_KEY = "defectscope"
+
+
+def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any]) -> Path:
+    """Write ``detector`` and ``metadata`` to ``path`` atomically; returns the path.
+
+    ``metadata`` holds run information (threshold, training summary, ...); the method, its
+    parameters, the backbone and format fields are added here.
+    """
+    path = Path(path)
+    meta = dict(metadata)
+    meta.update(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        package_version=__version__,
+        method=detector.method,
+        params=detector.get_params(),
+        backbone=detector.backbone,
+        layers=list(detector.layers or []),
+        image_size=detector.image_size,
+        seed=detector.seed,
+        weights=detector.extractor.weights_info,
+        normalization={"mean": list(detector.extractor.mean), "std": list(detector.extractor.std)},
+    )
+    tensors = detector.state_dict()
+    write_model_file(path, tensors, meta)
+    return path
+
+
+def write_model_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Atomically write tensors + metadata (temporary file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read tensors and metadata; any problem raises ModelFileError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: model file not found")
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder, not a model file")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: model file is empty (0 bytes)")
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: model file is truncated or corrupt ({exc}); re-create it with `defectscope fit`") from exc
+    return tensors, meta
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a model file, validated (format name and version)."""
+    path = Path(path)
+    raw = _header_metadata(path)
+    if raw is None or _META_KEY not in raw:
+        raise ModelFileError(f"{path}: not a defectscope model file (no defectscope metadata)")
+    try:
+        meta = json.loads(raw[_META_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: model metadata is not valid JSON ({exc})") from exc
+    if meta.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path}: not a defectscope model file (format {meta.get('format')!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model format version {version} is newer than this defectscope supports "
+            f"({FORMAT_VERSION}); upgrade defectscope"
+        )
+    return meta
+
+
+def _header_metadata(path: Path) -> dict[str, str] | None:
+    """Parse the safetensors header (8-byte little-endian length + JSON) without reading tensors."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ModelFileError(f"{path}: not a defectscope model file (too short to be safetensors)")
+            n = int.from_bytes(head, "little")
+            size = path.stat().st_size
+            if n <= 0 or n > min(size - 8, 100 * 2**20):
+                raise ModelFileError(f"{path}: not a defectscope model file (no safetensors header)")
+            header = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path}: not a defectscope model file (unreadable header)") from exc
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read model file ({exc.strerror})") from exc
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: not a defectscope model file (unexpected header)")
+    meta = header.get("__metadata__")
+    return meta if isinstance(meta, dict) else None
+
+
+def load_model(path: str | Path) -> tuple[Detector, dict[str, Any]]:
+    """Rebuild the detector saved in ``path``; returns (fitted detector, metadata)."""
+    tensors, meta = read_model_file(path)
+    try:
+        detector = make_detector(meta["method"], **meta["params"])
+        detector.load_state(tensors)
+    except KeyError as exc:
+        raise ModelFileError(f"{path}: model file is missing {exc}; re-create it with `defectscope fit`") from exc
+    return detector, meta
+
+
+def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a model file with ``changes`` merged into its metadata (atomic)."""
+    tensors, meta = read_model_file(path)
+    meta.update(changes)
+    write_model_file(Path(path), tensors, meta)
+    return meta

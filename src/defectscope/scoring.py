@@ -1,0 +1,83 @@
+"""Score image files with a fitted detector, in input order, never losing a result to a bad file."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data.loader import iter_batches
+from .detectors.base import Detector
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageResult:
+    """The outcome for one image file.
+
+    score/judgement are None and ``error`` holds a one-line message when the image could not
+    be scored. ``map`` is the (S, S) anomaly map at the model's input size when requested.
+    """
+
+    path: Path
+    score: float | None = None
+    judgement: int | None = None
+    error: str | None = None
+    map: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def judge(score: float, threshold: float) -> int:
+    """1 (defective) when the score is at or above the threshold, else 0 (good).
+
+    The same rule as :func:`defectscope.metrics.confusion_at` and :func:`defectscope.metrics.f1_max`.
+    """
+    return int(score >= threshold)
+
+
+def score_paths(
+    detector: Detector,
+    paths: Sequence[Path],
+    threshold: float,
+    *,
+    batch_size: int = 16,
+    keep_maps: bool = False,
+    progress: bool = False,
+) -> Iterator[ImageResult]:
+    """Yield one :class:`ImageResult` per path, in the order given.
+
+    Images are decoded in a background thread while the model runs; an image that fails to
+    load yields a result with ``error`` set and the others are scored as usual.
+    """
+    order = {Path(p): i for i, p in enumerate(paths)}
+    pending: dict[int, ImageResult] = {}
+    next_index = 0
+    mean, std = detector.normalization
+    with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
+        for batch in iter_batches(list(paths), detector.image_size, mean, std, batch_size=batch_size):
+            for path, message in batch.failures:
+                pending[order[Path(path)]] = ImageResult(Path(path), error=message)
+            if len(batch.paths):
+                pred = detector.predict(batch.images)
+                for j, path in enumerate(batch.paths):
+                    score = float(pred.scores[j])
+                    pending[order[Path(path)]] = ImageResult(
+                        Path(path),
+                        score=score,
+                        judgement=judge(score, threshold),
+                        map=pred.maps[j] if keep_maps else None,
+                    )
+            bar.update(len(batch.paths) + len(batch.failures))
+            while next_index in pending:
+                yield pending.pop(next_index)
+                next_index += 1
+    for index in sorted(pending):
+        yield pending.pop(index)

@@ -1,0 +1,109 @@
+"""The model file: exact round trip, atomic writes, clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from defectscope.detectors.patchcore import PatchCore
+from defectscope.errors import ModelFileError
+from defectscope.io import load_model, read_metadata, save_model, update_metadata
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, SIZE, SIZE)
+    det = PatchCore(image_size=SIZE, coreset_ratio=0.2, seed=1).fit(images)
+    path = tmp_path_factory.mktemp("model") / "m.dsmodel"
+    save_model(path, det, {"threshold": 1.5, "training": {"n_images": 6}})
+    return det, path, images
+
+
+def test_round_trip_gives_identical_scores(small_model):
+    det, path, images = small_model
+    loaded, meta = load_model(path)
+    a, b = det.predict(images), loaded.predict(images)
+    assert np.array_equal(a.scores, b.scores)
+    assert np.array_equal(a.maps, b.maps)
+    assert meta["method"] == "patchcore"
+    assert meta["threshold"] == 1.5
+    for key in ("format_version", "package_version", "backbone", "weights", "layers", "image_size",
+                "normalization", "seed", "params"):
+        assert key in meta
+    assert meta["params"]["coreset_ratio"] == 0.2
+    assert meta["weights"]["source"] == "package"
+
+
+def test_truncated_file_fails_clearly(small_model, tmp_path):
+    _, path, _ = small_model
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.dsmodel"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match=r"truncated\.dsmodel.*(truncated|corrupt)"):
+        load_model(bad)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [(b"", "empty"), (b"hello world, not a model", "not a defectscope model"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "not a defectscope model")],
+)
+def test_foreign_files_fail_clearly(tmp_path, content, reason):
+    bad = tmp_path / "foreign.bin"
+    bad.write_bytes(content)
+    with pytest.raises(ModelFileError, match=reason):
+        load_model(bad)
+
+
+def test_safetensors_without_our_metadata(tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(3)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match="not a defectscope model"):
+        load_model(other)
+
+
+def test_newer_format_version_is_refused(small_model, tmp_path):
+    _, path, _ = small_model
+    copy = tmp_path / "future.dsmodel"
+    copy.write_bytes(path.read_bytes())
+    update_metadata(copy, {"format_version": 99})
+    with pytest.raises(ModelFileError, match="newer"):
+        read_metadata(copy)
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "nope.dsmodel")
+
+
+def test_crash_while_writing_keeps_the_old_file(small_model, tmp_path, monkeypatch):
+    det, path, _ = small_model
+    target = tmp_path / "keep.dsmodel"
+    target.write_bytes(path.read_bytes())
+    before = target.read_bytes()
+
+    import defectscope.io as io_mod
+
+    def exploding_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(io_mod, "save_file", exploding_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_model(target, det, {"threshold": 2.0})
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.dsmodel"]
+
+
+def test_no_pickle_in_model_file(small_model):
+    _, path, _ = small_model
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8 : 8 + n])
+    assert set(header) - {"__metadata__"} == {"memory_bank", "bank_image", "grid", "n_train", "training_scores"}

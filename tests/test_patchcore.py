@@ -1,0 +1,139 @@
+"""PatchCore: accuracy on synthetic defects and reference checks of its scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from defectscope.data.images import preprocess, load_image
+from defectscope.data.layouts import mvtec_category
+from defectscope.detectors.patchcore import PatchCore
+from defectscope.metrics import image_auroc
+
+SIZE = 128
+
+
+def _tensors(paths, detector):
+    mean, std = detector.normalization
+    return torch.stack([preprocess(load_image(p), SIZE, mean, std) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_category):
+    split = mvtec_category(synthetic_category)
+    det = PatchCore(image_size=SIZE, coreset_ratio=0.25, seed=0)
+    det.fit(_tensors(split.train, det))
+    test = _tensors([s.path for s in split.test], det)
+    labels = np.array([s.label for s in split.test])
+    return det, split, test, labels
+
+
+def test_synthetic_image_auroc(fitted):
+    det, _, test, labels = fitted
+    pred = det.predict(test)
+    assert pred.scores.shape == (len(labels),)
+    assert pred.maps.shape == (len(labels), SIZE, SIZE)
+    assert image_auroc(labels, pred.scores) >= 0.95
+
+
+def test_map_peaks_on_defect(fitted, synthetic_category):
+    from defectscope.data.images import load_mask
+
+    det, split, test, labels = fitted
+    pred = det.predict(test)
+    hits = 0
+    defective = [i for i, s in enumerate(split.test) if s.label == 1]
+    for i in defective:
+        mask = load_mask(split.test[i].mask_path, size=(SIZE, SIZE))
+        y, x = np.unravel_index(pred.maps[i].argmax(), pred.maps[i].shape)
+        # the hottest pixel lies on (or within a few pixels of) the drawn defect
+        ys, xs = np.nonzero(mask)
+        hits += np.min(np.hypot(ys - y, xs - x)) <= 6
+    assert hits >= 0.8 * len(defective)
+
+
+def test_scores_invariant_to_batch_size(fitted):
+    det, _, test, _ = fitted
+    whole = det.predict(test)
+    batched = det.predict([test[i : i + 3] for i in range(0, len(test), 3)])
+    np.testing.assert_allclose(batched.scores, whole.scores, rtol=1e-4, atol=1e-5)  # float32 rounding only
+    np.testing.assert_allclose(batched.maps, whole.maps, rtol=1e-4, atol=1e-4)
+
+
+def _reweighted_reference(bank: np.ndarray, patches: np.ndarray, b: int) -> float:
+    """Paper eq. 7 written out plainly with numpy (float64)."""
+    d = np.linalg.norm(patches[:, None, :] - bank[None], axis=-1)  # (P, M)
+    nn = d.argmin(1)
+    s_patch = d[np.arange(len(patches)), nn]
+    p_star = s_patch.argmax()
+    s_star = s_patch[p_star]
+    m_star = nn[p_star]
+    d_bank = np.linalg.norm(bank - bank[m_star], axis=1)
+    neighbourhood = np.argsort(d_bank, kind="stable")[:b]
+    assert m_star in neighbourhood
+    dist_to_test = np.linalg.norm(bank[neighbourhood] - patches[p_star], axis=1)
+    w = 1 - np.exp(d[p_star, m_star]) / np.exp(dist_to_test).sum()
+    return float(w * s_star)
+
+
+def test_image_score_matches_equation_7(fitted):
+    det, _, test, _ = fitted
+    bank = det.memory_bank_.double().numpy()
+    feats = det._patch_features(test[:4])
+    pred = det.predict(test[:4])
+    for i in range(4):
+        patches = feats[i].reshape(-1, feats.shape[-1]).double().numpy()
+        ref = _reweighted_reference(bank, patches, det.num_neighbors)
+        assert pred.scores[i] == pytest.approx(ref, rel=1e-4)
+
+
+def test_leave_one_out_scores_match_refit_without_image(fitted):
+    """Training score i == score of image i against the bank with image i's entries removed."""
+    det, split, _, _ = fitted
+    train = _tensors(split.train, det)
+    loo = det.training_scores()
+    assert loo.shape == (len(split.train),)
+    for i in (0, 5):
+        keep = det.bank_image_ != i
+        ref = PatchCore(image_size=SIZE, num_neighbors=det.num_neighbors)
+        ref.set_extractor(det.extractor)
+        ref.load_state(
+            {
+                "memory_bank": det.memory_bank_[keep],
+                "bank_image": det.bank_image_[keep],
+                "grid": torch.tensor(det.grid_),
+                "n_train": torch.tensor(det.n_train_),
+                "training_scores": det.training_scores_,
+            }
+        )
+        assert loo[i] == pytest.approx(float(ref.predict(train[i : i + 1]).scores[0]), rel=1e-4)
+    # scores of unseen good images and leave-one-out scores are on the same scale
+    assert np.median(loo) > 0
+
+
+def test_same_seed_same_model(synthetic_category):
+    split = mvtec_category(synthetic_category)
+    models = []
+    for seed in (3, 3, 4):
+        det = PatchCore(image_size=SIZE, coreset_ratio=0.1, seed=seed)
+        det.fit(_tensors(split.train[:8], det))
+        models.append(det.memory_bank_)
+    assert torch.equal(models[0], models[1])
+    assert not torch.equal(models[0], models[2])
+
+
+def test_not_fitted_error():
+    from defectscope.errors import NotFittedError
+
+    with pytest.raises(NotFittedError, match="not fitted"):
+        PatchCore().predict(torch.zeros(1, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("bad", [{"coreset_ratio": 0}, {"coreset_ratio": 1.5}, {"patch_size": 2}, {"num_neighbors": 0}])
+def test_invalid_parameters_fail_at_fit(bad):
+    from defectscope.errors import DefectscopeError
+
+    det = PatchCore(image_size=SIZE, **bad)
+    with pytest.raises(DefectscopeError, match=next(iter(bad))):
+        det.fit(torch.zeros(2, 3, SIZE, SIZE))
