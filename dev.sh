@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates (or reuses) ./.venv, installs what is missing, then runs.
+#   ./dev.sh demo [options]    fit + evaluate PatchCore on real solar-cell images (defectscope demo)
+#   ./dev.sh test [pytest args] run the test suite
+#   ./dev.sh setup             only create/update the virtual environment
+#   ./dev.sh run ARGS...       run `defectscope ARGS...` inside the environment
+# Environment: DEFECTSCOPE_VENV (default .venv), DEFECTSCOPE_TORCH (default "torch==2.14.1 torchvision==0.29.1").
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${DEFECTSCOPE_VENV:-.venv}"
+TORCH="${DEFECTSCOPE_TORCH:-torch==2.14.1 torchvision==0.29.1}"
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+            || { echo "defectscope needs Python >= 3.10 (found $(python3 --version))" >&2; exit 2; }
+        python3 -m venv "$VENV"
+    fi
+    local stamp="$VENV/.defectscope-installed"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ dev.sh -nt "$stamp" ]; then
+        echo "dev.sh: installing into $VENV (torch first, then defectscope with test extras)" >&2
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+        # shellcheck disable=SC2086
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check $TORCH
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,lite,demo]"
+        touch "$stamp"
+    fi
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup) setup ;;
+    demo) setup; exec "$VENV/bin/defectscope" demo "$@" ;;
+    test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    run) setup; exec "$VENV/bin/defectscope" "$@" ;;
+    *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

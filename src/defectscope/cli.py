@@ -1,0 +1,348 @@
+"""The `defectscope` command: parse arguments, call the library, print results.
+
+Exit codes: 0 success, 1 some images could not be scored (the rest were), 2 the command
+could not run (bad arguments, unreadable model, malformed data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import DefectscopeError
+
+log = logging.getLogger("defectscope")
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- arguments
+def _layers(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--method", default="patchcore", choices=["patchcore", "padim", "spade"],
+                   help="detection method (default patchcore)")
+    g.add_argument("--backbone", default=None,
+                   help="timm model name (default tf_efficientnet_lite0, ImageNet weights that ship offline)")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="local state dict for the backbone (.safetensors or .pth; timm or torchvision key names); "
+                        "'none' for random weights")
+    g.add_argument("--layers", type=_layers, default=None,
+                   help="comma-separated feature layers, e.g. blocks.2,blocks.4 (EfficientNet) or layer2,layer3 "
+                        "(ResNet); default depends on method and backbone")
+    g.add_argument("--image-size", type=int, default=None, help="images are resized to N x N (default 256)")
+    g.add_argument("--seed", type=int, default=None, help="seed for every random choice (default 0)")
+    g.add_argument("--threshold-quantile", type=float, default=0.99,
+                   help="threshold = this quantile of leave-one-out scores of the good training images (default 0.99)")
+    pc = p.add_argument_group("patchcore")
+    pc.add_argument("--coreset-ratio", type=float, default=None, help="fraction of patches kept (default 0.1)")
+    pc.add_argument("--coreset-eps", type=float, default=None,
+                    help="Johnson-Lindenstrauss eps setting the projection used for coreset selection (default 0.9)")
+    pc.add_argument("--projection-dim", type=int, default=None, help="explicit projection dimension for the coreset")
+    pc.add_argument("--num-neighbors", type=int, default=None, help="b in the image-score re-weighting (default 9)")
+    pd = p.add_argument_group("padim")
+    pd.add_argument("--d-reduced", type=int, default=None, help="random channels kept (default by backbone)")
+    sp = p.add_argument_group("spade")
+    sp.add_argument("--k", type=int, default=None, help="image-level nearest neighbours (default 50)")
+    sp.add_argument("--top-k", type=int, default=None, help="training images used for pixel matching (default 5)")
+
+
+_PARAM_OPTIONS = {
+    "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
+    "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
+    "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="defectscope",
+        description="Unsupervised visual inspection: learn good parts from photos, then find defects.",
+    )
+    parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="learn a model from good images",
+                       description="Learn a model from good images. DATA is an MVTec AD category folder "
+                                   "(train/good is used) or any folder of good images (searched recursively).")
+    p.add_argument("data", type=Path, metavar="DATA")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL", help="model file to write")
+    _add_model_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("predict", help="score images: prints path,score,judgement",
+                       description="Score images with a model. Prints one line per image: path,score,judgement "
+                                   "(judgement 0 = good, 1 = defective: score at or above the threshold). Images that "
+                                   "cannot be read are reported on stderr and the exit code is 1.")
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    p.add_argument("--threshold", type=float, default=None, help="override the model's threshold")
+    p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write a heatmap overlay PNG per image")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per line: path, score, judgement, threshold, error")
+    p.add_argument("--normalized", action="store_true",
+                   help="print score / threshold (1.0 = the threshold); --json then adds raw_score")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="image/pixel AUROC on labelled test data",
+                       description="Evaluate a model on an MVTec AD-layout category (test/<type>/..., "
+                                   "ground_truth/<type>/<stem>_mask.png) or a plain folder (good/ + defect folders).")
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("data", type=Path, metavar="DATA")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write all results as one JSON object")
+    p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write heatmap overlays per test image")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="write a self-contained HTML report (DIR/index.html, figures, overlays)")
+    p.add_argument("--threshold", type=float, default=None, help="override the model's threshold")
+    _add_common(p)
+
+    p = sub.add_parser("calibrate", help="set the model's threshold from validation images",
+                       description="Score validation images and write a new threshold into the model file (the old "
+                                   "one is kept in its threshold history). DATA is an MVTec AD category or plain test "
+                                   "folder (labelled), or any folder of good images.")
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("data", type=Path, metavar="DATA")
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument("--target-fpr", type=float, default=None, metavar="RATE",
+                      help="reject at most this share of the good images (default 0.01)")
+    rule.add_argument("--f1", action="store_true", help="maximise image F1 (needs defective images)")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="fit and evaluate PatchCore on real solar-cell images (ELPV)",
+                       description="Fit PatchCore on good monocrystalline ELPV solar cells and evaluate on held-out "
+                                   "good cells and cells labelled defective (pip install elpv-dataset).")
+    p.add_argument("-o", "--output", type=Path, default=Path("defectscope-demo"), metavar="DIR",
+                   help="folder for the model, metrics and heatmaps (default ./defectscope-demo)")
+    p.add_argument("--n-train", type=int, default=200, help="good cells to learn from (default 200)")
+    p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore coreset ratio (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the coreset (default 0)")
+    _add_common(p)
+
+    from .data.download import add_download_command
+
+    add_download_command(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="defectscope: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    import torch
+
+    torch.set_num_threads(max(1, getattr(args, "threads", None) or available_cores()))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (respects CPU affinity / container limits)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _model_params(args: argparse.Namespace) -> dict[str, Any]:
+    params = {}
+    for option, name in _PARAM_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            params[name] = value
+    return params
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .data.layouts import good_images
+    from .detectors import make_detector
+    from .fitting import fit_detector
+    from .io import save_model
+
+    detector = make_detector(args.method, **_model_params(args))
+    paths = good_images(args.data)
+    meta = fit_detector(
+        detector, paths, batch_size=args.batch_size, threshold_quantile=args.threshold_quantile,
+        progress=not args.no_progress, data_name=str(args.data),
+    )
+    save_model(args.output, detector, meta)
+    skipped = meta["training"]["skipped"]
+    print(
+        f"wrote {args.output}: {detector.method} on {meta['training']['n_images']} images in "
+        f"{meta['training']['fit_seconds']:.1f} s, threshold {meta['threshold']:.6g} "
+        f"({meta['threshold_info']['quantile']:.0%} quantile of {meta['threshold_info']['n_images']} leave-one-out scores)"
+    )
+    for item in skipped:
+        print(f"defectscope: skipped {item['error']}", file=sys.stderr)
+    return EXIT_SOME_FAILED if skipped else EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data.images import load_image
+    from .data.layouts import expand_paths
+    from .io import load_model
+    from .report.heatmaps import heatmap_name, overlay, save_png
+    from .scoring import score_paths
+
+    detector, meta = load_model(args.model)
+    threshold = args.threshold if args.threshold is not None else float(meta["threshold"])
+    if args.normalized and not threshold > 0:
+        raise DefectscopeError(f"--normalized needs a positive threshold, got {threshold}; run `defectscope calibrate`")
+    paths, missing = expand_paths(args.paths)
+    failures = 0
+    for arg, message in missing:
+        failures += 1
+        _report_failure(args, arg, message, threshold)
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    results = score_paths(detector, paths, threshold, batch_size=args.batch_size,
+                          keep_maps=args.heatmaps is not None, progress=not args.no_progress)
+    for index, result in enumerate(results):
+        if not result.ok:
+            failures += 1
+            _report_failure(args, str(result.path), result.error or "", threshold)
+            continue
+        if args.heatmaps is not None and result.map is not None:
+            try:
+                image = load_image(result.path)
+                save_png(args.heatmaps / heatmap_name(result.path, index), overlay(image, result.map, threshold))
+            except (DefectscopeError, OSError) as exc:
+                print(f"defectscope: error: heatmap for {result.path}: {exc}", file=sys.stderr)
+                failures += 1
+        shown = result.score / threshold if args.normalized else result.score
+        if args.json:
+            obj = {"path": str(result.path), "score": shown, "judgement": result.judgement,
+                   "threshold": threshold, "error": None}
+            if args.normalized:
+                obj["raw_score"] = result.score
+            print(json.dumps(obj), flush=True)
+        else:
+            writer.writerow([str(result.path), f"{shown:.6f}", result.judgement])
+            sys.stdout.flush()
+    if not paths and not missing:
+        print("defectscope: error: no images to score", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_SOME_FAILED if failures else EXIT_OK
+
+
+def _report_failure(args: argparse.Namespace, path: str, message: str, threshold: float) -> None:
+    text = message if message.startswith(path) else f"{path}: {message}"
+    print(f"defectscope: error: {text}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"path": path, "score": None, "judgement": None, "threshold": threshold, "error": text}),
+              flush=True)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data.layouts import load_category
+    from .evaluation import evaluate_detector
+    from .io import load_model
+
+    detector, meta = load_model(args.model)
+    threshold = args.threshold if args.threshold is not None else float(meta["threshold"])
+    split = load_category(args.data)
+    result = evaluate_detector(detector, split, threshold, batch_size=args.batch_size,
+                               progress=not args.no_progress, heatmap_dir=args.heatmaps,
+                               overlay_dir=args.report / "overlays" if args.report is not None else None)
+    result["model"] = str(args.model)
+    result["data"] = str(args.data)
+    if args.report is not None:
+        from .report.html import write_report
+
+        print(f"wrote report {write_report(result, args.report, meta=meta)}")
+    print(format_summary(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    for item in result["failed"]:
+        print(f"defectscope: error: {item['error']}", file=sys.stderr)
+    return EXIT_SOME_FAILED if result["failed"] else EXIT_OK
+
+
+def _fmt(value: float | None) -> str:
+    return "null" if value is None else f"{value:.4f}"
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The human-readable evaluation summary."""
+    lines = [
+        f"dataset           {result['dataset']}",
+        f"method            {result['method']} ({result['backbone']}, {','.join(result['layers'])})",
+        f"image_auroc       {_fmt(result['image_auroc'])}",
+        f"pixel_auroc       {_fmt(result['pixel_auroc'])}",
+        f"aupro             {_fmt(result.get('aupro'))}",
+        f"n_good            {result['n_good']}",
+        f"n_defective       {result['n_defective']}",
+        f"n_failed          {result['n_failed']}",
+        f"images_per_second {result['images_per_second']}",
+    ]
+    c = result.get("confusion")
+    if c:
+        lines.append(f"at threshold {result['threshold']:.6g}: tp {c['tp']}  fp {c['fp']}  tn {c['tn']}  fn {c['fn']}")
+    return "\n".join(lines)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_model
+
+    info = calibrate_model(args.model, args.data, target_fpr=args.target_fpr, f1=args.f1,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    rate = "" if info["false_reject_rate"] is None else (
+        f", false-reject rate {info['false_reject_rate']:.2%} here (95% upper bound {info['false_reject_upper95']:.2%})")
+    print(f"wrote {args.model}: threshold {info['threshold']:.6g} (was {info['previous_threshold']:.6g}); "
+          f"{info['rule']}; rests on {info['n_good']} good and {info['n_defective']} defective images{rate}")
+    if "warning" in info:
+        print(f"defectscope: warning: {info['warning']}", file=sys.stderr)
+    for item in info["failed"]:
+        print(f"defectscope: error: {item['error']}", file=sys.stderr)
+    return EXIT_SOME_FAILED if info["failed"] else EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, n_train=args.n_train, coreset_ratio=args.coreset_ratio, seed=args.seed,
+             batch_size=args.batch_size, progress=not args.no_progress)
+    return EXIT_OK
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data.download import run_download_command
+
+    return run_download_command(args)
+
+
+COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo": cmd_demo,
+            "download": cmd_download}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup(args)
+    try:
+        return COMMANDS[args.command](args)
+    except DefectscopeError as exc:
+        print(f"defectscope: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("defectscope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

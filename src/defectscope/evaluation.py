@@ -1,0 +1,264 @@
+"""Evaluate a fitted detector on labelled test data: image/pixel AUROC, AUPRO, F1-max, counts, speed.
+
+Memory stays bounded: anomaly maps are folded into a :class:`metrics.PixelMetrics` accumulator
+(and, when asked, written to disk as overlays) one image at a time; only per-image scores and
+down-sampled curves are kept.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .data.images import load_mask
+from .data.samples import Sample, Split
+from .detectors.base import Detector
+from .errors import DefectscopeError
+from .scoring import score_paths
+
+log = logging.getLogger(__name__)
+
+AUPRO_FPR_LIMIT = 0.3
+"""Bergmann et al. (IJCV 2021) integrate the PRO curve up to this false-positive rate."""
+
+CURVE_POINTS = 512
+"""Curves stored in the result are thinned to about this many points (plots only need that many)."""
+
+OVERLAY_MAX_SIDE = 320
+"""Longest side, in pixels, of the per-image overlays written for a report."""
+
+
+def evaluate_detector(
+    detector: Detector,
+    split: Split,
+    threshold: float,
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    heatmap_dir: Path | None = None,
+    overlay_dir: Path | None = None,
+    overlay_max_side: int = OVERLAY_MAX_SIDE,
+) -> dict[str, Any]:
+    """Score every test sample of ``split`` and compute the metrics.
+
+    Pixel metrics compare the anomaly maps at the model's input size with the ground-truth
+    masks resized there (nearest neighbour); they are None when any defective image lacks a
+    mask. Images that fail to load are counted and listed, never silently dropped.
+
+    heatmap_dir: full-resolution overlays, ``<type>/<index>_<stem>_heatmap.png``.
+    overlay_dir: small overlays for a report (longest side ``overlay_max_side``); each image
+    record then holds ``"overlay"``, the PNG's path relative to ``overlay_dir``.
+    """
+    samples = split.test
+    if not samples:
+        raise DefectscopeError(f"{split.name}: no test images found")
+    labels_all = np.array([s.label for s in samples])
+    has_masks = bool((labels_all == 1).any()) and all(s.mask_path is not None for s in samples if s.label == 1)
+    if not has_masks and (labels_all == 1).any():
+        log.warning("%s: some defective images have no mask; pixel metrics are skipped", split.name)
+    size = detector.image_size
+    pixel = metrics.PixelMetrics() if has_masks else None
+    keep_maps = pixel is not None or heatmap_dir is not None or overlay_dir is not None
+
+    records: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    start = time.perf_counter()
+    n_scored = 0
+    results = score_paths(detector, [s.path for s in samples], threshold, batch_size=batch_size,
+                          keep_maps=keep_maps, progress=progress)
+    for sample, result in zip(samples, results):
+        if not result.ok:
+            failed.append({"path": str(sample.path), "error": result.error or ""})
+            continue
+        n_scored += 1
+        record: dict[str, Any] = {
+            "path": str(sample.path),
+            "label": sample.label,
+            "defect_type": sample.defect_type,
+            "score": result.score,
+            "normalized_score": normalized_score(result.score, threshold),
+            "judgement": result.judgement,
+        }
+        records.append(record)
+        if result.map is None:
+            continue
+        if pixel is not None:
+            if sample.mask_path is not None:
+                mask = load_mask(sample.mask_path, size=(size, size))
+            else:
+                mask = np.zeros((size, size), dtype=bool)
+            pixel.add(result.map[None], mask[None])
+        if heatmap_dir is not None:
+            _write_heatmap(heatmap_dir, sample, result.map, threshold, len(records) - 1)
+        if overlay_dir is not None:
+            record["overlay"] = _write_overlay(overlay_dir, sample, result.map, threshold, len(records) - 1,
+                                               overlay_max_side)
+    seconds = time.perf_counter() - start
+
+    labels = np.array([r["label"] for r in records], dtype=np.int64)
+    scores = np.array([r["score"] for r in records], dtype=np.float64)
+    types = [r["defect_type"] for r in records]
+    out: dict[str, Any] = {
+        "dataset": split.name,
+        "method": detector.method,
+        "backbone": detector.backbone,
+        "layers": list(detector.layers or []),
+        "image_size": size,
+        "started": started,
+    }
+    out.update(image_metrics(labels, scores, types, threshold))
+    out.update(pixel_metrics(pixel))
+    out.update(
+        {
+            "n_good": int((labels == 0).sum()),
+            "n_defective": int((labels == 1).sum()),
+            "n_failed": len(failed),
+            "failed": failed,
+            "threshold": threshold,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(n_scored / seconds, 3) if seconds > 0 else None,
+            "images": records,
+        }
+    )
+    out["curves"] = {"image_roc": out.pop("_image_roc"), "pixel_roc": out.pop("_pixel_roc"), "pro": out.pop("_pro")}
+    return out
+
+
+def normalized_score(score: float | None, threshold: float) -> float | None:
+    """score / threshold, so that 1.0 is the decision boundary; None when undefined (threshold <= 0)."""
+    if score is None or not threshold > 0 or not np.isfinite(threshold):
+        return None
+    return float(score) / float(threshold)
+
+
+def image_metrics(labels: np.ndarray, scores: np.ndarray, types: list[str], threshold: float) -> dict[str, Any]:
+    """Image-level metrics of scores (N,) against labels (N,) and defect types (N,).
+
+    Keys: image_auroc, image_f1_max, image_f1_threshold, per_type_auroc, per_type (counts,
+    detected at ``threshold``, mean score), confusion (at ``threshold``), _image_roc (thinned
+    curve or None).
+    """
+    empty = len(labels) == 0
+    out: dict[str, Any] = {
+        "image_auroc": None, "image_f1_max": None, "image_f1_threshold": None,
+        "per_type_auroc": {}, "per_type": {}, "confusion": None, "_image_roc": None,
+    }
+    if empty:
+        return out
+    out["image_auroc"] = metrics.image_auroc(labels, scores)
+    if (labels == 1).any():
+        f1, t = metrics.f1_max(labels, scores)
+        out["image_f1_max"], out["image_f1_threshold"] = f1, t
+    out["per_type_auroc"] = metrics.per_type_auroc(labels, scores, types)
+    out["confusion"] = metrics.confusion_at(labels, scores, threshold)
+    names = np.asarray(types, dtype=object)
+    for name in dict.fromkeys(types):
+        keep = names == name
+        s = scores[keep]
+        out["per_type"][name] = {
+            "n": int(keep.sum()),
+            "flagged": int((s >= threshold).sum()),  # same rule as scoring.judge
+            "mean_score": float(s.mean()),
+            "auroc": out["per_type_auroc"].get(name),
+        }
+    if (labels == 0).any() and (labels == 1).any():
+        fpr, tpr, _ = metrics.roc_curve(labels, scores)
+        out["_image_roc"] = {"fpr": _thin(fpr), "tpr": _thin(tpr)}
+    return out
+
+
+def pixel_metrics(pixel: metrics.PixelMetrics | None) -> dict[str, Any]:
+    """Pixel-level metrics from a filled accumulator (all None when ``pixel`` is None).
+
+    Keys: pixel_auroc, pixel_auroc_exact, pixel_f1_max, pixel_f1_threshold, aupro,
+    aupro_fpr_limit, _pixel_roc, _pro (thinned curves up to FPR 1 and AUPRO_FPR_LIMIT).
+    """
+    out: dict[str, Any] = {
+        "pixel_auroc": None, "pixel_auroc_exact": None, "pixel_f1_max": None, "pixel_f1_threshold": None,
+        "aupro": None, "aupro_fpr_limit": AUPRO_FPR_LIMIT, "_pixel_roc": None, "_pro": None,
+    }
+    if pixel is None:
+        return out
+    out["pixel_auroc"] = pixel.auroc()
+    out["pixel_auroc_exact"] = pixel.exact
+    f1 = pixel.f1_max()
+    if f1 is not None:
+        out["pixel_f1_max"], out["pixel_f1_threshold"] = f1
+    out["aupro"] = pixel.aupro(AUPRO_FPR_LIMIT)
+    pro = pixel.pro_curve(AUPRO_FPR_LIMIT)
+    if pro is not None:
+        out["_pro"] = {"fpr": _thin(pro[0]), "pro": _thin(pro[1])}
+    roc = pixel_roc_curve(pixel)
+    if roc is not None:
+        out["_pixel_roc"] = {"fpr": _thin(roc[0]), "tpr": _thin(roc[1])}
+    return out
+
+
+def pixel_roc_curve(pixel: metrics.PixelMetrics, n_points: int = 2048) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pixel ROC curve (fpr, tpr), each (K,), from (0, 0) to (1, 1), at about ``n_points`` thresholds.
+
+    Thresholds are quantiles of the defect-pixel scores plus an even grid over their range, so the
+    curve is exact at every threshold it shows. None without defect or good pixels.
+    """
+    if pixel.n_pos == 0 or pixel.n_neg == 0:
+        return None
+    # PixelMetrics keeps the sorted defect scores and counts good pixels >= t (exactly, or from its
+    # histogram in binned mode); metrics.py has no public ROC method yet, so use those two directly.
+    pos, _ = pixel._sorted_pos()
+    qs = np.quantile(pos.astype(np.float64), np.linspace(0.0, 1.0, n_points // 2))
+    grid = np.linspace(float(pos[0]), float(pos[-1]), n_points // 2)
+    thresholds = np.unique(np.r_[qs, grid])[::-1]
+    tp = pos.size - np.searchsorted(pos.astype(np.float64), thresholds, side="left")
+    fp = pixel._count_neg_at_least(thresholds)
+    fpr = np.r_[0.0, np.asarray(fp, dtype=np.float64) / pixel.n_neg, 1.0]
+    tpr = np.r_[0.0, tp / pixel.n_pos, 1.0]
+    return fpr, tpr
+
+
+def _thin(values: np.ndarray, n: int = CURVE_POINTS) -> list[float]:
+    """At most about ``n`` evenly spaced points of a curve, first and last kept, as a JSON list."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size > n:
+        idx = np.unique(np.r_[np.linspace(0, values.size - 1, n).round().astype(np.int64), values.size - 1])
+        values = values[idx]
+    return [float(v) for v in values]
+
+
+def _write_heatmap(folder: Path, sample: Sample, amap: np.ndarray, threshold: float, index: int) -> None:
+    from .data.images import load_image
+    from .report.heatmaps import heatmap_name, overlay, save_png
+
+    image = load_image(sample.path)
+    gt = load_mask(sample.mask_path) if sample.mask_path is not None else None
+    save_png(folder / sample.defect_type / heatmap_name(Path(sample.path), index), overlay(image, amap, threshold, gt_mask=gt))
+
+
+def _write_overlay(folder: Path, sample: Sample, amap: np.ndarray, threshold: float, index: int,
+                   max_side: int) -> str | None:
+    """A small overlay PNG for a report; returns its path relative to ``folder`` (None on failure)."""
+    import cv2
+
+    from .data.images import load_image
+    from .report.heatmaps import heatmap_name, overlay, save_png
+
+    try:
+        image = load_image(sample.path)
+        h, w = image.shape[:2]
+        scale = min(1.0, max_side / max(h, w))
+        if scale < 1.0:
+            image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                               interpolation=cv2.INTER_AREA)
+        gt = load_mask(sample.mask_path) if sample.mask_path is not None else None
+        rel = Path(sample.defect_type) / heatmap_name(Path(sample.path), index)
+        save_png(folder / rel, overlay(image, amap, threshold, gt_mask=gt))
+    except (DefectscopeError, OSError) as exc:
+        log.warning("no overlay for %s: %s", sample.path, exc)
+        return None
+    return rel.as_posix()
