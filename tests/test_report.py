@@ -1,0 +1,202 @@
+"""The HTML report and its figures: built from hand-made evaluation results, and from `evaluate --report`."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope.report import figures
+from defectscope.report.html import write_benchmark_index, write_report
+
+
+def make_result(folder: Path, *, n_good: int = 6, n_bad: int = 6, threshold: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    """An evaluation result like evaluate_detector's, with small overlay PNGs under folder/overlays."""
+    rng = np.random.default_rng(seed)
+    images = []
+    types = ["good"] * n_good + ["crack <b>&"] * (n_bad // 2) + ["hole"] * (n_bad - n_bad // 2)
+    for i, kind in enumerate(types):
+        label = int(kind != "good")
+        score = float(rng.uniform(0.2, 1.1) if not label else rng.uniform(0.8, 2.0))
+        rel = f"{kind}/{i:05d}_img{i}_heatmap.png"
+        (folder / "overlays" / kind).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "overlays" / rel)
+        images.append({"path": f"/data/test/{kind}/img{i}.png", "label": label, "defect_type": kind, "score": score,
+                       "normalized_score": score / threshold, "judgement": int(score >= threshold), "overlay": rel})
+    labels = np.array([r["label"] for r in images])
+    scores = np.array([r["score"] for r in images])
+    from defectscope.evaluation import image_metrics
+
+    out = image_metrics(labels, scores, [r["defect_type"] for r in images], threshold)
+    fpr = np.linspace(0, 1, 50)
+    return {
+        "dataset": "widget", "method": "patchcore", "backbone": "tf_efficientnet_lite0", "layers": ["blocks.2"],
+        "image_size": 64, "started": "2025-01-01T00:00:00+00:00", "model": "/models/w.dsmodel", "data": "/data",
+        **{k: v for k, v in out.items() if not k.startswith("_")},
+        "pixel_auroc": 0.97, "pixel_auroc_exact": True, "pixel_f1_max": 0.61, "pixel_f1_threshold": 1.3,
+        "aupro": 0.88, "aupro_fpr_limit": 0.3,
+        "n_good": n_good, "n_defective": n_bad, "n_failed": 1,
+        "failed": [{"path": "/data/test/good/broken.png", "error": "/data/test/good/broken.png: truncated PNG"}],
+        "threshold": threshold, "seconds": 1.5, "images_per_second": 8.0, "images": images,
+        "curves": {"image_roc": out["_image_roc"], "pixel_roc": {"fpr": list(fpr), "tpr": list(np.sqrt(fpr))},
+                   "pro": {"fpr": list(fpr * 0.3), "pro": list(np.sqrt(fpr))}},
+    }
+
+
+META = {"image_size": 64, "threshold": 1.0, "training": {"data": "/data/train", "n_images": 24},
+        "threshold_info": {"rule": "quantile of leave-one-image-out scores", "n_images": 24,
+                           "warning": "threshold rests on only 24 good images"}}
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if a.get("src"):
+            self.srcs.append(a["src"])
+        if a.get("href"):
+            self.hrefs.append(a["href"])
+
+
+def _links(page: Path) -> _Links:
+    parser = _Links()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_report_is_self_contained(tmp_path):
+    result = make_result(tmp_path)
+    page = write_report(result, tmp_path, meta=META)
+    links = _links(page)
+    assert len(links.srcs) >= 5 + 12  # five figures, every overlay at least once
+    from urllib.parse import unquote
+
+    for src in links.srcs:
+        assert not re.match(r"^[a-z]+:|^/", src), src  # relative, no scheme, no absolute path
+        target = tmp_path / unquote(src)
+        assert target.is_file(), src
+        with Image.open(target) as im:
+            assert im.size[0] > 0
+    assert all(h.startswith("data:") or not re.match(r"^[a-z]+:", h) for h in links.hrefs)
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    for name in ("roc_image", "roc_pixel", "pro", "scores", "confusion"):
+        assert f"figures/{name}.png" in text
+
+
+def test_report_content(tmp_path):
+    result = make_result(tmp_path)
+    text = write_report(result, tmp_path, meta=META).read_text()
+    for needle in ("widget", "tf_efficientnet_lite0", "/models/w.dsmodel", "AUPRO", "0.8800", "0.9700", "0.6100",
+                   "6 good, 6 defective, 1 failed", "rests on only 24 good images", "truncated PNG",
+                   "Per defect type", "hole", "2025-01-01"):
+        assert needle in text, needle
+    assert "crack &lt;b&gt;&amp;" in text and "crack <b>&" not in text  # names are escaped
+    c = result["confusion"]
+    assert f'<td class="num">{c["tn"]}</td><td class="num">{c["fp"]}</td>' in text
+    # worst false positives gallery: the good images, highest score first
+    section = text.split("Highest-scoring good images")[1].split("Lowest-scoring defective")[0]
+    names = re.findall(r"good</b>/img(\d+)\.png", section)
+    goods = sorted((r for r in result["images"] if r["label"] == 0), key=lambda r: -r["score"])
+    assert [int(n) for n in names] == [int(Path(r["path"]).stem[3:]) for r in goods]
+    # worst false negatives: the defective images, lowest score first
+    bad_section = text.split("Lowest-scoring defective")[1].split("All test images")[0]
+    names = re.findall(r"</b>/img(\d+)\.png", bad_section)
+    bads = sorted((r for r in result["images"] if r["label"] == 1), key=lambda r: r["score"])
+    assert [int(n) for n in names] == [int(Path(r["path"]).stem[3:]) for r in bads]
+
+
+def test_report_without_pixel_metrics_or_meta(tmp_path):
+    result = make_result(tmp_path)
+    result.update(pixel_auroc=None, pixel_f1_max=None, pixel_f1_threshold=None, aupro=None)
+    result["curves"].update(pixel_roc=None, pro=None)
+    text = write_report(result, tmp_path).read_text()
+    assert "roc_pixel.png" not in text and "pro.png" not in text and "roc_image.png" in text
+    assert "n/a" in text
+
+
+def test_roc_figure_legend_has_auroc():
+    fig = figures.roc_figure([("image", [0, 0.5, 1], [0, 0.9, 1], 0.9123)])
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "image (AUROC 0.912)" in texts
+    line = fig.axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [0, 0.5, 1]
+
+
+def test_pro_figure_legend_and_limit():
+    fig = figures.pro_figure([0, 0.1, 0.3], [0, 0.5, 0.9], 0.75, 0.3)
+    ax = fig.axes[0]
+    assert ax.get_xlim() == (0, 0.3)
+    assert "AUPRO@0.3 0.750" in ax.get_legend().get_texts()[0].get_text()
+
+
+def test_score_histogram_counts_and_threshold_line():
+    good, bad = [0.1, 0.2, 0.2, 0.3], [0.9, 1.5, 2.0]
+    fig = figures.score_histogram_figure(good, bad, 0.5)
+    ax = fig.axes[0]
+    heights = [sum(p.get_height() for p in c) for c in ax.containers]
+    assert heights == [4, 3]
+    vline = [ln for ln in ax.get_lines() if ln.get_xdata()[0] == ln.get_xdata()[1]]
+    assert vline and vline[0].get_xdata()[0] == 0.5
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["good (4)", "defective (3)", "threshold 0.5"]
+
+
+def test_save_figure_writes_png(tmp_path):
+    path = figures.save_figure(figures.confusion_figure({"tp": 3, "fp": 1, "tn": 5, "fn": 2}), tmp_path / "a" / "c.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_benchmark_index_links_and_means(tmp_path):
+    (tmp_path / "bottle").mkdir()
+    rows = [
+        {"dataset": "bottle", "method": "patchcore", "backbone": "b", "image_auroc": 1.0, "pixel_auroc": 0.98,
+         "aupro": 0.9, "report": "bottle"},
+        {"dataset": "cable", "method": "patchcore", "backbone": "b", "image_auroc": 0.9, "pixel_auroc": None,
+         "aupro": 0.8, "report": str(tmp_path / "cable" / "index.html")},
+        {"dataset": "no<report>", "method": "padim", "backbone": "b", "image_auroc": 0.5},
+    ]
+    page = write_benchmark_index(rows, tmp_path)
+    text = page.read_text()
+    links = _links(page).hrefs
+    assert "bottle/index.html" in links and "cable/index.html" in links
+    assert "no&lt;report&gt;" in text and "3 categories" in text
+    mean_row = text.split("<b>mean</b>")[1]
+    assert "0.8000" in mean_row.split("</tr>")[0]  # image AUROC mean of 1.0, 0.9, 0.5
+    assert "0.9800" in mean_row.split("</tr>")[0]  # pixel AUROC mean ignores the missing one
+    assert "0.8500" in mean_row.split("</tr>")[0]
+
+
+def test_evaluate_cli_writes_report(synthetic_category, tmp_path, capsys):
+    from defectscope.cli import main
+
+    model = tmp_path / "m.dsmodel"
+    assert main(["fit", str(synthetic_category), "-o", str(model), "--image-size", "64", "--coreset-ratio", "0.25",
+                 "--no-progress"]) == 0
+    out_json = tmp_path / "r.json"
+    assert main(["evaluate", str(model), str(synthetic_category), "--report", str(tmp_path / "rep"),
+                 "--json", str(out_json), "--no-progress"]) == 0
+    out = capsys.readouterr()[0]
+    assert "aupro" in out and "wrote report" in out
+    page = tmp_path / "rep" / "index.html"
+    from urllib.parse import unquote
+
+    srcs = _links(page).srcs
+    overlays = [s for s in srcs if s.startswith("overlays/")]
+    assert len(set(overlays)) == 20 and all((tmp_path / "rep" / unquote(s)).is_file() for s in srcs)
+    import json
+
+    result = json.loads(out_json.read_text())
+    for key in ("aupro", "pixel_f1_max", "image_f1_max", "per_type_auroc", "curves"):
+        assert result[key] is not None, key
+    assert set(result["per_type_auroc"]) == {"scratch", "spot"}

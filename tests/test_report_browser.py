@@ -1,0 +1,128 @@
+"""The HTML report in a real browser: headless Chromium loads it from file://, every image loads,
+the console stays clean, and a screenshot is saved.
+
+Needs the Debian packages ``chromium`` and ``chromium-driver`` and the ``selenium`` package;
+skipped with the reason when either is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    pytest.skip(f"chromium not installed ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver",
+                allow_module_level=True)
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1280,2000"]
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def check_page(driver, page: Path, screenshot: Path, max_height: int = 8000) -> dict:
+    """Load ``page``; return what was found: images, broken images, SEVERE console entries.
+
+    The screenshot shows the page from the top, up to ``max_height`` CSS pixels.
+    """
+    driver.get(page.resolve().as_uri())
+    driver.execute_script("return document.readyState")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 20).until(
+        lambda d: d.execute_script("return document.readyState === 'complete' && "
+                                   "Array.from(document.images).every(i => i.complete)")
+    )
+    images = driver.execute_script(
+        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth])")
+    severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, min(max(800, height), max_height))
+    assert driver.save_screenshot(str(screenshot))
+    return {"images": images, "broken": [src for src, w in images if not w], "severe": severe,
+            "title": driver.title}
+
+
+def test_report_renders_in_chromium(browser, tmp_path):
+    from test_report import META, make_result
+
+    from defectscope.report.html import write_report
+
+    report = tmp_path / "report"
+    page = write_report(make_result(report, n_good=10, n_bad=10), report, meta=META)
+    shot = tmp_path / "report.png"
+    found = check_page(browser, page, shot)
+    assert found["title"].startswith("defectscope report")
+    assert len(found["images"]) >= 5 + 20
+    assert found["broken"] == []
+    assert found["severe"] == []
+    assert shot.stat().st_size > 10_000
+
+
+def test_broken_image_is_detected(browser, tmp_path):
+    """The checks can fail: a missing image and a script error are both seen."""
+    page = tmp_path / "bad.html"
+    page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+                    '<img src="missing.png"><script>undefined_function()</script></body></html>')
+    found = check_page(browser, page, tmp_path / "bad.png")
+    assert found["broken"] == ["missing.png"]
+    assert found["severe"]
+
+
+def test_benchmark_index_renders(browser, tmp_path):
+    from defectscope.report.html import write_benchmark_index
+
+    page = write_benchmark_index([{"dataset": "bottle", "method": "patchcore", "image_auroc": 1.0,
+                                   "report": "bottle"}], tmp_path)
+    found = check_page(browser, page, tmp_path / "bench.png")
+    assert found["severe"] == [] and found["broken"] == []
+    assert browser.find_element("link text", "bottle").get_attribute("href").endswith("/bottle/index.html")
+
+
+if __name__ == "__main__":  # python tests/test_report_browser.py REPORT_DIR OUT.png [MAX_HEIGHT]
+    import sys
+    import tempfile
+
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in FLAGS:
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options.add_argument(f"--user-data-dir={profile}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        height = int(sys.argv[3]) if len(sys.argv) > 3 else 8000
+        result = check_page(drv, Path(sys.argv[1]) / "index.html", Path(sys.argv[2]), height)
+    finally:
+        drv.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    print(f"{len(result['images'])} images, broken: {result['broken']}, severe console entries: {result['severe']}")
+    sys.exit(1 if result["broken"] or result["severe"] else 0)
