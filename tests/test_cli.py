@@ -151,3 +151,14 @@ def test_console_script_help_and_exit_code():
     out = subprocess.run([str(exe), "predict", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "--threshold" in out.stdout and "--heatmaps" in out.stdout and "--json" in out.stdout
+
+
+def test_odd_formats_are_all_scored(model, tmp_path, capsys):
+    from synthetic import write_odd_images
+
+    written = write_odd_images(tmp_path / "odd")
+    code, out, err = run(capsys, "predict", model, tmp_path / "odd", "--json")
+    assert code == 0, err
+    objs = [json.loads(line) for line in out.splitlines()]
+    assert len(objs) == len(written)
+    assert all(o["error"] is None and o["score"] is not None for o in objs)
