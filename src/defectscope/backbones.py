@@ -49,6 +49,80 @@ def available_layers(backbone: str) -> list[str]:
     return [name for name, _, _ in _feature_table(backbone)]
 
 
+def _resolve(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule ``name`` of a timm feature model (FeatureListNet writes nested names with ``_``)."""
+    for candidate in (name, name.replace(".", "_", 1)):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+@lru_cache(maxsize=32)
+def _block_table(backbone: str) -> tuple[tuple[str, int, int, int], ...]:
+    """(name, channels, reduction, depth rank) of every feature level and every block inside one.
+
+    A feature level ("layer2", "blocks.2") that is an ``nn.Sequential`` contributes its blocks
+    ("layer2.0", "layer2.1", ...); shapes come from one forward pass on the meta device.
+    Ordered shallow to deep; a level sorts right after its last block (same tensor).
+    """
+    import timm
+
+    table = _feature_table(backbone)
+    model = timm.create_model(backbone, pretrained=False, features_only=True, device="meta").eval()
+    shapes: dict[str, tuple[int, int]] = {}
+    handles = []
+    names: list[tuple[str, int, int]] = []  # (name, level index, block index or 1e6)
+    for level, (stage, _, _) in enumerate(table):
+        module = _resolve(model, stage)
+        if isinstance(module, nn.Sequential):
+            for j, (child, block) in enumerate(module.named_children()):
+                name = f"{stage}.{child}"
+                names.append((name, level, j))
+                handles.append(block.register_forward_hook(_shape_hook(shapes, name)))
+        names.append((stage, level, 10**6))
+    with torch.no_grad():
+        model(torch.empty(1, 3, 256, 256, device="meta"))
+    for handle in handles:
+        handle.remove()
+    rows = []
+    for rank, (name, level, _) in enumerate(sorted(names, key=lambda r: (r[1], r[2]))):
+        if name in shapes:
+            channels, height = shapes[name]
+            rows.append((name, channels, 256 // height, rank))
+        else:
+            rows.append((name, table[level][1], table[level][2], rank))
+    return tuple(rows)
+
+
+def _shape_hook(shapes: dict[str, tuple[int, int]], name: str) -> Any:
+    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        shapes[name] = (int(output.shape[1]), int(output.shape[-2]))
+
+    return hook
+
+
+def available_blocks(backbone: str) -> list[str]:
+    """Every block inside each feature level plus the levels themselves, shallow to deep.
+
+    E.g. resnet18: act1, layer1.0, layer1.1, layer1, layer2.0, ...; tf_efficientnet_lite0:
+    blocks.0.0, blocks.0, blocks.1.0, blocks.1.1, blocks.1, ... . A level name gives the same
+    features as its last block.
+    """
+    return [name for name, _, _, _ in _block_table(backbone)]
+
+
+def stage_blocks(backbone: str) -> dict[str, list[str]]:
+    """{feature level: its block names, shallow to deep} (empty list for a level without blocks)."""
+    out: dict[str, list[str]] = {name: [] for name in available_layers(backbone)}
+    for name, _, _, _ in _block_table(backbone):
+        stage = name.rsplit(".", 1)[0]
+        if name not in out and stage in out:
+            out[stage].append(name)
+    return out
+
+
 def default_layers(backbone: str) -> list[str]:
     """Two mid-level layers: ``blocks.2/blocks.4`` (EfficientNet), ``layer2/layer3`` (ResNet), else levels at stride 8 and 16."""
     names = available_layers(backbone)
@@ -79,8 +153,18 @@ def _truncate(model: nn.Module, last: str) -> int:
     return max(removed, 0)
 
 
+def _store_hook(store: dict[str, torch.Tensor], name: str) -> Any:
+    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        store[name] = output
+
+    return hook
+
+
 class FeatureExtractor(nn.Module):
     """Frozen timm backbone returning the feature maps of ``layers``.
+
+    ``layers`` are feature levels (:func:`available_layers`) or, via forward hooks, any block
+    inside one (:func:`available_blocks`, e.g. "layer2.1" or "blocks.2.0").
 
     forward: (B, 3, H, W) normalised images -> list of (B, C_l, H / s_l, W / s_l) float32
     tensors, one per layer in ``layers`` order (shallow to deep).
@@ -104,9 +188,15 @@ class FeatureExtractor(nn.Module):
             raise BackboneError(f"no layers given for {backbone}; valid layers: {', '.join(index)}")
         unknown = [name for name in wanted if name not in index]
         if unknown:
-            raise BackboneError(
-                f"unknown layer {unknown[0]!r} for backbone {backbone}; valid layers: {', '.join(index)}"
-            )
+            blocks = {name: row for name, *row in _block_table(backbone)}
+            bad = [name for name in unknown if name not in blocks]
+            if bad:
+                raise BackboneError(
+                    f"unknown layer {bad[0]!r} for backbone {backbone}; valid layers: {', '.join(index)}"
+                    f"; or blocks: {', '.join(n for n in blocks if n not in index)}"
+                )
+            self._init_hooked(backbone, wanted, blocks, weights)
+            return
         out_indices = tuple(sorted({index[name] for name in wanted}))
 
         loaded = create_model(backbone, weights, features_only=True, out_indices=out_indices)
@@ -120,10 +210,50 @@ class FeatureExtractor(nn.Module):
         removed = _truncate(self.model, self.layers[-1])
         if removed:
             log.debug("%s: dropped %d unused stages after %s", backbone, removed, self.layers[-1])
+        self._hooked: dict[str, torch.Tensor] | None = None
+        self._freeze()
+
+    def _freeze(self) -> None:
         self.model.requires_grad_(False)
         # channels_last measured faster on a 2-core CPU at 8x3x256x256 (lite0 ~2x, wide_resnet50_2 ~1.3x).
         self.model.to(memory_format=torch.channels_last)
         self.eval()
+
+    def _init_hooked(
+        self, backbone: str, wanted: list[str], blocks: dict[str, list[int]], weights: str | None
+    ) -> None:
+        """Block-level layers ("layer2.1", "blocks.2.0"): forward hooks on a model cut after the deepest one.
+
+        The feature model runs up to the level holding the deepest requested block; inside that
+        level, blocks after it are dropped too unless the whole level was requested.
+        """
+        table = _feature_table(backbone)
+        levels = [name for name, _, _ in table]
+        chosen = sorted(set(wanted), key=lambda n: blocks[n][2])
+        deepest = chosen[-1]
+        level_name = deepest if deepest in levels else deepest.rsplit(".", 1)[0]
+        level = levels.index(level_name)
+        loaded = create_model(backbone, weights, features_only=True, out_indices=(level,))
+        self.backbone = backbone
+        self.layers = tuple(chosen)
+        self.channels = tuple(int(blocks[n][0]) for n in chosen)
+        self.strides = tuple(int(blocks[n][1]) for n in chosen)
+        self.mean, self.std = loaded.mean, loaded.std
+        self.weights_info = loaded.info
+        self.model = loaded.model
+        _truncate(self.model, level_name)
+        if deepest != level_name:  # drop the level's blocks after the deepest requested one
+            stage = _resolve(self.model, level_name)
+            assert isinstance(stage, nn.Sequential)
+            keep = list(dict(stage.named_children())).index(deepest.rsplit(".", 1)[1]) + 1
+            del stage[keep:]
+        self._hooked = {}
+        for name in chosen:
+            module = _resolve(self.model, name)
+            if module is None:
+                raise BackboneError(f"layer {name!r} of {backbone} cannot be hooked; use a feature level instead")
+            module.register_forward_hook(_store_hook(self._hooked, name))
+        self._freeze()
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         """Always stays in eval mode (frozen BatchNorm statistics)."""
@@ -131,7 +261,13 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> per layer (B, C_l, H_l, W_l) float32, contiguous."""
-        feats = self.model(x.float().contiguous(memory_format=torch.channels_last))
+        x = x.float().contiguous(memory_format=torch.channels_last)
+        if self._hooked is not None:
+            self._hooked.clear()
+            self.model(x)
+            feats = [self._hooked.pop(name) for name in self.layers]
+            return [f.float().contiguous() for f in feats]
+        feats = self.model(x)
         if len(feats) != len(self.layers):
             raise BackboneError(f"{self.backbone} returned {len(feats)} feature maps, expected {len(self.layers)}")
         return [f.float().contiguous() for f in feats]

@@ -64,6 +64,27 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     sp.add_argument("--top-k", type=int, default=None, help="training images used for pixel matching (default 5)")
 
 
+def _add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
+    g = p.add_argument_group("alignment")
+    if fit:
+        g.add_argument("--align", choices=["none", "rot90", "rigid"], default="none",
+                       help="warp every image into a reference image's frame before feature extraction: rot90 "
+                            "(best quarter turn) or rigid (any angle + shift, RANSAC on ORB matches); stored in "
+                            "the model (default none)")
+        g.add_argument("--align-ref", type=Path, default=None, metavar="FILE",
+                       help="reference image for --align (default: the first training image)")
+    else:
+        g.add_argument("--align", choices=["none", "rot90", "rigid"], default=None,
+                       help="override the model's alignment (default: as fitted); images that cannot be aligned "
+                            "are scored unaligned and flagged")
+
+
+def _model_aligner(meta: dict[str, Any], extras: dict[str, Any], mode: str | None) -> Any:
+    from .align import Aligner
+
+    return Aligner.from_model(meta.get("align"), extras, mode)
+
+
 _PARAM_OPTIONS = {
     "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
@@ -81,10 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="learn a model from good images",
                        description="Learn a model from good images. DATA is an MVTec AD category folder "
-                                   "(train/good is used) or any folder of good images (searched recursively).")
+                                   "(train/good is used), a VisA object folder (train/Normal), a plain test folder "
+                                   "(its train/) or any folder of good images (searched recursively).")
     p.add_argument("data", type=Path, metavar="DATA")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL", help="model file to write")
     _add_model_options(p)
+    _add_align_options(p, fit=True)
     _add_common(p)
 
     p = sub.add_parser("predict", help="score images: prints path,score,judgement",
@@ -99,11 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object per line: path, score, judgement, threshold, error")
     p.add_argument("--normalized", action="store_true",
                    help="print score / threshold (1.0 = the threshold); --json then adds raw_score")
+    _add_align_options(p, fit=False)
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="image/pixel AUROC on labelled test data",
                        description="Evaluate a model on an MVTec AD-layout category (test/<type>/..., "
-                                   "ground_truth/<type>/<stem>_mask.png) or a plain folder (good/ + defect folders).")
+                                   "ground_truth/<type>/<stem>_mask.png), a VisA object folder (test/Normal, "
+                                   "test/Anomaly, Masks/Anomaly) or a plain folder (good/ + defect folders).")
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("data", type=Path, metavar="DATA")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write all results as one JSON object")
@@ -111,6 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="write a self-contained HTML report (DIR/index.html, figures, overlays)")
     p.add_argument("--threshold", type=float, default=None, help="override the model's threshold")
+    _add_align_options(p, fit=False)
+    _add_common(p)
+
+    p = sub.add_parser("tune", help="choose feature layers (block per stage, stage combination) on validation data",
+                       description="Search which block of each backbone stage, and which combination of stages, gives "
+                                   "the best validation image AUROC. DATA is an MVTec AD category (train/good to fit, "
+                                   "test/ for validation and held-out results). --layers names the stages searched "
+                                   "(default: the method's layers). Prints a ranked Markdown table.")
+    p.add_argument("data", type=Path, metavar="DATA")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val", type=Path, default=None, metavar="DATA",
+                     help="labelled validation images (MVTec AD layout or plain folder); DATA's test set is then "
+                          "entirely held out")
+    val.add_argument("--val-fraction", type=float, default=0.5,
+                     help="share of DATA's test images (per defect type) used for validation when --val is not "
+                          "given (default 0.5); the rest is held out and reported separately")
+    p.add_argument("--max-trials", type=int, default=None, help="candidates to evaluate (default: all)")
+    p.add_argument("--search", choices=["random", "full"], default="random",
+                   help="random: a seeded draw of --max-trials candidates; full: the grid in order (default random)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/tune.md and DIR/tune.csv")
+    p.add_argument("--fit-best", action="store_true", help="fit the winning layers on all of train/ and write -o MODEL")
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="MODEL", help="model file for --fit-best")
+    _add_model_options(p)
     _add_common(p)
 
     p = sub.add_parser("calibrate", help="set the model's threshold from validation images",
@@ -138,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.download import add_download_command
 
     add_download_command(sub)
+    from .benchmark import add_benchmark_command
+
+    add_benchmark_command(sub)
     return parser
 
 
@@ -177,17 +228,30 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     detector = make_detector(args.method, **_model_params(args))
     paths = good_images(args.data)
+    aligner = None
+    if args.align != "none":
+        from .align import make_aligner
+        from .data.images import load_image
+
+        ref = args.align_ref if args.align_ref is not None else (paths[0] if paths else None)
+        aligner = make_aligner(args.align, load_image(ref) if ref is not None else None, reference=str(ref))
     meta = fit_detector(
         detector, paths, batch_size=args.batch_size, threshold_quantile=args.threshold_quantile,
-        progress=not args.no_progress, data_name=str(args.data),
+        progress=not args.no_progress, data_name=str(args.data), aligner=aligner,
     )
-    save_model(args.output, detector, meta)
+    if aligner is not None:
+        meta["align"] = aligner.config()
+        for path in meta["training"]["alignment"]["unaligned"]:
+            print(f"defectscope: warning: {path}: could not be aligned, used unaligned", file=sys.stderr)
+    save_model(args.output, detector, meta, extra_tensors=aligner.tensors() if aligner is not None else None)
     skipped = meta["training"]["skipped"]
     print(
         f"wrote {args.output}: {detector.method} on {meta['training']['n_images']} images in "
         f"{meta['training']['fit_seconds']:.1f} s, threshold {meta['threshold']:.6g} "
         f"({meta['threshold_info']['quantile']:.0%} quantile of {meta['threshold_info']['n_images']} leave-one-out scores)"
     )
+    if "warning" in meta["threshold_info"]:
+        print(f"defectscope: warning: {meta['threshold_info']['warning']}", file=sys.stderr)
     for item in skipped:
         print(f"defectscope: skipped {item['error']}", file=sys.stderr)
     return EXIT_SOME_FAILED if skipped else EXIT_OK
@@ -196,11 +260,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data.images import load_image
     from .data.layouts import expand_paths
-    from .io import load_model
+    from .io import load_model_with_extras
     from .report.heatmaps import heatmap_name, overlay, save_png
     from .scoring import score_paths
 
-    detector, meta = load_model(args.model)
+    detector, meta, extras = load_model_with_extras(args.model)
+    aligner = _model_aligner(meta, extras, args.align)
     threshold = args.threshold if args.threshold is not None else float(meta["threshold"])
     if args.normalized and not threshold > 0:
         raise DefectscopeError(f"--normalized needs a positive threshold, got {threshold}; run `defectscope calibrate`")
@@ -211,7 +276,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _report_failure(args, arg, message, threshold)
     writer = csv.writer(sys.stdout, lineterminator="\n")
     results = score_paths(detector, paths, threshold, batch_size=args.batch_size,
-                          keep_maps=args.heatmaps is not None, progress=not args.no_progress)
+                          keep_maps=args.heatmaps is not None, progress=not args.no_progress, aligner=aligner)
     for index, result in enumerate(results):
         if not result.ok:
             failures += 1
@@ -224,13 +289,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             except (DefectscopeError, OSError) as exc:
                 print(f"defectscope: error: heatmap for {result.path}: {exc}", file=sys.stderr)
                 failures += 1
+        if result.alignment is not None and not result.alignment["aligned"]:
+            print(f"defectscope: warning: {result.path}: could not be aligned "
+                  f"({result.alignment['inliers']} matching keypoints), scored unaligned", file=sys.stderr)
         shown = result.score / threshold if args.normalized else result.score
         if args.json:
             obj = {"path": str(result.path), "score": shown, "judgement": result.judgement,
                    "threshold": threshold, "error": None}
             if args.normalized:
                 obj["raw_score"] = result.score
+            if result.alignment is not None:
+                obj["aligned"] = result.alignment["aligned"]
+                obj["align_angle"] = result.alignment["angle"]
             print(json.dumps(obj), flush=True)
+        elif result.alignment is not None:  # a 4th column: 1 aligned, 0 scored unaligned
+            writer.writerow([str(result.path), f"{shown:.6f}", result.judgement, int(result.alignment["aligned"])])
         else:
             writer.writerow([str(result.path), f"{shown:.6f}", result.judgement])
             sys.stdout.flush()
@@ -251,14 +324,16 @@ def _report_failure(args: argparse.Namespace, path: str, message: str, threshold
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data.layouts import load_category
     from .evaluation import evaluate_detector
-    from .io import load_model
+    from .io import load_model_with_extras
 
-    detector, meta = load_model(args.model)
+    detector, meta, extras = load_model_with_extras(args.model)
+    aligner = _model_aligner(meta, extras, args.align)
     threshold = args.threshold if args.threshold is not None else float(meta["threshold"])
     split = load_category(args.data)
     result = evaluate_detector(detector, split, threshold, batch_size=args.batch_size,
                                progress=not args.no_progress, heatmap_dir=args.heatmaps,
-                               overlay_dir=args.report / "overlays" if args.report is not None else None)
+                               overlay_dir=args.report / "overlays" if args.report is not None else None,
+                               aligner=aligner)
     result["model"] = str(args.model)
     result["data"] = str(args.data)
     if args.report is not None:
@@ -291,6 +366,10 @@ def format_summary(result: dict[str, Any]) -> str:
         f"n_failed          {result['n_failed']}",
         f"images_per_second {result['images_per_second']}",
     ]
+    alignment = result.get("alignment")
+    if alignment:
+        lines.append(f"alignment         {alignment['mode']}: {alignment['n_unaligned']} image(s) scored unaligned")
+        lines.extend(f"  unaligned       {path}" for path in alignment["unaligned"])
     c = result.get("confusion")
     if c:
         lines.append(f"at threshold {result['threshold']:.6g}: tp {c['tp']}  fp {c['fp']}  tn {c['tn']}  fn {c['fn']}")
@@ -321,14 +400,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .data.layouts import good_images, load_category
+    from .tune import markdown_table, split_validation, tune_layers, write_csv
+
+    if args.fit_best and args.output is None:
+        raise DefectscopeError("--fit-best needs -o MODEL, the model file to write")
+    params = _model_params(args)
+    stages = params.pop("layers", None)
+    split = load_category(args.data)
+    train = good_images(args.data)
+    if args.val is not None:
+        validation, held_out = load_category(args.val).test, split.test
+        source = f"validation images {args.val}"
+    else:
+        validation, held_out = split_validation(split.test, args.val_fraction, seed=params.get("seed", 0))
+        source = f"{args.val_fraction:.0%} of {args.data}'s test images held out for validation (per defect type)"
+    result = tune_layers(args.method, train, validation, held_out, params=params, stages=stages,
+                         max_trials=args.max_trials, search=args.search, validation_source=source,
+                         batch_size=args.batch_size, announce=lambda text: print(text, file=sys.stderr, flush=True))
+    table = markdown_table(result)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tune.md").write_text(table + "\n")
+        write_csv(result, args.out / "tune.csv")
+        (args.out / "tune.json").write_text(json.dumps(result.as_dict(), indent=2))
+    if args.fit_best:
+        from .detectors import make_detector
+        from .fitting import fit_detector
+        from .io import save_model
+
+        detector = make_detector(args.method, **dict(params, layers=result.best))
+        meta = fit_detector(detector, train, batch_size=args.batch_size, threshold_quantile=args.threshold_quantile,
+                            progress=not args.no_progress, data_name=str(args.data))
+        meta["tune"] = {"best": result.best, "validation": result.validation, "held_out": result.held_out}
+        save_model(args.output, detector, meta)
+        print(f"wrote {args.output}: {args.method} with layers {','.join(result.best)}")
+    return EXIT_OK
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from .data.download import run_download_command
 
     return run_download_command(args)
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import run_benchmark_command
+
+    return run_benchmark_command(args)
+
+
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo": cmd_demo,
-            "download": cmd_download}
+            "download": cmd_download, "benchmark": cmd_benchmark, "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

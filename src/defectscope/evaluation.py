@@ -44,6 +44,7 @@ def evaluate_detector(
     heatmap_dir: Path | None = None,
     overlay_dir: Path | None = None,
     overlay_max_side: int = OVERLAY_MAX_SIDE,
+    aligner: Any | None = None,
 ) -> dict[str, Any]:
     """Score every test sample of ``split`` and compute the metrics.
 
@@ -54,6 +55,10 @@ def evaluate_detector(
     heatmap_dir: full-resolution overlays, ``<type>/<index>_<stem>_heatmap.png``.
     overlay_dir: small overlays for a report (longest side ``overlay_max_side``); each image
     record then holds ``"overlay"``, the PNG's path relative to ``overlay_dir``.
+    aligner: a :class:`defectscope.align.Aligner`; images are warped into its reference frame
+    for scoring and maps are warped back to each image's own frame (at S x S) before the pixel
+    metrics and overlays, so maps and masks are compared in the photo's frame. Each image
+    record then holds ``"aligned"``; the result holds ``"alignment"`` (mode, unaligned paths).
     """
     samples = split.test
     if not samples:
@@ -72,7 +77,7 @@ def evaluate_detector(
     start = time.perf_counter()
     n_scored = 0
     results = score_paths(detector, [s.path for s in samples], threshold, batch_size=batch_size,
-                          keep_maps=keep_maps, progress=progress)
+                          keep_maps=keep_maps, progress=progress, aligner=aligner)
     for sample, result in zip(samples, results):
         if not result.ok:
             failed.append({"path": str(sample.path), "error": result.error or ""})
@@ -86,6 +91,10 @@ def evaluate_detector(
             "normalized_score": normalized_score(result.score, threshold),
             "judgement": result.judgement,
         }
+        if result.alignment is not None:
+            record["aligned"] = result.alignment["aligned"]
+            record["align_inliers"] = result.alignment["inliers"]
+            record["align_angle"] = result.alignment["angle"]
         records.append(record)
         if result.map is None:
             continue
@@ -127,6 +136,9 @@ def evaluate_detector(
             "images": records,
         }
     )
+    if aligner is not None:
+        unaligned = [r["path"] for r in records if r.get("aligned") is False]
+        out["alignment"] = {"mode": aligner.mode, "n_unaligned": len(unaligned), "unaligned": unaligned}
     out["curves"] = {"image_roc": out.pop("_image_roc"), "pixel_roc": out.pop("_pixel_roc"), "pro": out.pop("_pro")}
     return out
 

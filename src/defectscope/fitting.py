@@ -63,6 +63,15 @@ def _counting(batches: Iterator[Any], failures: list[tuple[Path, str]], bar: Any
             yield batch.images
 
 
+def _note_unaligned(batches: Iterator[Any], unaligned: list[str]) -> Iterator[Any]:
+    """Pass batches through, recording the paths whose alignment record says ``aligned`` False."""
+    for batch in batches:
+        for path, record in zip(batch.paths, batch.transforms):
+            if record is not None and not record.aligned:
+                unaligned.append(str(path))
+        yield batch
+
+
 def fit_detector(
     detector: Detector,
     paths: Sequence[Path],
@@ -71,11 +80,14 @@ def fit_detector(
     threshold_quantile: float = DEFAULT_THRESHOLD_QUANTILE,
     progress: bool = False,
     data_name: str | None = None,
+    aligner: Any | None = None,
 ) -> dict[str, Any]:
     """Fit ``detector`` on good images; returns the metadata to save with the model.
 
     Images that cannot be loaded are skipped and listed; fitting fails before any work when
     there are fewer images than the method needs, and after loading if too few remained.
+    ``aligner`` (a :class:`defectscope.align.Aligner`) warps each image into its reference
+    frame first; images it cannot align are used unaligned and listed in ``training.alignment``.
     """
     need = detector.min_train_images
     if len(paths) < need:
@@ -86,7 +98,10 @@ def fit_detector(
     mean, std = detector.normalization
     failures: list[tuple[Path, str]] = []
     with progress_bar(total=len(paths), desc=f"fit {detector.method}", enabled=progress) as bar:
-        batches = iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size)
+        batches = iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner)
+        unaligned: list[str] = []
+        if aligner is not None:
+            batches = _note_unaligned(batches, unaligned)
         loaded = len(paths)
 
         def images() -> Iterator[torch.Tensor]:
@@ -103,7 +118,13 @@ def fit_detector(
     fit_seconds = time.perf_counter() - start
     threshold = threshold_from_scores(detector.training_scores(), threshold_quantile)
     if "warning" in threshold:
-        log.warning(threshold["warning"])
+        log.info(threshold["warning"])
+    training: dict[str, Any] = {}
+    if aligner is not None:
+        training["alignment"] = {"mode": aligner.mode, "n_unaligned": len(unaligned), "unaligned": unaligned}
+        if unaligned:
+            log.warning("%d of %d training images could not be aligned and were used unaligned",
+                        len(unaligned), loaded)
     return {
         "threshold": threshold["threshold"],
         "threshold_info": threshold,
@@ -115,5 +136,6 @@ def fit_detector(
             "fit_seconds": round(fit_seconds, 3),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch_threads": torch.get_num_threads(),
+            **training,
         },
     }

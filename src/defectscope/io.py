@@ -26,13 +26,17 @@ from .errors import ModelFileError
 FORMAT_NAME = "defectscope-model"
 FORMAT_VERSION = 1
 _META_KEY = "defectscope"
+#: tensor-name prefixes of model parts that are not the detector's state (e.g. the alignment reference)
+EXTRA_PREFIXES: tuple[str, ...] = ("align.",)
 
 
-def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any]) -> Path:
+def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any],
+               extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``detector`` and ``metadata`` to ``path`` atomically; returns the path.
 
     ``metadata`` holds run information (threshold, training summary, ...); the method, its
-    parameters, the backbone and format fields are added here.
+    parameters, the backbone and format fields are added here. ``extra_tensors`` are stored
+    beside the detector's state; their names must start with one of :data:`EXTRA_PREFIXES`.
     """
     path = Path(path)
     meta = dict(metadata)
@@ -50,6 +54,10 @@ def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any]) -
         normalization={"mean": list(detector.extractor.mean), "std": list(detector.extractor.std)},
     )
     tensors = detector.state_dict()
+    for name, value in (extra_tensors or {}).items():
+        if not name.startswith(EXTRA_PREFIXES) or name in tensors:
+            raise ValueError(f"extra tensor name {name!r} must start with one of {EXTRA_PREFIXES}")
+        tensors[name] = value.detach().cpu().contiguous()
     write_model_file(path, tensors, meta)
     return path
 
@@ -131,13 +139,20 @@ def _header_metadata(path: Path) -> dict[str, str] | None:
 
 def load_model(path: str | Path) -> tuple[Detector, dict[str, Any]]:
     """Rebuild the detector saved in ``path``; returns (fitted detector, metadata)."""
+    detector, meta, _ = load_model_with_extras(path)
+    return detector, meta
+
+
+def load_model_with_extras(path: str | Path) -> tuple[Detector, dict[str, Any], dict[str, torch.Tensor]]:
+    """Like :func:`load_model`, plus the extra tensors (names starting with :data:`EXTRA_PREFIXES`)."""
     tensors, meta = read_model_file(path)
+    extras = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(EXTRA_PREFIXES)]}
     try:
         detector = make_detector(meta["method"], **meta["params"])
         detector.load_state(tensors)
     except KeyError as exc:
         raise ModelFileError(f"{path}: model file is missing {exc}; re-create it with `defectscope fit`") from exc
-    return detector, meta
+    return detector, meta, extras
 
 
 def update_metadata(path: str | Path, changes: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,8 @@ class ImageResult:
 
     score/judgement are None and ``error`` holds a one-line message when the image could not
     be scored. ``map`` is the (S, S) anomaly map at the model's input size when requested.
+    ``alignment`` (only when scored with an aligner): {"aligned", "inliers", "angle"}; an
+    image that could not be aligned was scored as given and has ``aligned`` False.
     """
 
     path: Path
@@ -29,6 +32,7 @@ class ImageResult:
     judgement: int | None = None
     error: str | None = None
     map: np.ndarray | None = None
+    alignment: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -51,29 +55,40 @@ def score_paths(
     batch_size: int = 16,
     keep_maps: bool = False,
     progress: bool = False,
+    aligner: Any | None = None,
 ) -> Iterator[ImageResult]:
     """Yield one :class:`ImageResult` per path, in the order given.
 
     Images are decoded in a background thread while the model runs; an image that fails to
     load yields a result with ``error`` set and the others are scored as usual.
+
+    With an ``aligner`` (:class:`defectscope.align.Aligner`) each image is warped into the
+    reference frame before scoring and its map is warped back: ``map`` is then the (S, S) map
+    over the original image (resized to S x S like the input), not over the warped one.
     """
     order = {Path(p): i for i, p in enumerate(paths)}
     pending: dict[int, ImageResult] = {}
     next_index = 0
     mean, std = detector.normalization
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
-        for batch in iter_batches(list(paths), detector.image_size, mean, std, batch_size=batch_size):
+        for batch in iter_batches(list(paths), detector.image_size, mean, std, batch_size=batch_size,
+                                  transform=aligner):
             for path, message in batch.failures:
                 pending[order[Path(path)]] = ImageResult(Path(path), error=message)
             if len(batch.paths):
                 pred = detector.predict(batch.images)
                 for j, path in enumerate(batch.paths):
                     score = float(pred.scores[j])
+                    record = batch.transforms[j] if batch.transforms else None
+                    amap = pred.maps[j] if keep_maps else None
+                    if amap is not None and record is not None:
+                        amap = aligner.map_to_original(amap, record)
                     pending[order[Path(path)]] = ImageResult(
                         Path(path),
                         score=score,
                         judgement=judge(score, threshold),
-                        map=pred.maps[j] if keep_maps else None,
+                        map=amap,
+                        alignment=record.as_dict() if record is not None else None,
                     )
             bar.update(len(batch.paths) + len(batch.failures))
             while next_index in pending:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import DefectscopeError, ImageLoadError
@@ -36,12 +38,14 @@ class Batch:
     paths:    the B files that loaded, in input order.
     sizes:    original (H, W) of each, after EXIF orientation.
     failures: (path, one-line message) for files of this stretch that could not be loaded.
+    transforms: what the ``transform`` hook returned for each loaded image (empty without one).
     """
 
     images: torch.Tensor
     paths: list[Path]
     sizes: list[tuple[int, int]]
     failures: list[tuple[Path, str]] = field(default_factory=list)
+    transforms: list[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -57,21 +61,29 @@ class _Raised:
 _DONE = object()
 
 
-_Loaded = tuple[torch.Tensor, tuple[int, int]]
+_Loaded = tuple[torch.Tensor, tuple[int, int], Any]
+
+#: per-image hook on the decoded (H, W, 3) uint8 image: returns (image to use, anything to keep)
+ImageTransform = Callable[[np.ndarray], tuple[np.ndarray, Any]]
 
 
-def _load_one(path: Path, size: int, mean: Sequence[float], std: Sequence[float]) -> _Loaded | str:
-    """((3, S, S) tensor, original (H, W)), or the ImageLoadError message."""
+def _load_one(path: Path, size: int, mean: Sequence[float], std: Sequence[float],
+              transform: ImageTransform | None = None) -> _Loaded | str:
+    """((3, S, S) tensor, original (H, W), transform record or None), or the ImageLoadError message."""
     try:
         image = load_image(path)
     except ImageLoadError as exc:
         return str(exc)
-    return preprocess(image, size, mean, std), (int(image.shape[0]), int(image.shape[1]))
+    shape = (int(image.shape[0]), int(image.shape[1]))
+    record = None
+    if transform is not None:
+        image, record = transform(image)
+    return preprocess(image, size, mean, std), shape, record
 
 
-def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int) -> Batch:
+def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int, transform_used: bool = False) -> Batch:
     """A Batch from one stretch's load results (failures keep their input order)."""
-    tensors, paths, sizes, failures = [], [], [], []
+    tensors, paths, sizes, failures, records = [], [], [], [], []
     for path, result in zip(chunk, results):
         if isinstance(result, str):
             log.debug("could not load %s", result)
@@ -80,8 +92,10 @@ def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int) -> Bat
             tensors.append(result[0])
             paths.append(path)
             sizes.append(result[1])
+            records.append(result[2])
     images = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
-    return Batch(images=images, paths=paths, sizes=sizes, failures=failures)
+    return Batch(images=images, paths=paths, sizes=sizes, failures=failures,
+                 transforms=records if transform_used else [])
 
 
 def iter_batches(
@@ -92,12 +106,17 @@ def iter_batches(
     batch_size: int = 16,
     workers: int = 1,
     prefetch: int = 2,
+    transform: ImageTransform | None = None,
 ) -> Iterator[Batch]:
     """Yield :class:`Batch` es of preprocessed images, decoded ahead in background thread(s).
 
     Every stretch of ``batch_size`` paths gives one batch (possibly with B=0 images and
     only failures). Exceptions other than ImageLoadError are re-raised in the caller.
     Closing the generator early stops the background thread(s).
+
+    transform: optional hook called on each decoded (H, W, 3) uint8 image before resizing
+    (e.g. :class:`defectscope.align.Aligner`); it returns the image to use and a record that
+    ends up in ``Batch.transforms`` (same order as ``Batch.paths``).
     """
     if batch_size < 1 or workers < 1 or prefetch < 1:
         raise DefectscopeError(
@@ -130,10 +149,10 @@ def iter_batches(
                     for p in chunk:
                         if stop.is_set():
                             return
-                        results.append(_load_one(p, size, mean, std))
+                        results.append(_load_one(p, size, mean, std, transform))
                 else:
-                    results = list(pool.map(lambda p: _load_one(p, size, mean, std), chunk))
-                if not put(_assemble(chunk, results, size)):
+                    results = list(pool.map(lambda p: _load_one(p, size, mean, std, transform), chunk))
+                if not put(_assemble(chunk, results, size, transform is not None)):
                     return
             put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it

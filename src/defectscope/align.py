@@ -1,0 +1,310 @@
+"""Rotation alignment of parts: warp every image into a reference image's frame before scoring.
+
+PaDiM keeps one Gaussian per patch position, and every method compares a test image with
+training images patch by patch, so a part photographed at another angle looks anomalous
+everywhere. An :class:`Aligner` holds ORB keypoints and descriptors of one reference image
+(the first training image, or a file the user names) and, for every new image:
+
+1. detects ORB keypoints, matches their descriptors to the reference's (Hamming distance,
+   two nearest neighbours) and keeps matches that pass Lowe's ratio test;
+2. estimates a transform from the image to the reference frame:
+
+   * ``rot90``: the best of 0/90/180/270 degrees about the image centre, chosen by the number
+     of matches that agree (within ``inlier_tol`` of the reference side) on one translation;
+   * ``rigid``: rotation + translation (+ uniform scale with ``allow_scale``), any angle,
+     with RANSAC (``cv2.estimateAffinePartial2D``);
+
+3. warps the image into the reference frame (reference width x height).
+
+An image with fewer than ``min_inliers`` agreeing matches is not warped: it is scored as
+given and flagged (``AlignResult.aligned`` False), never silently.
+
+Frames: an :class:`AlignResult` matrix maps original-image pixel coordinates to reference
+pixel coordinates. :meth:`Aligner.map_to_original` takes an (S, S) anomaly map of the warped
+image (reference frame, resized to S x S) back to the original frame, resized to S x S the way
+the image was resized for the model, so it lies on the photo the user gave and matches a
+ground-truth mask resized to S x S.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DefectscopeError, ModelFileError
+
+log = logging.getLogger(__name__)
+
+ALIGN_MODES: tuple[str, ...] = ("none", "rot90", "rigid")
+TENSOR_PREFIX = "align."
+"""Model-file tensors of the reference: ``align.keypoints`` (K, 2) float32, ``align.descriptors`` (K, 32) uint8."""
+
+
+@dataclass(frozen=True)
+class AlignResult:
+    """How one image was aligned.
+
+    matrix: (2, 3) float64 affine map from original pixel coordinates to reference pixel
+            coordinates, or None when the image was not warped.
+    aligned: False when too few matches agreed; the image was then scored unaligned.
+    inliers: matches consistent with the chosen transform.
+    angle: rotation of ``matrix`` in degrees (pixel coordinates, y down: clockwise as displayed), 0 if not aligned.
+    size: original (H, W) of the image.
+    """
+
+    matrix: np.ndarray | None
+    aligned: bool
+    inliers: int
+    angle: float
+    size: tuple[int, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (for --json and reports)."""
+        return {"aligned": self.aligned, "inliers": self.inliers, "angle": round(self.angle, 2)}
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DefectscopeError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+class Aligner:
+    """ORB + ratio-test + (rot90 | RANSAC rigid) alignment to one reference image.
+
+    keypoints: (K, 2) float32 reference keypoint coordinates (x, y) in reference pixels.
+    descriptors: (K, 32) uint8 ORB descriptors.
+    ref_size: reference (H, W).
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        keypoints: np.ndarray,
+        descriptors: np.ndarray,
+        ref_size: tuple[int, int],
+        *,
+        n_features: int = 1500,
+        ratio: float = 0.75,
+        min_inliers: int = 12,
+        allow_scale: bool = False,
+        inlier_tol: float = 0.02,
+        reference: str | None = None,
+    ) -> None:
+        if mode not in ALIGN_MODES or mode == "none":
+            raise DefectscopeError(f"alignment mode must be one of rot90, rigid, got {mode!r}")
+        if not 0 < ratio < 1:
+            raise DefectscopeError(f"alignment ratio must be in (0, 1), got {ratio}")
+        self.mode = mode
+        self.keypoints = np.asarray(keypoints, dtype=np.float32).reshape(-1, 2)
+        self.descriptors = np.asarray(descriptors, dtype=np.uint8).reshape(-1, 32)
+        self.ref_size = (int(ref_size[0]), int(ref_size[1]))
+        self.n_features = int(n_features)
+        self.ratio = float(ratio)
+        self.min_inliers = int(min_inliers)
+        self.allow_scale = bool(allow_scale)
+        self.inlier_tol = float(inlier_tol)
+        self.reference = reference
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_image(cls, mode: str, image: np.ndarray, reference: str | None = None, **options: Any) -> "Aligner":
+        """Build from a reference (H, W, 3) uint8 image; fails when it has too few keypoints."""
+        probe = cls(mode, np.zeros((0, 2)), np.zeros((0, 32)), image.shape[:2], reference=reference, **options)
+        pts, desc = probe._detect(image)
+        if len(pts) < probe.min_inliers:
+            raise DefectscopeError(
+                f"alignment reference {reference or 'image'} has only {len(pts)} ORB keypoints "
+                f"(need {probe.min_inliers}): choose a sharper, more textured reference with --align-ref"
+            )
+        probe.keypoints, probe.descriptors = pts, desc
+        return probe
+
+    def config(self) -> dict[str, Any]:
+        """JSON metadata stored in the model file (the keypoints go in :meth:`tensors`)."""
+        return {
+            "mode": self.mode, "ref_size": list(self.ref_size), "n_features": self.n_features, "ratio": self.ratio,
+            "min_inliers": self.min_inliers, "allow_scale": self.allow_scale, "inlier_tol": self.inlier_tol,
+            "reference": self.reference, "n_keypoints": int(len(self.keypoints)),
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The reference keypoints and descriptors as named tensors for the model file."""
+        return {
+            f"{TENSOR_PREFIX}keypoints": torch.from_numpy(self.keypoints.copy()),
+            f"{TENSOR_PREFIX}descriptors": torch.from_numpy(self.descriptors.copy()),
+        }
+
+    @classmethod
+    def from_model(cls, config: dict[str, Any] | None, tensors: dict[str, torch.Tensor],
+                   mode: str | None = None) -> "Aligner | None":
+        """Rebuild from a model file's ``align`` metadata and ``align.*`` tensors; None when it has none.
+
+        ``mode`` overrides the stored mode ("none" disables alignment).
+        """
+        mode = mode if mode is not None else (config or {}).get("mode", "none")
+        if mode == "none":
+            return None
+        if not config or config.get("mode", "none") == "none":
+            raise DefectscopeError(f"--align {mode}: this model was fitted without alignment; refit it with --align {mode}")
+        try:
+            kp = tensors[f"{TENSOR_PREFIX}keypoints"].numpy()
+            desc = tensors[f"{TENSOR_PREFIX}descriptors"].numpy()
+        except KeyError as exc:
+            raise ModelFileError(f"model file lacks alignment tensor {exc}; refit the model with --align") from exc
+        options = {k: config[k] for k in ("n_features", "ratio", "min_inliers", "allow_scale", "inlier_tol") if k in config}
+        return cls(mode, kp, desc, tuple(config["ref_size"]), reference=config.get("reference"), **options)
+
+    # ----------------------------------------------------------------- estimation
+    def _detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ORB keypoints (K, 2) float32 (x, y) and descriptors (K, 32) uint8."""
+        import cv2
+
+        orb = cv2.ORB_create(nfeatures=self.n_features)
+        kps, desc = orb.detectAndCompute(_gray(image), None)
+        if desc is None or not kps:
+            return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
+        return np.array([k.pt for k in kps], dtype=np.float32), desc
+
+    def _matches(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ratio-test matches: image points (M, 2) and their reference points (M, 2)."""
+        import cv2
+
+        pts, desc = self._detect(image)
+        if len(pts) < 2 or len(self.descriptors) < 2:
+            return np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32)
+        pairs = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(desc, self.descriptors, k=2)
+        # Lowe's ratio test: the best match must be clearly better than the second best
+        good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < self.ratio * p[1].distance]
+        src = np.array([pts[m.queryIdx] for m in good], dtype=np.float32).reshape(-1, 2)
+        dst = np.array([self.keypoints[m.trainIdx] for m in good], dtype=np.float32).reshape(-1, 2)
+        return src, dst
+
+    def estimate(self, image: np.ndarray) -> AlignResult:
+        """The transform of an (H, W, 3) uint8 image into the reference frame."""
+        size = (int(image.shape[0]), int(image.shape[1]))
+        src, dst = self._matches(image)
+        if self.mode == "rot90":
+            matrix, inliers, angle = self._rot90(src, dst, size)
+        else:
+            matrix, inliers, angle = self._rigid(src, dst)
+        if matrix is None or inliers < self.min_inliers:
+            return AlignResult(None, False, int(inliers), 0.0, size)
+        return AlignResult(matrix, True, int(inliers), float(angle), size)
+
+    def _rot90(self, src: np.ndarray, dst: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, int, float]:
+        """Best quarter turn about the image centre, by matches agreeing on one translation."""
+        h, w = size
+        rh, rw = self.ref_size
+        tol = self.inlier_tol * max(rh, rw) * 2
+        best = (-1, 0)
+        for k in range(4):
+            rot = _rotation(90.0 * k)
+            moved = src @ rot.T
+            offsets = dst - moved
+            if len(offsets):
+                centre = np.median(offsets, axis=0)
+                count = int((np.linalg.norm(offsets - centre, axis=1) < tol).sum())
+            else:
+                count = 0
+            if count > best[0]:
+                best = (count, k)
+        count, k = best
+        # warp: rotate about the image centre and put that centre on the reference centre
+        rot = _rotation(90.0 * k)
+        centre_src = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+        centre_ref = np.array([(rw - 1) / 2.0, (rh - 1) / 2.0])
+        matrix = np.hstack([rot, (centre_ref - rot @ centre_src)[:, None]])
+        return matrix, count, 90.0 * k
+
+    def _rigid(self, src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray | None, int, float]:
+        """RANSAC rotation + translation (+ scale) from matched points."""
+        import cv2
+
+        if len(src) < 3:
+            return None, len(src), 0.0
+        tol = max(2.0, self.inlier_tol * max(self.ref_size))
+        matrix, mask = cv2.estimateAffinePartial2D(
+            src, dst, method=cv2.RANSAC, ransacReprojThreshold=tol, maxIters=4000, confidence=0.995
+        )
+        if matrix is None or mask is None:
+            return None, 0, 0.0
+        keep = mask.ravel().astype(bool)
+        if not self.allow_scale:  # project onto a pure rotation and refit the translation on the inliers
+            a, b = matrix[0, 0], matrix[1, 0]
+            theta = np.arctan2(b, a)
+            rot = _rotation_rad(theta)
+            t = (dst[keep] - src[keep] @ rot.T).mean(axis=0)
+            matrix = np.hstack([rot, t[:, None]])
+            residual = np.linalg.norm(src @ rot.T + t - dst, axis=1)
+            keep = residual < tol
+        angle = float(np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0])))
+        return matrix.astype(np.float64), int(keep.sum()), angle
+
+    # ----------------------------------------------------------------- warping
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, AlignResult]:
+        """Loader hook: (H, W, 3) uint8 -> (image in the reference frame or as given, AlignResult)."""
+        result = self.estimate(image)
+        if not result.aligned:
+            log.info("could not align an image (%d matching keypoints, need %d): scored unaligned",
+                     result.inliers, self.min_inliers)
+            return image, result
+        return self.warp_image(image, result), result
+
+    def warp_image(self, image: np.ndarray, result: AlignResult) -> np.ndarray:
+        """(H, W, 3) -> (H_ref, W_ref, 3): the image in the reference frame (borders replicated)."""
+        import cv2
+
+        assert result.matrix is not None
+        rh, rw = self.ref_size
+        return cv2.warpAffine(image, result.matrix, (rw, rh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+    def map_to_original(self, amap: np.ndarray, result: AlignResult) -> np.ndarray:
+        """(S, S) map of the warped image -> (S, S) map over the original image (same S x S resizing).
+
+        Composes the reference-to-S scaling, the alignment and the original-to-S scaling into
+        one affine map, so the warp runs at S x S.
+        """
+        import cv2
+
+        if result.matrix is None:
+            return amap
+        s_h, s_w = amap.shape
+        h, w = result.size
+        rh, rw = self.ref_size
+        full = np.vstack([result.matrix, [0.0, 0.0, 1.0]])
+        # pixel centres (as in resizing with align_corners=False): x_s = (x + 0.5) * S / W - 0.5
+        ref_to_s = np.array([[s_w / rw, 0, 0.5 * s_w / rw - 0.5], [0, s_h / rh, 0.5 * s_h / rh - 0.5], [0, 0, 1.0]])
+        s_to_orig = np.array([[w / s_w, 0, 0.5 * w / s_w - 0.5], [0, h / s_h, 0.5 * h / s_h - 0.5], [0, 0, 1.0]])
+        m = (ref_to_s @ full @ s_to_orig)[:2]  # original S-grid -> reference S-grid
+        return cv2.warpAffine(amap.astype(np.float32), m, (s_w, s_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_REPLICATE)
+
+
+def _rotation(degrees: float) -> np.ndarray:
+    """(2, 2) rotation by ``degrees`` in pixel coordinates; exact (integer entries) for quarter turns."""
+    rot = _rotation_rad(np.radians(degrees))
+    return np.round(rot) if degrees % 90 == 0 else rot
+
+
+def _rotation_rad(theta: float) -> np.ndarray:
+    c, s = np.cos(theta), np.sin(theta)
+    return np.array([[c, -s], [s, c]], dtype=np.float64)
+
+
+def make_aligner(mode: str, reference_image: np.ndarray | None, reference: str | None = None,
+                 **options: Any) -> Aligner | None:
+    """An Aligner for ``mode`` from a reference image, or None for ``mode == "none"``."""
+    if mode not in ALIGN_MODES:
+        raise DefectscopeError(f"unknown alignment {mode!r}; choose one of: {', '.join(ALIGN_MODES)}")
+    if mode == "none":
+        return None
+    if reference_image is None:
+        raise DefectscopeError(f"--align {mode} needs a reference image")
+    return Aligner.from_image(mode, reference_image, reference=reference, **options)
