@@ -15,6 +15,9 @@ Two dataset layouts are understood:
       <folder>/masks/<type>/<stem>*      optional masks
       <folder>/train/**                  optional good training images (else train = [])
 
+A simple VisA object folder (``train/Normal``, ``test/Anomaly``; see :mod:`.visa`) is also
+accepted by :func:`good_images` and :func:`load_category`.
+
 Images may be any of :data:`~defectscope.data.images.IMAGE_EXTENSIONS` (any case). Hidden
 files and folders (name starting with ".") are skipped everywhere.
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 from ..errors import DataLayoutError
 from .images import IMAGE_EXTENSIONS
 from .samples import Sample, Split
+from .visa import is_visa_simple, visa_simple
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +120,31 @@ def _is_mvtec_category(folder: Path) -> bool:
 
 
 def good_images(data_dir: Path, min_images: int = 1) -> list[Path]:
-    """Good training images: ``train/good`` of an MVTec AD category, else every image under ``data_dir``.
+    """Good training images of a dataset folder.
 
-    Raises DataLayoutError for a missing folder or fewer than ``min_images`` images.
+    ``train/good`` of an MVTec AD category, ``train/Normal`` of a simple VisA object folder,
+    ``train/`` of a plain test folder (``good/`` + defect folders), else every image under
+    ``data_dir``. Raises DataLayoutError for a missing folder, a plain test folder without
+    ``train/``, or fewer than ``min_images`` images.
     """
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise DataLayoutError(f"{data_dir}: folder not found")
     if not data_dir.is_dir():
         raise DataLayoutError(f"{data_dir}: is a file; expected a folder of good images")
-    source = data_dir / "train" / "good" if _is_mvtec_category(data_dir) else data_dir
+    if _is_mvtec_category(data_dir):
+        source = data_dir / "train" / "good"
+    elif is_visa_simple(data_dir):
+        source = _child_dir(_child_dir(data_dir, "train"), "normal")
+    elif _is_plain_test_folder(data_dir):
+        source = data_dir / "train"
+        if not source.is_dir():
+            raise DataLayoutError(
+                f"{data_dir}: a plain test folder (good/ + defect folders) without train/; "
+                "put good training images in train/ or point at a folder of good images only"
+            )
+    else:
+        source = data_dir
     images = find_images(source)
     if len(images) < min_images:
         raise DataLayoutError(
@@ -133,6 +152,19 @@ def good_images(data_dir: Path, min_images: int = 1) -> list[Path]:
             f"({', '.join(IMAGE_EXTENSIONS)})"
         )
     return images
+
+
+def _child_dir(parent: Path, name: str) -> Path:
+    """The sub-folder of ``parent`` called ``name``, matched case-insensitively (VisA spells it either way)."""
+    hits = [p for p in _subfolders(parent) if p.name.lower() == name.lower()]
+    return parent / name if (parent / name).is_dir() or not hits else hits[0]
+
+
+def _is_plain_test_folder(folder: Path) -> bool:
+    """True if ``folder`` has ``good/`` and at least one defect-type folder beside it."""
+    if not (folder / "good").is_dir():
+        return False
+    return any(p.name not in _PLAIN_RESERVED for p in _subfolders(folder))
 
 
 def _mask_index(mask_dir: Path) -> dict[str, Path]:
@@ -261,15 +293,18 @@ def plain_folder(folder: Path) -> Split:
 
 
 def load_category(path: Path) -> Split:
-    """Parse ``path`` as an MVTec AD category (has train/ and test/) or else a plain folder (has good/)."""
+    """Parse ``path`` as an MVTec AD category (train/good + test/), a simple VisA object folder
+    (train/Normal + test/Anomaly) or else a plain folder (has good/)."""
     path = Path(path)
     if not path.is_dir():
         raise DataLayoutError(f"{path}: folder not found")
+    if not _is_mvtec_category(path) and is_visa_simple(path):
+        return visa_simple(path)
     if (path / "train").is_dir() and (path / "test").is_dir():
         return mvtec_category(path)
     if (path / "good").is_dir():
         return plain_folder(path)
     raise DataLayoutError(
-        f"{path}: unknown layout: expected train/ and test/ (MVTec AD category) "
-        "or good/ plus defect-type folders (plain folder)"
+        f"{path}: unknown layout: expected train/ and test/ (MVTec AD category), train/Normal and "
+        "test/Anomaly (VisA object) or good/ plus defect-type folders (plain folder)"
     )
