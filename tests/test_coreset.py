@@ -135,3 +135,61 @@ def test_random_projection_preserves_distances() -> None:
     assert torch.equal(y, random_projection(x, dim, seed=1))
     assert not torch.equal(y, random_projection(x, dim, seed=2))
     assert torch.equal(random_projection(x, 2000, seed=0), x)
+
+
+# ----------------------------------------------------------------- engines
+def _clustered(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(12, d, generator=g) * 4.0
+    return centres[torch.randint(12, (n,), generator=g)] + torch.randn(n, d, generator=g) * 0.5
+
+
+def greedy_float64(x: torch.Tensor, k: int, start: int) -> list[int]:
+    """Vectorised greedy k-center with distances in float64 (direct differences, no expansion)."""
+    xd = x.double()
+    min_d = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    chosen = [start]
+    for _ in range(k - 1):
+        min_d = torch.minimum(min_d, ((xd - xd[chosen[-1]]) ** 2).sum(dim=1))
+        min_d[chosen] = -1.0
+        chosen.append(int(torch.argmax(min_d)))
+    return chosen
+
+
+@pytest.mark.parametrize("n, d, k", [(120, 24, 15), (2000, 16, 300), (600, 3, 599)])
+def test_pruned_engine_matches_brute_index_for_index(n: int, d: int, k: int) -> None:
+    pytest.importorskip("numba")
+    from defectscope.components.coreset import kcenter
+
+    x = _clustered(n, d, seed=n)
+    pruned = kcenter(x, k, eps=None, seed=1, engine="pruned")
+    brute = kcenter(x, k, eps=None, seed=1, engine="brute")
+    want = greedy_float64(x, k, start_index(n, 1))
+    assert pruned.indices.tolist() == want
+    # the brute engine (float32 matrix expansion) may only part from it at a float near-tie
+    got = brute.indices.tolist()
+    if got != want:
+        i = next(j for j in range(k) if got[j] != want[j])
+        gap = torch.cdist(x.double()[[got[i], want[i]]], x.double()[want[:i]]).min(dim=1).values
+        assert abs(float(gap[0] - gap[1])) <= 1e-5 * float(gap[1])
+    # every point's nearest centre and squared distance, against a float64 brute force
+    xd = x.double()
+    d2 = torch.cdist(xd, xd[pruned.indices]) ** 2
+    assert torch.allclose(pruned.sq_dist.double(), d2.min(dim=1).values, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(d2.gather(1, pruned.nearest.unsqueeze(1)).squeeze(1), d2.min(dim=1).values, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(brute.sq_dist.double(), d2.min(dim=1).values, rtol=1e-3, atol=1e-3)
+    if k <= 15:
+        assert pruned.indices.tolist() == naive_k_center(xd.numpy(), k, start_index(n, 1))
+
+
+def test_pruned_engine_duplicates() -> None:
+    pytest.importorskip("numba")
+    y = torch.tensor([[0.0], [10.0], [20.0]]).repeat(30, 1)
+    got = greedy_coreset(y, 10, eps=None, seed=4, engine="pruned")
+    assert got.tolist() == greedy_coreset(y, 10, eps=None, seed=4, engine="brute").tolist()
+    assert len(set(got.tolist())) == 10
+
+
+def test_unknown_engine_raises(features: torch.Tensor) -> None:
+    with pytest.raises(DefectscopeError, match="engine"):
+        greedy_coreset(features, 3, engine="fast")

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import DefectscopeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["jl_dim", "random_projection", "greedy_coreset", "coverage_radius"]
+__all__ = ["jl_dim", "random_projection", "greedy_coreset", "kcenter", "KCenterResult", "coverage_radius", "ENGINES"]
 
 
 def jl_dim(n_samples: int, eps: float) -> int:
@@ -51,6 +53,29 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
     return features @ matrix
 
 
+#: selection engines: "pruned" (exact, triangle-inequality pruning, compiled with numba),
+#: "brute" (exact, one matrix-vector product per centre, torch), "auto" (pruned when numba imports)
+ENGINES = ("auto", "pruned", "brute")
+
+
+@dataclass
+class KCenterResult:
+    """Greedy k-center selection plus what it learned about every point on the way.
+
+    indices:  (K,) int64 selected points, in selection order.
+    nearest:  (N,) int64 position in ``indices`` of each point's nearest centre.
+    sq_dist:  (N,) float32 squared distance of each point to that centre (0 for centres),
+              measured in the selection space (the projection, if one was used).
+    projected: whether distances were measured on a random projection (then ``nearest`` and
+              ``sq_dist`` describe the projected points, not the original features).
+    """
+
+    indices: torch.Tensor
+    nearest: torch.Tensor
+    sq_dist: torch.Tensor
+    projected: bool
+
+
 def greedy_coreset(
     features: torch.Tensor,
     n_select: int,
@@ -59,6 +84,7 @@ def greedy_coreset(
     projection_dim: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    engine: str = "auto",
 ) -> torch.Tensor:
     """Indices (n_select,) int64 of greedy k-center centres of (N, D) features, in selection order.
 
@@ -68,8 +94,33 @@ def greedy_coreset(
     else to ``jl_dim(N, eps)`` if ``eps`` is given; when that is >= D the features are used as
     they are. When every remaining point coincides with a centre, the lowest unselected index
     is taken, so indices are always distinct. ``n_select >= N`` returns ``arange(N)``.
+    See :func:`kcenter` for ``engine``.
+    """
+    return kcenter(
+        features, n_select, eps=eps, projection_dim=projection_dim, seed=seed, progress=progress, engine=engine
+    ).indices
+
+
+def kcenter(
+    features: torch.Tensor,
+    n_select: int,
+    *,
+    eps: float | None = 0.9,
+    projection_dim: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    engine: str = "auto",
+) -> KCenterResult:
+    """Greedy k-center selection of (N, D) features (see :func:`greedy_coreset`), with assignments.
+
+    engine "pruned" skips, for each new centre c, every point i whose current centre a(i)
+    satisfies ||c - a(i)|| >= 2 d(i) (triangle inequality: then ||x_i - c|| >= d(i), so c cannot
+    be closer), and stops summing a distance once it passes the bound it is tested against;
+    it selects the same points as "brute" (up to float rounding of exact ties).
     """
     _check_matrix(features, "features")
+    if engine not in ENGINES:
+        raise DefectscopeError(f"unknown coreset engine {engine!r}: use one of {', '.join(ENGINES)}")
     n_points, n_dims = features.shape
     if n_points == 0:
         raise DefectscopeError("greedy_coreset got no features (N == 0): fit on at least one image")
@@ -78,7 +129,8 @@ def greedy_coreset(
     if not torch.isfinite(features).all():
         raise DefectscopeError("greedy_coreset got NaN or infinite features: check the backbone output and inputs")
     if n_select >= n_points:
-        return torch.arange(n_points, dtype=torch.int64)
+        every = torch.arange(n_points, dtype=torch.int64)
+        return KCenterResult(every, every.clone(), torch.zeros(n_points), projected=False)
 
     if projection_dim is not None:
         dim = projection_dim
@@ -86,20 +138,51 @@ def greedy_coreset(
         dim = jl_dim(n_points, eps)
     else:
         dim = n_dims
-    x = random_projection(features, dim, seed) if dim < n_dims else features.float()
+    projected = dim < n_dims
+    x = random_projection(features, dim, seed) if projected else features.float()
     x = x.contiguous()
     log.debug("greedy coreset: %d of %d points, distances in %d dims", n_select, n_points, x.shape[1])
 
     generator = torch.Generator().manual_seed(seed)
     start = int(torch.randint(n_points, (1,), generator=generator))
-    return _greedy_loop(x, n_select, start, progress)
+    if engine == "auto":
+        engine = "pruned" if _numba_kernel() is not None else "brute"
+    if engine == "pruned":
+        kernel = _numba_kernel()
+        if kernel is None:
+            raise DefectscopeError("coreset engine 'pruned' needs numba: pip install numba, or use engine='brute'")
+        indices, nearest, sq_dist = _pruned(kernel, x, n_select, start)
+    else:
+        indices, nearest, sq_dist = _greedy_loop(x, n_select, start, progress)
+    return KCenterResult(indices, nearest, sq_dist, projected)
 
 
-def _greedy_loop(x: torch.Tensor, n_select: int, start: int, progress: bool) -> torch.Tensor:
-    """Greedy k-center on (N, d) float32 ``x`` from index ``start``; returns (n_select,) int64."""
+def _pruned(kernel, x: torch.Tensor, n_select: int, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the compiled pruned kernel on (N, d) float32 ``x``."""
+    xn = x.numpy()
+    selected = np.empty(n_select, np.int64)
+    sq_dist = np.empty(x.shape[0], np.float32)
+    nearest = np.empty(x.shape[0], np.int32)
+    kernel(xn, start, selected, sq_dist, nearest)
+    return torch.from_numpy(selected), torch.from_numpy(nearest).long(), torch.from_numpy(sq_dist)
+
+
+def _greedy_loop(
+    x: torch.Tensor, n_select: int, start: int, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Brute-force greedy k-center on (N, d) float32 ``x`` from index ``start``.
+
+    Returns selected (n_select,) int64, nearest centre position (N,) int64, squared distance (N,).
+    """
     sq_norms = (x * x).sum(dim=1)  # ||x||^2, (N,)
+    # (d, N) layout: the matrix-vector product then streams contiguous columns, which measured
+    # ~2.5x faster than the (N, d) layout for N = 214k, d = 152 on a 2-core CPU
+    xt = x.T.contiguous()
+    centre = torch.empty(x.shape[1], dtype=x.dtype)
     min_dist = torch.full_like(sq_norms, float("inf"))  # squared distance to the nearest centre
+    nearest = torch.zeros(x.shape[0], dtype=torch.int64)
     dist = torch.empty_like(sq_norms)  # reused buffer for one centre's distances
+    closer = torch.empty(x.shape[0], dtype=torch.bool)
     selected = torch.empty(n_select, dtype=torch.int64)
 
     bar = None
@@ -111,18 +194,41 @@ def _greedy_loop(x: torch.Tensor, n_select: int, start: int, progress: bool) -> 
     for i in range(n_select):
         selected[i] = idx
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, for all points at once
-        torch.mv(x, x[idx], out=dist)
+        centre.copy_(xt[:, idx])
+        torch.mv(xt.T, centre, out=dist)
         dist.mul_(-2.0).add_(sq_norms).add_(sq_norms[idx])
+        torch.lt(dist, min_dist, out=closer)
+        nearest.masked_fill_(closer, i)
         torch.minimum(min_dist, dist, out=min_dist)
         # a chosen centre is never chosen again, even when rounding leaves it a tiny distance
         # or all remaining points coincide with centres (ties: argmax takes the lowest index)
         min_dist[idx] = -float("inf")
+        nearest[idx] = i
         idx = int(torch.argmax(min_dist))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return selected
+    sq_dist = min_dist.clamp_min_(0.0)
+    return selected, nearest, sq_dist
+
+
+_KERNEL: list = []
+
+
+def _numba_kernel():
+    """The compiled pruned k-center kernel, or None when numba is not installed (compiled once)."""
+    if _KERNEL:
+        return _KERNEL[0]
+    try:
+        from ._kcenter_numba import kcenter_pruned
+    except ImportError:
+        log.info("numba is not installed: the coreset uses the brute-force engine")
+        kernel = None
+    else:
+        kernel = kcenter_pruned
+    _KERNEL.append(kernel)
+    return kernel
 
 
 def coverage_radius(features: torch.Tensor, centres: torch.Tensor, chunk_size: int = 4096) -> float:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..components.coreset import greedy_coreset
+from ..components.coreset import KCenterResult, kcenter
 from ..components.embedding import concat_layers
 from ..components.knn import NearestNeighbors
 from ..errors import DefectscopeError
@@ -97,30 +98,65 @@ class PatchCore(Detector):
 
     # ------------------------------------------------------------------ fit
     def _fit(self, batches: Iterator[torch.Tensor]) -> None:
+        # stream: keep each batch's (B, h, w, D) features, then move them one by one into a single
+        # preallocated (N*h*w, D) array, so peak memory is about one copy of the patch features
         chunks = [self._patch_features(batch) for batch in batches]
         if not chunks:
             raise DefectscopeError("PatchCore.fit got no images")
-        feats = torch.cat(chunks)  # (N, h, w, D)
-        del chunks
-        n, h, w, d = feats.shape
-        flat = feats.reshape(-1, d)
+        _, h, w, d = chunks[0].shape
+        n = sum(c.shape[0] for c in chunks)
+        flat = torch.empty(n * h * w, d, dtype=torch.float32)
+        row = 0
+        chunks.reverse()
+        while chunks:
+            c = chunks.pop()
+            flat[row : row + c.shape[0] * h * w] = c.reshape(-1, d)
+            row += c.shape[0] * h * w
+            del c
         n_select = max(1, math.ceil(self.coreset_ratio * flat.shape[0]))
         log.info("PatchCore: selecting %d of %d patches (%d images, %dx%d grid, %d dims)", n_select, flat.shape[0], n, h, w, d)
-        idx = greedy_coreset(flat, n_select, eps=self.coreset_eps, projection_dim=self.projection_dim, seed=self.seed)
+        t0 = time.perf_counter()
+        result = kcenter(flat, n_select, eps=self.coreset_eps, projection_dim=self.projection_dim, seed=self.seed)
+        self.fit_timings_ = {"coreset_s": time.perf_counter() - t0}
+        idx = result.indices
         self.memory_bank_ = flat[idx].contiguous()
         self.bank_image_ = (idx // (h * w)).to(torch.int64)
         self.grid_ = (h, w)
         self.n_train_ = n
         self._index = None
-        self.training_scores_ = self._leave_one_out_scores(feats)
+        t0 = time.perf_counter()
+        self.training_scores_ = self._leave_one_out_scores(flat, n, h * w, result)
+        self.fit_timings_["loo_s"] = time.perf_counter() - t0
 
-    def _leave_one_out_scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """Score each training image against the memory bank without its own patches (N,)."""
-        scores = torch.empty(feats.shape[0], dtype=torch.float32)
-        for i in range(feats.shape[0]):
-            patches = feats[i].reshape(-1, feats.shape[-1])
-            dist, nn_idx = self.index.search(patches, 1, exclude_group=i)
-            scores[i] = self._image_scores(patches.unsqueeze(0), dist[:, 0].unsqueeze(0), nn_idx[:, 0].unsqueeze(0), exclude_group=i)[0]
+    def _leave_one_out_scores(self, flat: torch.Tensor, n: int, per_image: int, coreset: KCenterResult) -> torch.Tensor:
+        """Score each training image against the memory bank without its own patches (N,).
+
+        flat (n * per_image, D) training patches, image-major. The coreset selection already knows
+        every patch's nearest bank entry and distance (when it ran on unprojected features): where
+        that entry comes from another image it is also the leave-one-out neighbour, so only the
+        patches whose nearest entry is from their own image are searched again (exact, with that
+        image's entries masked).
+        """
+        groups = torch.arange(n).repeat_interleave(per_image)  # (n * per_image,) image of each patch
+        if coreset.projected or coreset.nearest.shape[0] != flat.shape[0]:
+            todo = torch.arange(flat.shape[0])
+            dist = torch.empty(flat.shape[0])
+            nn_idx = torch.empty(flat.shape[0], dtype=torch.int64)
+        else:
+            nn_idx = coreset.nearest.clone()
+            dist = coreset.sq_dist.clamp_min(0.0).sqrt_()
+            todo = (self.bank_image_[nn_idx] == groups).nonzero().squeeze(1)
+        log.debug("leave-one-out: %d of %d patches need a search", todo.numel(), flat.shape[0])
+        if todo.numel():
+            d_t, i_t = self.index.search_excluding_own(flat[todo], groups[todo])
+            dist[todo] = d_t
+            nn_idx[todo] = i_t
+        patches = flat.reshape(n, per_image, -1)
+        dist = dist.reshape(n, per_image)
+        nn_idx = nn_idx.reshape(n, per_image)
+        scores = torch.empty(n, dtype=torch.float32)
+        for i in range(n):
+            scores[i] = self._image_scores(patches[i : i + 1], dist[i : i + 1], nn_idx[i : i + 1], exclude_group=i)[0]
         return scores
 
     # ------------------------------------------------------------------ predict

@@ -1,0 +1,160 @@
+"""PatchCore end to end on a 2-core CPU: fit split by stage, predict speed, memory, accuracy, scaling.
+
+    python benchmarks/bench_patchcore.py                       # bottle + scaling table
+    python benchmarks/bench_patchcore.py --no-scaling          # bottle only
+    python benchmarks/bench_patchcore.py --scaling-only --sizes 200 800 1500 --scaling-ratio 0.01
+
+Bottle: fit on /work/shared/data/mvtec_ad/bottle train/good (default 10 % coreset, 256 px),
+fit seconds split into extraction (decode + backbone + patch features) / coreset / leave-one-out
+threshold scores / save; predict images per second end to end from files (decode, resize,
+backbone, nearest neighbours, map, score); image and pixel AUROC; peak RSS of the process.
+Scaling: fit time and peak RSS (each size in its own process) on ELPV good cells
+(``defectscope.data.elpv``, paths repeated if there are fewer cells than asked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def hardware_line() -> str:
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return (
+        f"hardware: {os.cpu_count()} cores, CPU {model}, torch threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+
+
+def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple[object, dict, dict[str, float]]:
+    """Fit PatchCore on ``paths``; returns (detector, metadata, stage seconds)."""
+    from defectscope.detectors.patchcore import PatchCore
+    from defectscope.fitting import fit_detector
+    from defectscope.io import save_model
+
+    det = PatchCore(image_size=args.image_size, coreset_ratio=ratio, projection_dim=args.projection_dim, seed=0)
+    det.extractor  # build the backbone before timing (weights are loaded once per process)
+    t0 = time.perf_counter()
+    meta = fit_detector(det, paths, batch_size=args.batch_size)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(Path(tmp) / "model.safetensors", det, meta)
+    save_s = time.perf_counter() - t0
+    core = det.fit_timings_["coreset_s"]
+    loo = det.fit_timings_["loo_s"]
+    stages = {"extraction": fit_s - core - loo, "coreset": core, "loo": loo, "save": save_s, "total": fit_s + save_s}
+    return det, meta, stages
+
+
+def run_bottle(args: argparse.Namespace) -> None:
+    from defectscope.data.layouts import mvtec_category
+    from defectscope.evaluation import evaluate_detector
+    from defectscope.scoring import score_paths
+
+    split = mvtec_category(BOTTLE)
+    print(hardware_line(), flush=True)
+    print(f"bottle: {len(split.train)} training images, {len(split.test)} test images, "
+          f"image size {args.image_size}, coreset ratio {args.ratio}, projection_dim {args.projection_dim}", flush=True)
+    det, meta, st = fit_once(split.train, args, args.ratio)
+    print(f"fit: total {st['total']:.1f} s = extraction {st['extraction']:.1f} + coreset {st['coreset']:.1f} "
+          f"+ leave-one-out scores {st['loo']:.1f} + save {st['save']:.2f}  "
+          f"(bank {tuple(det.memory_bank_.shape)}; {hardware_line().split('load ')[1]})", flush=True)
+    paths = [s.path for s in split.test]
+    for rep in range(args.repeats):
+        t0 = time.perf_counter()
+        n = sum(1 for r in score_paths(det, paths, meta["threshold"], batch_size=args.batch_size) if r.error is None)
+        s = time.perf_counter() - t0
+        print(f"predict (run {rep + 1}): {n} images in {s:.1f} s = {n / s:.1f} images/s end to end from files "
+              f"({hardware_line().split('load ')[1]})", flush=True)
+    result = evaluate_detector(det, split, meta["threshold"], batch_size=args.batch_size)
+    print(f"accuracy: image AUROC {result['image_auroc']:.4f}, pixel AUROC {result.get('pixel_auroc')}", flush=True)
+    print(f"peak RSS: {peak_rss_mib():.0f} MiB", flush=True)
+
+
+def elpv_paths(n: int) -> list[Path]:
+    from defectscope.data.elpv import CELL_TYPES, elpv_split
+
+    cells: list[Path] = []
+    for cell_type in CELL_TYPES:
+        cells += elpv_split(cell_type, n_train=None, test_good=0).train
+    return [cells[i % len(cells)] for i in range(n)]
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """One scaling point: fit on ``args.child`` ELPV cells, print JSON."""
+    torch.set_num_threads(args.threads)
+    paths = elpv_paths(args.child)
+    _, _, st = fit_once(paths, args, args.scaling_ratio)
+    st["peak_rss_mib"] = peak_rss_mib()
+    print(json.dumps(st))
+
+
+def run_scaling(args: argparse.Namespace) -> None:
+    print(f"\nscaling (ELPV good cells, image size {args.image_size}, coreset ratio {args.scaling_ratio}, "
+          f"each size in a fresh process):", flush=True)
+    print(f"{'images':>7s} {'fit s':>8s} {'extract':>8s} {'coreset':>8s} {'loo':>8s} {'peak RSS MiB':>13s}  load", flush=True)
+    for n in args.sizes:
+        cmd = [sys.executable, __file__, "--child", str(n), "--scaling-ratio", str(args.scaling_ratio),
+               "--image-size", str(args.image_size), "--threads", str(args.threads)]
+        if args.projection_dim:
+            cmd += ["--projection-dim", str(args.projection_dim)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{n:7d} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        st = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{n:7d} {st['total']:8.1f} {st['extraction']:8.1f} {st['coreset']:8.1f} {st['loo']:8.1f} "
+              f"{st['peak_rss_mib']:13.0f}  {os.getloadavg()[0]:.2f}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratio", type=float, default=0.1, help="coreset ratio for bottle")
+    p.add_argument("--scaling-ratio", type=float, default=0.1, help="coreset ratio for the scaling table")
+    p.add_argument("--sizes", type=int, nargs="*", default=[200, 800, 1500])
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--projection-dim", type=int, default=None, help="approximate coreset: project to this many dims")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--repeats", type=int, default=2, help="predict timing repeats")
+    p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--scaling-only", action="store_true")
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child is not None:
+        run_child(args)
+        return
+    if not args.scaling_only:
+        run_bottle(args)
+    if not args.no_scaling:
+        run_scaling(args)
+
+
+if __name__ == "__main__":
+    main()
