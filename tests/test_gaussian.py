@@ -8,8 +8,10 @@ import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from defectscope.components.gaussian import (
+    _inverse_cholesky,
     GaussianAccumulator,
     accumulator_bytes,
+    fit_gaussians,
     loo_mahalanobis,
     mahalanobis,
     regularized_inverse,
@@ -100,3 +102,46 @@ def test_loo_needs_three_samples() -> None:
     acc.update(x)
     with pytest.raises(DefectscopeError, match="at least 3"):
         loo_mahalanobis(x, acc.mean(), acc.covariance(), EPS)
+
+
+def test_fit_gaussians_float32_matches_float64_references() -> None:
+    x = samples(n=40, p=6, d=8, seed=3)
+    mean, inv, loo = fit_gaussians(x.float(), EPS)  # float32 path
+    assert mean.dtype == inv.dtype == loo.dtype == torch.float32
+    assert mean.shape == (6, 8) and inv.shape == (6, 8, 8) and loo.shape == (40, 6)
+    xn = x.numpy()
+    for pos in range(6):
+        ref_inv = np.linalg.inv(np.cov(xn[:, pos], rowvar=False) + EPS * np.eye(8))  # eq. 1, float64
+        np.testing.assert_allclose(mean[pos].numpy(), xn[:, pos].mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(inv[pos].numpy(), ref_inv, rtol=2e-3, atol=2e-3 * np.abs(ref_inv).max())
+    # the float32 LOO distances agree with the float64 closed form and with refits without the sample
+    ref_loo = loo_mahalanobis(x, x.mean(dim=0), streamed_covariance(x), EPS)
+    np.testing.assert_allclose(loo.numpy(), ref_loo.numpy(), rtol=1e-4)
+    for i in (0, 23):
+        rest = np.delete(xn, i, axis=0)
+        for pos in range(6):
+            inv_i = np.linalg.inv(np.cov(rest[:, pos], rowvar=False) + EPS * np.eye(8))
+            ref = scipy_mahalanobis(xn[i, pos], rest[:, pos].mean(axis=0), inv_i)
+            assert loo[i, pos].item() == pytest.approx(ref, rel=1e-4)
+
+
+def streamed_covariance(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased covariances (p, d, d) of x (N, p, d) via the streaming accumulator (float64)."""
+    acc = GaussianAccumulator(x.shape[1], x.shape[2])
+    acc.update(x)
+    return acc.covariance()
+
+
+def test_fit_gaussians_falls_back_to_float64_when_float32_factorisation_fails() -> None:
+    # two almost collinear dimensions and a tiny epsilon: float32 Cholesky fails, float64 does not
+    x = samples(n=30, p=2, d=6, seed=4)
+    x[..., 5] = x[..., 4] + 1e-5 * samples(n=30, p=2, d=6, seed=5)[..., 0]
+    cov = torch.from_numpy(np.stack([np.cov(x[:, pos].numpy(), rowvar=False) for pos in range(2)]))
+    assert _inverse_cholesky(cov.float(), 1e-12) is None and _inverse_cholesky(cov, 1e-12) is not None
+    mean, inv, loo = fit_gaussians(x, 1e-12)
+    assert torch.isfinite(loo).all() and inv.dtype == torch.float32
+    ref = loo_mahalanobis(x, x.mean(dim=0), cov, 1e-12)  # float64 closed form
+    np.testing.assert_allclose(loo.numpy(), ref.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(mean.numpy(), x.mean(dim=0).numpy(), rtol=1e-6)
+    with pytest.raises(DefectscopeError, match="at least 3"):
+        fit_gaussians(x[:2], EPS)

@@ -10,9 +10,8 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from torch import nn
 
 from defectscope.components.embedding import concat_layers, default_multiscale_layers
-from defectscope.components.gaussian import accumulator_bytes
 from defectscope.detectors import base as base_module
-from defectscope.detectors.padim import PaDiM, default_d_reduced
+from defectscope.detectors.padim import PaDiM, default_d_reduced, required_bytes
 from defectscope.errors import DefectscopeError, NotFittedError
 
 SIZE = 64  # -> 16 x 16 positions on the finest stand-in layer
@@ -182,7 +181,9 @@ def test_memory_guard_fails_early_with_the_bytes(train: torch.Tensor) -> None:
             consumed.append(lo)
             yield train[lo : lo + 10]
 
-    needed = accumulator_bytes(256, 16) + 256 * 16 * 16 * 4 + 10 * 256 * 16 * 4
+    needed = required_bytes(256, 16, 10)
+    # embeddings + means/inverses + the float32 chunk scratch (all 256 positions in one chunk)
+    assert needed == 10 * 256 * 16 * 4 + 256 * 16 * 17 * 4 + 256 * 4 * (3 * 10 * 16 + 5 * 16 * 16)
     with pytest.raises(DefectscopeError, match=rf"need {needed} bytes.*d_reduced"):
         det.fit(batches())
     assert consumed == [0]  # stopped at the first batch
@@ -223,7 +224,8 @@ def test_default_layers_and_d_reduced(monkeypatch: pytest.MonkeyPatch, train: to
     ]
     assert default_d_reduced("resnet18", 448) == 100
     assert default_d_reduced("wide_resnet50_2", 1792) == 550
-    assert default_d_reduced("tf_efficientnet_lite0", 176) == 100
+    assert default_d_reduced("resnet18", 64) == 64  # capped by the channels
+    assert default_d_reduced("tf_efficientnet_lite0", 176) == 176  # few channels: keep all
     assert default_d_reduced("tf_efficientnet_lite0", 36) == 36
     det = PaDiM(image_size=SIZE)  # d_reduced None on the 36-channel stand-in -> all 36
     det.set_extractor(TinyExtractor())

@@ -210,3 +210,15 @@ def test_default_layers(monkeypatch: pytest.MonkeyPatch, train: torch.Tensor) ->
         ("tf_efficientnet_lite0", ["blocks.1", "blocks.2", "blocks.4"]),
         ("tf_efficientnet_lite0", ["blocks.2", "blocks.4"]),
     ]
+
+
+def test_pixel_search_with_overlapping_galleries_matches_brute_force(fitted: SPADE) -> None:
+    g = torch.Generator().manual_seed(7)
+    queries = torch.randn(3, 256, 36, generator=g) * 0.5
+    gallery = torch.tensor([[0, 5, 9], [5, 9, 2], [11, 12, 13]])  # images 0 and 1 share two
+    fitted._train_sq = None  # recomputed from the stored maps
+    got = fitted._nearest_patch_distances(queries, gallery)
+    bank = fitted.train_maps_.double().numpy().reshape(20, 256, 36)
+    for b in range(3):
+        ref = pairwise(queries[b].double().numpy(), bank[gallery[b].numpy()].reshape(-1, 36)).min(axis=1)
+        np.testing.assert_allclose(got[b].numpy(), ref, rtol=1e-4, atol=1e-4)

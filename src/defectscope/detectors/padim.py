@@ -5,11 +5,12 @@ Sigma_ij = cov_ij + epsilon I (eq. 1) of a random subset of d_reduced channels.
 Predict: the Mahalanobis distance of each test embedding to its position's Gaussian (eq. 2),
 upsampled and blurred to the input size; the image score is the map's maximum.
 
-Memory: the fit streams float64 sums (P x d x (d + 1) x 8 bytes for P positions) and keeps
-the reduced training embeddings (N x P x d x 4 bytes, e.g. 209 x 64*64 x 100 x 4 = 342 MB)
-until the end of ``fit``, where they give the exact leave-one-image-out training scores
-(see :func:`~defectscope.components.gaussian.loo_mahalanobis`); then they are dropped.
-The model keeps the means (P x d) and inverse covariances (P x d x d) as float32.
+Fit keeps the reduced training embeddings (N x P x d x 4 bytes, e.g. 209 x 64*64 x 176 x 4 =
+602 MB) until all images are seen, then fits every position's Gaussian and the exact
+leave-one-image-out training distances chunk by chunk of positions in float32 (see
+:func:`~defectscope.components.gaussian.fit_gaussians`); then the embeddings are dropped.
+The model keeps the means (P x d) and inverse covariances (P x d x d) as float32
+(64*64 x 176 x 176 x 4 = 508 MB for tf_efficientnet_lite0 at 256 px).
 """
 
 from __future__ import annotations
@@ -20,33 +21,45 @@ from collections.abc import Iterator
 import torch
 
 from ..components.embedding import concat_layers, default_multiscale_layers
-from ..components.gaussian import (
-    GaussianAccumulator,
-    accumulator_bytes,
-    loo_mahalanobis,
-    mahalanobis,
-    regularized_inverse,
-)
+from ..components.gaussian import fit_gaussians, fit_scratch_bytes, mahalanobis
 from ..backbones import FeatureExtractor
 from ..errors import DefectscopeError, ModelFileError
 from .base import DEFAULT_BACKBONE, Detector
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PaDiM", "default_d_reduced"]
+__all__ = ["PaDiM", "default_d_reduced", "required_bytes"]
 
 _STATE_KEYS = ("mean", "inv_cov", "channel_index", "feature_size", "training_scores", "n_train")
 _WORK_BYTES = 256 * 2**20  # scratch memory per chunk of positions
 
 
 def default_d_reduced(backbone: str, total_channels: int) -> int:
-    """Paper defaults: resnet18 -> 100, wide_resnet50_2 -> 550; efficientnet-lite -> 100; capped by channels."""
+    """Channels kept by the random reduction: the paper's 100 (resnet18) and 550 (wide_resnet50_2), else all.
+
+    The paper (sec. 3.1/4.3) reduces the 448 (R18) or 1792 (WR50) channels only to cut cost and
+    reports the random subset close to, not better than, keeping every dimension. The
+    EfficientNet-Lite layers give only 176 (lite0) channels, fewer than WR50's 550, so nothing
+    is dropped: on MVTec AD bottle, 100 random channels gave image/pixel AUROC 0.996/0.981
+    (seeds 0, 1, 2) and all 176 gave 0.998/0.984.
+    """
     name = backbone.lower()
+    if name == "resnet18":
+        return min(100, total_channels)
     if name == "wide_resnet50_2":
-        d = 550
-    else:  # resnet18, tf_efficientnet_lite*, anything else
-        d = 100
-    return min(d, total_channels)
+        return min(550, total_channels)
+    return total_channels
+
+
+def _chunk_positions(positions: int, d: int, n_images: int) -> int:
+    """Positions per chunk so that the float32 scratch of fit_gaussians stays within _WORK_BYTES."""
+    return max(1, min(positions, _WORK_BYTES // fit_scratch_bytes(n_images, 1, d)))
+
+
+def required_bytes(positions: int, d: int, n_images: int) -> int:
+    """Bytes a fit needs: kept float32 embeddings, the float32 model (means, inverses) and the chunk scratch."""
+    scratch = fit_scratch_bytes(n_images, _chunk_positions(positions, d, n_images), d)
+    return 4 * n_images * positions * d + 4 * positions * d * (d + 1) + scratch
 
 
 def _fmt_bytes(n: int) -> str:
@@ -54,7 +67,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 class PaDiM(Detector):
-    """Patch Distribution Modeling. ``d_reduced`` None picks the backbone's default (see above)."""
+    """Patch Distribution Modeling. ``d_reduced`` None picks the backbone's default (:func:`default_d_reduced`)."""
 
     method = "padim"
     #: leave-one-out covariances need at least two other images
@@ -116,58 +129,51 @@ class PaDiM(Detector):
         channel_index = torch.randperm(total, generator=generator)[:d].sort().values
 
         # everything is built in locals and assigned at the end: a failed fit leaves the old state
-        acc: GaussianAccumulator | None = None
-        embeddings: list[torch.Tensor] = []  # kept for the exact leave-one-out scores
+        embeddings: list[torch.Tensor] = []  # (B, P, d) float32 per batch, kept for the statistics
         size = (0, 0)
+        n = 0
         for batch in batches:
             emb, batch_size = self._embed(batch, channel_index)  # (B, P, d)
-            if acc is None:
+            if not embeddings:
                 size = batch_size
             elif batch_size != size:
                 raise DefectscopeError(
                     f"training images give {batch_size} feature maps but earlier ones gave {size}: "
                     f"resize all images to {self.image_size}x{self.image_size}"
                 )
-            n_seen = emb.shape[0] + (0 if acc is None else acc.n)
-            self._check_memory(size, d, n_images=n_seen)  # before allocating anything for this batch
-            if acc is None:
-                acc = GaussianAccumulator(emb.shape[1], d)
-            acc.update(emb)
+            n += emb.shape[0]
+            self._check_memory(size, d, n_images=n)  # before keeping anything more of this batch
             embeddings.append(emb)
-        if acc is None or acc.n < self.min_train_images:
-            raise DefectscopeError(
-                f"PaDiM needs at least {self.min_train_images} training images, got {0 if acc is None else acc.n}"
-            )
+        if n < self.min_train_images:
+            raise DefectscopeError(f"PaDiM needs at least {self.min_train_images} training images, got {n}")
 
-        positions, n = acc.positions, acc.n
+        positions = size[0] * size[1]
         log.info("PaDiM: fitting %d Gaussians of dimension %d on %d images", positions, d, n)
-        mean64 = acc.mean()
+        mean = torch.empty(positions, d, dtype=torch.float32)
         inv_cov = torch.empty(positions, d, d, dtype=torch.float32)
         loo = torch.empty(n, positions, dtype=torch.float32)
-        # positions per chunk so that the float64 scratch (embeddings, covariances, inverses) fits _WORK_BYTES
-        chunk = max(1, min(positions, _WORK_BYTES // (8 * d * (4 * n + 4 * d))))
+        chunk = _chunk_positions(positions, d, n)
         for lo in range(0, positions, chunk):
             hi = min(lo + chunk, positions)
-            cov = acc.covariance(lo, hi)  # unbiased, (p, d, d) float64
-            inv_cov[lo:hi] = regularized_inverse(cov, self.epsilon).to(torch.float32)  # eq. 1 inverted
-            x = torch.cat([e[:, lo:hi] for e in embeddings]).to(torch.float64)  # (N, p, d)
-            loo[:, lo:hi] = loo_mahalanobis(x, mean64[lo:hi], cov, self.epsilon).to(torch.float32)
-        del acc, embeddings
+            x = torch.cat([e[:, lo:hi] for e in embeddings])  # (N, p, d)
+            # eq. 1 (mean, Sigma^-1) and exact leave-one-image-out distances (eq. 2 without image i)
+            mean[lo:hi], inv_cov[lo:hi], loo[:, lo:hi] = fit_gaussians(x, self.epsilon)
+        del embeddings
         training_scores = torch.cat(  # image score = max of the finished map, as in predict
             [self._finish_maps(part.view(-1, *size)).amax(dim=(1, 2)) for part in loo.split(32)]
         )
         self.channel_index_ = channel_index
         self.feature_size_ = size
-        self.mean_ = mean64.to(torch.float32)
+        self.mean_ = mean
         self.inv_cov_ = inv_cov
         self.training_scores_ = training_scores
         self.n_train_ = n
 
     def _check_memory(self, size: tuple[int, int], d: int, n_images: int) -> None:
-        """Fail before allocating when sums, inverses and kept embeddings would exceed the budget."""
+        """Fail before keeping more when embeddings, the model and the scratch would exceed the budget."""
         h, w = size
         positions = h * w
-        needed = accumulator_bytes(positions, d) + positions * d * d * 4 + n_images * positions * d * 4
+        needed = required_bytes(positions, d, n_images)
         if needed > self.max_memory_bytes:
             raise DefectscopeError(
                 f"PaDiM would need {needed} bytes ({_fmt_bytes(needed)}) for {h}x{w} positions, d_reduced={d} and "

@@ -1,0 +1,172 @@
+"""Fit and predict speed, peak memory and accuracy of PaDiM and SPADE on MVTec AD bottle; prints numbers.
+
+Each method runs in its own child process (so the peak RSS is that method's), with
+``torch.set_num_threads(--threads)`` (default 2). Images are decoded and resized once before
+timing, so the fit time splits exactly into backbone extraction (time inside the feature
+extractor) and statistics (everything else in ``fit``), plus the model-file save. Predict is
+repeated ``--repeat`` times over the test images; best and median are printed. Asserts nothing.
+
+    python benchmarks/bench_methods.py --data /work/shared/data/mvtec_ad/bottle --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_DATA = "/work/shared/data/mvtec_ad/bottle"
+
+
+class TimedExtractor:
+    """Wraps a FeatureExtractor and adds up the seconds spent in its forward passes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        out = self.inner(x)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def hardware_line(threads: int) -> str:
+    """Cores, CPU model (from /proc/cpuinfo), torch threads and the load average."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"hardware: {os.cpu_count()} cores, CPU {model!r}, torch {torch.__version__} threads {threads}, "
+            f"load average {load}")
+
+
+def load_split(data: Path, size: int, mean: Any, std: Any) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """Train images (N, 3, S, S), test images, test labels (M,) and masks (M, S, S) at the model's size."""
+    from defectscope.data.images import load_image, load_mask, preprocess
+    from defectscope.data.layouts import load_category
+
+    split = load_category(data)
+    train = torch.stack([preprocess(load_image(p), size, mean, std) for p in split.train])
+    test = torch.stack([preprocess(load_image(s.path), size, mean, std) for s in split.test])
+    labels = np.array([s.label for s in split.test])
+    masks = np.stack([
+        load_mask(s.mask_path, size=(size, size)) if s.mask_path else np.zeros((size, size), bool) for s in split.test
+    ])
+    return train, test, labels, masks
+
+
+def run_one(method: str, data: Path, threads: int, repeat: int, batch_size: int) -> dict[str, Any]:
+    """Fit, save and predict one method with its defaults; returns the measurements."""
+    from defectscope import metrics
+    from defectscope.detectors import make_detector
+    from defectscope.io import save_model
+
+    torch.set_num_threads(threads)
+    det = make_detector(method)
+    timed = TimedExtractor(det.extractor)
+    det.set_extractor(timed)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    train, test, labels, masks = load_split(data, det.image_size, *det.normalization)
+    load_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    det.fit(train.split(batch_size))
+    fit_s = time.perf_counter() - start
+    extraction_s = timed.seconds
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = save_model(Path(tmp) / "m.dsmodel", det, {"threshold": 0.0})
+        save_s = time.perf_counter() - start
+        model_mb = path.stat().st_size / 2**20
+
+    times: list[float] = []
+    pred = None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        pred = det.predict(test.split(batch_size))
+        times.append(time.perf_counter() - start)
+    assert pred is not None
+    pixel = metrics.PixelMetrics()
+    pixel.add(pred.maps, masks)
+    n = len(test)
+    return {
+        "method": method,
+        "params": {k: v for k, v in det.get_params().items() if k not in ("weights",)},
+        "load_s": load_s,
+        "fit_s": fit_s,
+        "extraction_s": extraction_s,
+        "statistics_s": fit_s - extraction_s,
+        "save_s": save_s,
+        "model_mb": model_mb,
+        "predict_best_img_s": n / min(times),
+        "predict_median_img_s": n / statistics.median(times),
+        "predict_runs_s": times,
+        "n_train": len(train),
+        "n_test": n,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "image_auroc": metrics.image_auroc(labels, pred.scores),
+        "pixel_auroc": pixel.auroc(),
+    }
+
+
+def print_row(r: dict[str, Any]) -> None:
+    print(f"{r['method']}: {r['params']}")
+    print(f"  fit {r['fit_s']:.1f} s on {r['n_train']} images = extraction {r['extraction_s']:.1f} s"
+          f" + statistics {r['statistics_s']:.1f} s; save {r['save_s']:.2f} s ({r['model_mb']:.0f} MB);"
+          f" image decoding {r['load_s']:.1f} s (not in fit)")
+    runs = ", ".join(f"{t:.1f}" for t in r["predict_runs_s"])
+    print(f"  predict {r['n_test']} images: best {r['predict_best_img_s']:.2f} img/s,"
+          f" median {r['predict_median_img_s']:.2f} img/s (runs {runs} s)")
+    print(f"  peak RSS {r['peak_rss_mb']:.0f} MB; image AUROC {r['image_auroc']:.4f}, pixel AUROC {r['pixel_auroc']:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(DEFAULT_DATA), help="an MVTec AD category folder")
+    parser.add_argument("--methods", nargs="+", default=["padim", "spade"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="predict runs (best and median are printed)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one method, JSON out
+    args = parser.parse_args()
+
+    if args.one:
+        print(json.dumps(run_one(args.one, args.data, args.threads, args.repeat, args.batch_size)))
+        return
+    torch.set_num_threads(args.threads)
+    print(hardware_line(torch.get_num_threads()))
+    for method in args.methods:
+        cmd = [sys.executable, __file__, "--one", method, "--data", str(args.data), "--threads", str(args.threads),
+               "--repeat", str(args.repeat), "--batch-size", str(args.batch_size)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{method}: failed\n{out.stderr[-2000:]}")
+            continue
+        print_row(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(hardware_line(torch.get_num_threads()).replace("hardware:", "after:"))
+
+
+if __name__ == "__main__":
+    main()
