@@ -65,8 +65,12 @@ def evaluate_detector(
         raise DefectscopeError(f"{split.name}: no test images found")
     labels_all = np.array([s.label for s in samples])
     has_masks = bool((labels_all == 1).any()) and all(s.mask_path is not None for s in samples if s.label == 1)
-    if not has_masks and (labels_all == 1).any():
-        log.warning("%s: some defective images have no mask; pixel metrics are skipped", split.name)
+    n_masked = sum(s.mask_path is not None for s in samples if s.label == 1)
+    if not has_masks and n_masked:
+        log.warning("%s: %d of %d defective images have no mask; pixel metrics are skipped", split.name,
+                    int((labels_all == 1).sum()) - n_masked, int((labels_all == 1).sum()))
+    elif not has_masks:
+        log.info("%s: no ground-truth masks; pixel metrics are skipped", split.name)
     size = detector.image_size
     pixel = metrics.PixelMetrics() if has_masks else None
     keep_maps = pixel is not None or heatmap_dir is not None or overlay_dir is not None
