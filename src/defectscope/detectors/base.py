@@ -131,6 +131,8 @@ class Detector(ABC):
     def extractor(self) -> FeatureExtractor:
         """The feature extractor, built on first use from backbone/layers/weights."""
         if self._extractor is None:
+            if self.layers is None:
+                self.layers = self._default_layers()
             self._extractor = FeatureExtractor(self.backbone, self.layers, weights=self.weights)
             self.layers = list(self._extractor.layers)
         return self._extractor
@@ -139,6 +141,10 @@ class Detector(ABC):
         """Use an already built extractor (shares one backbone between detectors)."""
         self._extractor = extractor
         self.layers = list(extractor.layers)
+
+    def _default_layers(self) -> list[str] | None:
+        """Layers used when none are given; None lets the backbone choose (its mid-level pair)."""
+        return None
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

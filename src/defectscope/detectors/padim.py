@@ -22,7 +22,6 @@ import torch
 
 from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.gaussian import fit_gaussians, fit_scratch_bytes, mahalanobis
-from ..backbones import FeatureExtractor
 from ..errors import DefectscopeError, ModelFileError
 from .base import DEFAULT_BACKBONE, Detector
 
@@ -98,12 +97,9 @@ class PaDiM(Detector):
         self.epsilon = epsilon
 
     # ----------------------------------------------------------------- backbone
-    @property
-    def extractor(self) -> FeatureExtractor:
-        """The feature extractor; without explicit ``layers``, built with this method's defaults."""
-        if self._extractor is None and self.layers is None:
-            self.layers = default_multiscale_layers(self.backbone)
-        return super().extractor
+    def _default_layers(self) -> list[str] | None:
+        """Three mid-level layers (paper: layer1-3 of a ResNet; blocks.1,2,4 of EfficientNet-Lite)."""
+        return default_multiscale_layers(self.backbone)
 
     # ----------------------------------------------------------------- fit
     def _validate_params(self) -> None:

@@ -32,7 +32,6 @@ import torch
 
 from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.knn import NearestNeighbors
-from ..backbones import FeatureExtractor
 from ..errors import DefectscopeError, ModelFileError
 from .base import DEFAULT_BACKBONE, Detector
 
@@ -77,12 +76,9 @@ class SPADE(Detector):
         self._train_sq: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- backbone
-    @property
-    def extractor(self) -> FeatureExtractor:
-        """The feature extractor; without explicit ``layers``, built with this method's defaults."""
-        if self._extractor is None and self.layers is None:
-            self.layers = default_multiscale_layers(self.backbone)
-        return super().extractor
+    def _default_layers(self) -> list[str] | None:
+        """Three mid-level layers (paper: layer1-3 of a ResNet; blocks.1,2,4 of EfficientNet-Lite)."""
+        return default_multiscale_layers(self.backbone)
 
     # ----------------------------------------------------------------- fit
     def _validate_params(self) -> None:
