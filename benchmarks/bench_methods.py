@@ -6,16 +6,13 @@ timing, so the fit time splits exactly into backbone extraction (time inside the
 extractor) and statistics (everything else in ``fit``), plus the model-file save. Predict is
 repeated ``--repeat`` times over the test images; best and median are printed. Asserts nothing.
 
-    python benchmarks/bench_methods.py --data /work/shared/data/mvtec_ad/bottle --repeat 3
+    python benchmarks/bench_methods.py --data ../shared/data/mvtec_ad/bottle --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT_DATA = "/work/shared/data/mvtec_ad/bottle"
+from machine import BOTTLE, hardware_line, peak_rss_mib
+
+DEFAULT_DATA = str(BOTTLE)
 
 
 class TimedExtractor:
@@ -47,19 +46,6 @@ class TimedExtractor:
         return getattr(self.inner, name)
 
 
-def hardware_line(threads: int) -> str:
-    """Cores, CPU model (from /proc/cpuinfo), torch threads and the load average."""
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"hardware: {os.cpu_count()} cores, CPU {model!r}, torch {torch.__version__} threads {threads}, "
-            f"load average {load}")
 
 
 def load_split(data: Path, size: int, mean: Any, std: Any) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
@@ -125,7 +111,7 @@ def run_one(method: str, data: Path, threads: int, repeat: int, batch_size: int)
         "predict_runs_s": times,
         "n_train": len(train),
         "n_test": n,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mib(),
         "image_auroc": metrics.image_auroc(labels, pred.scores),
         "pixel_auroc": pixel.auroc(),
     }
@@ -156,7 +142,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.data, args.threads, args.repeat, args.batch_size)))
         return
     torch.set_num_threads(args.threads)
-    print(hardware_line(torch.get_num_threads()))
+    print(hardware_line())
     for method in args.methods:
         cmd = [sys.executable, __file__, "--one", method, "--data", str(args.data), "--threads", str(args.threads),
                "--repeat", str(args.repeat), "--batch-size", str(args.batch_size)]
@@ -165,7 +151,7 @@ def main() -> None:
             print(f"{method}: failed\n{out.stderr[-2000:]}")
             continue
         print_row(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(hardware_line(torch.get_num_threads()).replace("hardware:", "after:"))
+    print(hardware_line().replace("hardware:", "after:"))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python benchmarks/bench_patchcore.py --no-scaling          # bottle only
     python benchmarks/bench_patchcore.py --scaling-only --sizes 200 800 1500 --scaling-ratio 0.01
 
-Bottle: fit on /work/shared/data/mvtec_ad/bottle train/good (default 10 % coreset, 256 px),
+Bottle: fit on ../shared/data/mvtec_ad/bottle train/good (default 10 % coreset, 256 px),
 fit seconds split into extraction (decode + backbone + patch features) / coreset / leave-one-out
 threshold scores / save; predict images per second end to end from files (decode, resize,
 backbone, nearest neighbours, map, score); image and pixel AUROC; peak RSS of the process.
@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,27 +25,12 @@ from pathlib import Path
 
 import torch
 
-BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
+from machine import BOTTLE, hardware_line, peak_rss_mib
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def hardware_line() -> str:
-    model = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()
-    return (
-        f"hardware: {os.cpu_count()} cores, CPU {model}, torch threads {torch.get_num_threads()}, "
-        f"torch {torch.__version__}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-    )
+
 
 
 def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple[object, dict, dict[str, float]]:

@@ -1,0 +1,37 @@
+"""What every benchmark prints about where it ran: hardware line and peak memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from pathlib import Path
+
+import torch
+
+#: the real data the benchmarks read (never copied into the repository)
+SHARED_DATA = Path(os.environ.get("DEFECTSCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def hardware_line() -> str:
+    """Cores, CPU model, torch version and threads, and the load average now."""
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"hardware: {os.cpu_count()} cores, CPU {cpu_model()}, torch {torch.__version__} "
+            f"threads {torch.get_num_threads()}, load average {load}")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
