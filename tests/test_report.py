@@ -199,3 +199,19 @@ def test_evaluate_cli_writes_report(synthetic_category, tmp_path, capsys):
     for key in ("aupro", "pixel_f1_max", "image_f1_max", "per_type_auroc", "curves"):
         assert result[key] is not None, key
     assert set(result["per_type_auroc"]) == {"scratch", "spot"}
+
+
+def test_unaligned_images_are_flagged_in_the_report(tmp_path):
+    result = make_result(tmp_path)
+    for record in result["images"]:
+        record["aligned"] = True
+    result["images"][0]["aligned"] = False
+    result["images"][0]["overlay"] = "x.png"
+    (tmp_path / "overlays").mkdir(exist_ok=True)
+    result["alignment"] = {"mode": "rigid", "n_unaligned": 1, "unaligned": [result["images"][0]["path"]]}
+    text = write_report(result, tmp_path, meta=META).read_text()
+    assert "rigid: 1 image(s) could not be aligned" in text
+    assert f"Not aligned (scored as given): {result['images'][0]['path']}" in text
+    assert text.count("<b>not aligned</b>") >= 1
+    plain = write_report(make_result(tmp_path / "plain"), tmp_path / "plain", meta=META).read_text()
+    assert "not aligned" not in plain.lower()

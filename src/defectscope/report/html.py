@@ -134,7 +134,13 @@ def _summary(result: dict[str, Any], meta: dict[str, Any] | None) -> list[str]:
         ("run", f"{_e(result.get('started', 'n/a'))}, {_num(result.get('seconds'), 1)} s "
                 f"({_num(result.get('images_per_second'), 2)} images/s)"),
     ]
+    alignment = result.get("alignment")
+    if alignment:
+        pairs.append(("alignment", f"{_e(alignment['mode'])}: {alignment['n_unaligned']} image(s) could not be aligned "
+                                   "and were scored as given"))
     out = ["<h2>Run</h2>", _kv_table(pairs)]
+    for path in (alignment or {}).get("unaligned") or []:
+        out.append(f'<p class="warn">Not aligned (scored as given): {_e(path)}</p>')
     warning = (meta.get("threshold_info") or {}).get("warning")
     if warning and result.get("threshold") == meta.get("threshold"):
         out.append(f'<p class="warn">Threshold: {_e(warning)}</p>')
@@ -196,7 +202,8 @@ def _card(record: dict[str, Any], overlays: str) -> str:
     name = Path(record["path"]).name
     caption = (f"<b>{_e(record['defect_type'])}</b>/{_e(name)}<br>score {_num(record['score'])}"
                + (f" ({_num(norm, 2)}&times; threshold)" if norm is not None else "")
-               + f"<br>judged {'defective' if record['judgement'] else 'good'}")
+               + f"<br>judged {'defective' if record['judgement'] else 'good'}"
+               + ("<br><b>not aligned</b>" if record.get("aligned") is False else ""))
     if record.get("overlay"):
         img = f'<img src="{_url(Path(overlays) / record["overlay"])}" alt="{_e(name)} overlay">'
     else:
