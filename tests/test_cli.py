@@ -162,3 +162,9 @@ def test_odd_formats_are_all_scored(model, tmp_path, capsys):
     objs = [json.loads(line) for line in out.splitlines()]
     assert len(objs) == len(written)
     assert all(o["error"] is None and o["score"] is not None for o in objs)
+
+
+def test_fit_records_coreset_details(model):
+    details = read_metadata(model)["training"]["details"]
+    assert details["n_selected"] == -(-details["n_patches"] // 4)  # ceil(0.25 * patches)
+    assert details["coverage_radius"] > 0 and details["coreset_s"] >= 0

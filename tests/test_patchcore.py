@@ -137,3 +137,14 @@ def test_invalid_parameters_fail_at_fit(bad):
     det = PatchCore(image_size=SIZE, **bad)
     with pytest.raises(DefectscopeError, match=next(iter(bad))):
         det.fit(torch.zeros(2, 3, SIZE, SIZE))
+
+
+def test_coverage_radius_is_reported_exactly(fitted):
+    det, split, _, _ = fitted
+    feats = det._patch_features(_tensors(split.train, det))
+    flat = feats.reshape(-1, feats.shape[-1])
+    nearest = torch.cdist(flat.double(), det.memory_bank_.double()).min(dim=1).values
+    info = det.fit_details_
+    assert info["radius_space"] == "features" and info["n_patches"] == flat.shape[0]
+    assert info["n_selected"] == det.memory_bank_.shape[0]
+    assert info["coverage_radius"] == pytest.approx(float(nearest.max()), rel=1e-4)

@@ -136,6 +136,7 @@ def fit_detector(
             "fit_seconds": round(fit_seconds, 3),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch_threads": torch.get_num_threads(),
+            "details": {**getattr(detector, "fit_details_", {}), **getattr(detector, "fit_timings_", {})},
             **training,
         },
     }

@@ -118,6 +118,14 @@ class PatchCore(Detector):
         t0 = time.perf_counter()
         result = kcenter(flat, n_select, eps=self.coreset_eps, projection_dim=self.projection_dim, seed=self.seed)
         self.fit_timings_ = {"coreset_s": time.perf_counter() - t0}
+        # coverage radius: the largest distance of any training patch to its nearest bank entry
+        # (in the space the selection ran in: a projection makes it an estimate of the true one)
+        self.fit_details_ = {
+            "n_patches": int(flat.shape[0]),
+            "n_selected": int(n_select),
+            "coverage_radius": float(result.sq_dist.max().clamp_min(0).sqrt()),
+            "radius_space": "projection" if result.projected else "features",
+        }
         idx = result.indices
         self.memory_bank_ = flat[idx].contiguous()
         self.bank_image_ = (idx // (h * w)).to(torch.int64)
