@@ -34,5 +34,5 @@ case "$cmd" in
     demo) setup; exec "$VENV/bin/defectscope" demo "$@" ;;
     test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     run) setup; exec "$VENV/bin/defectscope" "$@" ;;
-    *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
