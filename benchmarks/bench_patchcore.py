@@ -39,7 +39,8 @@ def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple
     from defectscope.fitting import fit_detector
     from defectscope.io import save_model
 
-    det = PatchCore(image_size=args.image_size, coreset_ratio=ratio, projection_dim=args.projection_dim, seed=0)
+    det = PatchCore(image_size=args.image_size, coreset_ratio=ratio, projection_dim=args.projection_dim,
+                    coreset_candidates=args.coreset_candidates, seed=0)
     det.extractor  # build the backbone before timing (weights are loaded once per process)
     t0 = time.perf_counter()
     meta = fit_detector(det, paths, batch_size=args.batch_size)
@@ -99,13 +100,15 @@ def run_child(args: argparse.Namespace) -> None:
 
 def run_scaling(args: argparse.Namespace) -> None:
     print(f"\nscaling (ELPV good cells, image size {args.image_size}, coreset ratio {args.scaling_ratio}, "
-          f"each size in a fresh process):", flush=True)
+          f"candidates {args.coreset_candidates or 'all'}, each size in a fresh process):", flush=True)
     print(f"{'images':>7s} {'fit s':>8s} {'extract':>8s} {'coreset':>8s} {'loo':>8s} {'peak RSS MiB':>13s}  load", flush=True)
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--child", str(n), "--scaling-ratio", str(args.scaling_ratio),
                "--image-size", str(args.image_size), "--threads", str(args.threads)]
         if args.projection_dim:
             cmd += ["--projection-dim", str(args.projection_dim)]
+        if args.coreset_candidates:
+            cmd += ["--coreset-candidates", str(args.coreset_candidates)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{n:7d} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -123,6 +126,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--projection-dim", type=int, default=None, help="approximate coreset: project to this many dims")
+    p.add_argument("--coreset-candidates", type=int, default=None,
+                   help="approximate coreset: choose centres among at most this many random patches")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--repeats", type=int, default=2, help="predict timing repeats")
     p.add_argument("--no-scaling", action="store_true")

@@ -148,3 +148,27 @@ def test_coverage_radius_is_reported_exactly(fitted):
     assert info["radius_space"] == "features" and info["n_patches"] == flat.shape[0]
     assert info["n_selected"] == det.memory_bank_.shape[0]
     assert info["coverage_radius"] == pytest.approx(float(nearest.max()), rel=1e-4)
+
+
+def test_candidate_subset_mode(synthetic_category):
+    """Approximate mode: centres come from a seeded subset; leave-one-out scores stay exact."""
+    split = mvtec_category(synthetic_category)
+    det = PatchCore(image_size=SIZE, coreset_ratio=0.1, coreset_candidates=500, seed=2)
+    train = _tensors(split.train[:6], det)
+    det.fit(train)
+    details = det.fit_details_
+    assert details["n_candidates"] == 500 and details["n_patches"] == 6 * 16 * 16
+    assert det.memory_bank_.shape[0] == details["n_selected"] == -(-details["n_patches"] // 10)
+    allowed = det._coreset_candidates(details["n_patches"])
+    feats = det._patch_features(train).reshape(-1, det.memory_bank_.shape[1])
+    chosen = torch.cdist(det.memory_bank_, feats).argmin(dim=1)
+    assert torch.isin(chosen, allowed).all()
+    again = PatchCore(image_size=SIZE, coreset_ratio=0.1, coreset_candidates=500, seed=2).fit(train)
+    assert torch.equal(again.memory_bank_, det.memory_bank_)
+    keep = det.bank_image_ != 1
+    ref = PatchCore(image_size=SIZE, num_neighbors=det.num_neighbors)
+    ref.set_extractor(det.extractor)
+    ref.load_state({"memory_bank": det.memory_bank_[keep], "bank_image": det.bank_image_[keep],
+                    "grid": torch.tensor(det.grid_), "n_train": torch.tensor(det.n_train_),
+                    "training_scores": det.training_scores_})
+    assert det.training_scores()[1] == pytest.approx(float(ref.predict(train[1:2]).scores[0]), rel=1e-4)

@@ -56,6 +56,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     pc.add_argument("--coreset-eps", type=float, default=None,
                     help="Johnson-Lindenstrauss eps setting the projection used for coreset selection (default 0.9)")
     pc.add_argument("--projection-dim", type=int, default=None, help="explicit projection dimension for the coreset")
+    pc.add_argument("--coreset-candidates", type=int, default=None, metavar="N",
+                    help="approximate coreset for large training sets: choose centres among a seeded random subset "
+                         "of at most N patches (default: all patches, exact)")
     pc.add_argument("--num-neighbors", type=int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=int, default=None, help="random channels kept (default by backbone)")
@@ -88,6 +91,7 @@ def _model_aligner(meta: dict[str, Any], extras: dict[str, Any], mode: str | Non
 _PARAM_OPTIONS = {
     "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
+    "coreset_candidates": "coreset_candidates",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
 }
 

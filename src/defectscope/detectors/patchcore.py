@@ -32,6 +32,9 @@ class PatchCore(Detector):
         coreset_eps: Johnson-Lindenstrauss epsilon that sets the random-projection dimension used
             while selecting the coreset; ignored when ``projection_dim`` is given.
         projection_dim: explicit random-projection dimension for the coreset selection.
+        coreset_candidates: approximate mode for large training sets: the greedy k-center runs on
+            a seeded random subset of at most this many patches (the bank size is still
+            coreset_ratio x all patches, capped at the subset). None (default): all patches, exact.
         num_neighbors: b, the memory-bank neighbourhood used to re-weight the image score (eq. 7).
         patch_size: side of the local neighbourhood aggregated into each patch feature (paper: p = 3).
         target_dim: optional final feature dimension (adaptive average pooling over channels, as in
@@ -52,6 +55,7 @@ class PatchCore(Detector):
         coreset_ratio: float = 0.1,
         coreset_eps: float | None = 0.9,
         projection_dim: int | None = None,
+        coreset_candidates: int | None = None,
         num_neighbors: int = 9,
         patch_size: int = 3,
         target_dim: int | None = None,
@@ -61,6 +65,7 @@ class PatchCore(Detector):
         self.coreset_ratio = coreset_ratio
         self.coreset_eps = coreset_eps
         self.projection_dim = projection_dim
+        self.coreset_candidates = coreset_candidates
         self.num_neighbors = num_neighbors
         self.patch_size = patch_size
         self.target_dim = target_dim
@@ -72,6 +77,8 @@ class PatchCore(Detector):
             raise DefectscopeError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.coreset_eps is not None and not 0 < self.coreset_eps < 1.5:
             raise DefectscopeError(f"coreset_eps must be in (0, 1.5), got {self.coreset_eps}")
+        if self.coreset_candidates is not None and self.coreset_candidates < 1:
+            raise DefectscopeError(f"coreset_candidates must be a positive integer, got {self.coreset_candidates}")
         if self.num_neighbors < 1:
             raise DefectscopeError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
@@ -119,17 +126,21 @@ class PatchCore(Detector):
         n_select = max(1, math.ceil(self.coreset_ratio * flat.shape[0]))
         log.info("PatchCore: selecting %d of %d patches (%d images, %dx%d grid, %d dims)", n_select, flat.shape[0], n, h, w, d)
         t0 = time.perf_counter()
-        result = kcenter(flat, n_select, eps=self.coreset_eps, projection_dim=self.projection_dim, seed=self.seed)
+        candidates = self._coreset_candidates(flat.shape[0])
+        pool = flat if candidates is None else flat[candidates]
+        n_select = min(n_select, pool.shape[0])
+        result = kcenter(pool, n_select, eps=self.coreset_eps, projection_dim=self.projection_dim, seed=self.seed)
         self.fit_timings_ = {"coreset_s": time.perf_counter() - t0}
-        # coverage radius: the largest distance of any training patch to its nearest bank entry
-        # (in the space the selection ran in: a projection makes it an estimate of the true one)
+        # coverage radius: the largest distance of a k-center candidate to its nearest bank entry
+        # (all patches unless subsampled; a projection makes it an estimate in the projected space)
         self.fit_details_ = {
             "n_patches": int(flat.shape[0]),
+            "n_candidates": int(pool.shape[0]),
             "n_selected": int(n_select),
             "coverage_radius": float(result.sq_dist.max().clamp_min(0).sqrt()),
             "radius_space": "projection" if result.projected else "features",
         }
-        idx = result.indices
+        idx = result.indices if candidates is None else candidates[result.indices]
         self.memory_bank_ = flat[idx].contiguous()
         self.bank_image_ = (idx // (h * w)).to(torch.int64)
         self.grid_ = (h, w)
@@ -138,6 +149,13 @@ class PatchCore(Detector):
         t0 = time.perf_counter()
         self.training_scores_ = self._leave_one_out_scores(flat, n, h * w, result)
         self.fit_timings_["loo_s"] = time.perf_counter() - t0
+
+    def _coreset_candidates(self, n_patches: int) -> torch.Tensor | None:
+        """Sorted indices of the patches the k-center may choose from; None = all of them."""
+        if self.coreset_candidates is None or n_patches <= self.coreset_candidates:
+            return None
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(n_patches, generator=gen)[: self.coreset_candidates].sort().values
 
     def _leave_one_out_scores(self, flat: torch.Tensor, n: int, per_image: int, coreset: KCenterResult) -> torch.Tensor:
         """Score each training image against the memory bank without its own patches (N,).
