@@ -63,12 +63,12 @@ def evaluate_detector(
     samples = split.test
     if not samples:
         raise DefectscopeError(f"{split.name}: no test images found")
-    labels_all = np.array([s.label for s in samples])
-    has_masks = bool((labels_all == 1).any()) and all(s.mask_path is not None for s in samples if s.label == 1)
+    n_defective = sum(s.label == 1 for s in samples)
     n_masked = sum(s.mask_path is not None for s in samples if s.label == 1)
+    has_masks = 0 < n_defective == n_masked
     if not has_masks and n_masked:
         log.warning("%s: %d of %d defective images have no mask; pixel metrics are skipped", split.name,
-                    int((labels_all == 1).sum()) - n_masked, int((labels_all == 1).sum()))
+                    n_defective - n_masked, n_defective)
     elif not has_masks:
         log.info("%s: no ground-truth masks; pixel metrics are skipped", split.name)
     size = detector.image_size

@@ -56,8 +56,8 @@ def _counting(batches: Iterator[Any], failures: list[tuple[Path, str]], bar: Any
     """Feed loaded images to the detector, collect load failures and advance the bar."""
     for batch in batches:
         failures.extend(batch.failures)
-        for path, message in batch.failures:
-            log.warning("skipping training image %s", message if str(path) in message else f"{path}: {message}")
+        for _, message in batch.failures:
+            log.warning("skipping training image %s", message)  # the loader's messages start with the path
         bar.update(len(batch.paths) + len(batch.failures))
         if len(batch.paths):
             yield batch.images

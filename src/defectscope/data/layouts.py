@@ -182,18 +182,18 @@ def _mask_index(mask_dir: Path) -> dict[str, Path]:
     return index
 
 
-def _defect_samples(folder: Path, defect_type: str, masks: dict[str, Path]) -> tuple[list[Sample], int]:
-    """Defective samples of one type and how many of them have no mask."""
-    samples = []
-    missing = 0
-    for image in find_images(folder, recursive=False):
-        mask = masks.get(image.stem)
-        missing += mask is None
-        samples.append(Sample(path=image, label=1, defect_type=defect_type, mask_path=mask))
-    return samples, missing
+def _defect_samples(folder: Path, defect_type: str, masks: dict[str, Path]) -> list[Sample]:
+    """Defective samples of one type, each with its mask (None when it has none)."""
+    return [
+        Sample(path=image, label=1, defect_type=defect_type, mask_path=masks.get(image.stem))
+        for image in find_images(folder, recursive=False)
+    ]
 
 
-def _warn_missing_masks(where: Path, missing: int, total: int) -> None:
+def _warn_missing_masks(where: Path, samples: list[Sample]) -> None:
+    defective = [s for s in samples if s.label == 1]
+    missing = sum(s.mask_path is None for s in defective)
+    total = len(defective)
     if missing:
         log.warning(
             "%s: %d of %d defective image(s) have no ground-truth mask; pixel metrics will skip them",
@@ -221,19 +221,15 @@ def mvtec_category(category_dir: Path) -> Split:
     if not train:
         raise DataLayoutError(f"{category_dir / 'train' / 'good'}: no training images found")
     test: list[Sample] = []
-    n_missing = n_defective = 0
     for type_dir in _subfolders(category_dir / "test"):
         if type_dir.name == "good":
             test.extend(Sample(path=p, label=0, defect_type="good") for p in find_images(type_dir, recursive=False))
             continue
         masks = _mask_index(category_dir / "ground_truth" / type_dir.name)
-        samples, missing_masks = _defect_samples(type_dir, type_dir.name, masks)
-        test.extend(samples)
-        n_missing += missing_masks
-        n_defective += len(samples)
+        test.extend(_defect_samples(type_dir, type_dir.name, masks))
     if not test:
         raise DataLayoutError(f"{category_dir / 'test'}: no test images found in its sub-folders")
-    _warn_missing_masks(category_dir, n_missing, n_defective)
+    _warn_missing_masks(category_dir, test)
     return Split(name=category_dir.name, train=train, test=test)
 
 
@@ -277,18 +273,14 @@ def plain_folder(folder: Path) -> Split:
     if not (folder / "good").is_dir():
         raise DataLayoutError(f"{folder}: missing good/ (a plain test folder needs good/ plus defect-type folders)")
     test = [Sample(path=p, label=0, defect_type="good") for p in find_images(folder / "good", recursive=False)]
-    n_missing = n_defective = 0
     for type_dir in _subfolders(folder):
         if type_dir.name in _PLAIN_RESERVED:
             continue
         masks = _plain_mask_index(folder / "masks" / type_dir.name)
-        samples, missing_masks = _defect_samples(type_dir, type_dir.name, masks)
-        test.extend(samples)
-        n_missing += missing_masks
-        n_defective += len(samples)
+        test.extend(_defect_samples(type_dir, type_dir.name, masks))
     if not test:
         raise DataLayoutError(f"{folder}: no test images found in good/ or defect-type folders")
-    _warn_missing_masks(folder, n_missing, n_defective)
+    _warn_missing_masks(folder, test)
     return Split(name=folder.name, train=find_images(folder / "train"), test=test)
 
 
