@@ -74,7 +74,7 @@ def run_one(method: str, data: Path, threads: int, repeat: int, batch_size: int)
     timed = TimedExtractor(det.extractor)
     det.set_extractor(timed)  # type: ignore[arg-type]
     start = time.perf_counter()
-    train, test, labels, masks = load_split(data, det.image_size, *det.normalization)
+    train, test, labels, masks = load_split(data, det.image_size, *det.input_stats)
     load_s = time.perf_counter() - start
 
     start = time.perf_counter()

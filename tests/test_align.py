@@ -164,7 +164,7 @@ def test_padim_with_rigid_alignment_beats_no_alignment(rotated: Path) -> None:
                                                      aligner=aligner)):
         mask = load_mask(sample.mask_path, size=(96, 96))
         ious.append(_iou(result.map, mask))
-        unwarped = detector.predict(preprocess(aligner(load_image(sample.path))[0], 96, *detector.normalization)[None])
+        unwarped = detector.predict(preprocess(aligner(load_image(sample.path))[0], 96, *detector.input_stats)[None])
         wrong_frame.append(_iou(unwarped.maps[0], mask))
     assert np.mean(ious) >= 0.3 and min(ious) > 0.05, ious
     assert np.mean(ious) > np.mean(wrong_frame) + 0.2, (ious, wrong_frame)  # the warp back is what puts it there

@@ -168,3 +168,16 @@ def test_fit_records_coreset_details(model):
     details = read_metadata(model)["training"]["details"]
     assert details["n_selected"] == -(-details["n_patches"] // 4)  # ceil(0.25 * patches)
     assert details["coverage_radius"] > 0 and details["coreset_s"] >= 0
+
+
+def test_normalization_option_is_stored_in_the_model(synthetic_category, tmp_path, capsys):
+    path = tmp_path / "weights-stats.dsmodel"
+    code, _, err = run(capsys, "fit", synthetic_category, "-o", path, "--image-size", "64", "--coreset-ratio", "0.5",
+                       "--normalization", "weights")
+    assert code == 0, err
+    meta = read_metadata(path)
+    assert meta["params"]["normalization"] == "weights"
+    assert meta["normalization"]["mean"] == [0.5, 0.5, 0.5]
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "fit", synthetic_category, "-o", tmp_path / "x.dsmodel", "--normalization", "zscore")
+    assert exc.value.code == 2 and "'zscore'" in capsys.readouterr().err

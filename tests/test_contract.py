@@ -27,7 +27,7 @@ def _build(method: str, **over: object) -> Detector:
 
 
 def _tensor(detector: Detector, paths: list[Path]) -> torch.Tensor:
-    mean, std = detector.normalization
+    mean, std = detector.input_stats
     return torch.stack([preprocess(load_image(p), SIZE, mean, std) for p in paths])
 
 

@@ -28,7 +28,7 @@ class ColourDetector:
     backbone = "none"
     layers = ["rgb"]
     image_size = SIZE
-    normalization = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    input_stats = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
     def __init__(self) -> None:
         self.maps: list[np.ndarray] = []

@@ -107,3 +107,29 @@ def test_no_pickle_in_model_file(small_model):
     n = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8 : 8 + n])
     assert set(header) - {"__metadata__"} == {"memory_bank", "bank_image", "grid", "n_train", "training_scores"}
+
+
+def test_normalization_is_saved_and_restored(small_model, tmp_path):
+    det, path, _ = small_model
+    meta = read_metadata(path)
+    assert meta["params"]["normalization"] == det.normalization
+    assert meta["normalization"] == {"name": det.normalization, "mean": list(det.input_stats[0]),
+                                     "std": list(det.input_stats[1])}
+    weights_model = tmp_path / "weights.dsmodel"
+    images = torch.rand(4, 3, SIZE, SIZE)
+    save_model(weights_model, PatchCore(image_size=SIZE, coreset_ratio=0.5, normalization="weights").fit(images), {})
+    loaded, meta = load_model(weights_model)
+    assert loaded.normalization == "weights"
+    assert meta["normalization"]["mean"] == [0.5, 0.5, 0.5]  # EfficientNet-Lite's own statistics
+
+
+def test_files_from_before_the_normalization_parameter_use_the_weights_statistics(small_model, tmp_path):
+    _, path, _ = small_model
+    old = tmp_path / "old.dsmodel"
+    old.write_bytes(path.read_bytes())
+    meta = read_metadata(old)
+    params = {k: v for k, v in meta["params"].items() if k != "normalization"}
+    update_metadata(old, {"params": params})
+    loaded, _ = load_model(old)
+    assert loaded.normalization == "weights"
+    assert loaded.input_stats == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -12,6 +12,7 @@ from defectscope.components.embedding import concat_layers, default_multiscale_l
 from defectscope.detectors import base as base_module
 from defectscope.detectors.padim import PaDiM, default_d_reduced, required_bytes
 from defectscope.errors import DefectscopeError, NotFittedError
+from defectscope.normalization import input_stats
 
 from tiny import SIZE, TinyExtractor, textures
 
@@ -176,7 +177,7 @@ def test_default_layers_and_d_reduced(monkeypatch: pytest.MonkeyPatch, train: to
 
     monkeypatch.setattr(base_module, "FeatureExtractor", fake_extractor)
     det = PaDiM(backbone="resnet18", image_size=SIZE, d_reduced=8)
-    assert det.normalization == ((0.5,) * 3, (0.25,) * 3)  # builds the extractor before fit
+    assert det.input_stats == input_stats(det.normalization, (0.5,) * 3, (0.25,) * 3)  # builds the extractor
     det.fit(train[:4])
     PaDiM(image_size=SIZE, d_reduced=8).fit(train[:4])
     PaDiM(backbone="resnet18", layers=["layer2"], image_size=SIZE, d_reduced=8).fit(train[:4])

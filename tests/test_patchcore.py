@@ -15,7 +15,7 @@ SIZE = 128
 
 
 def _tensors(paths, detector):
-    mean, std = detector.normalization
+    mean, std = detector.input_stats
     return torch.stack([preprocess(load_image(p), SIZE, mean, std) for p in paths])
 
 
@@ -172,3 +172,4 @@ def test_candidate_subset_mode(synthetic_category):
                     "grid": torch.tensor(det.grid_), "n_train": torch.tensor(det.n_train_),
                     "training_scores": det.training_scores_})
     assert det.training_scores()[1] == pytest.approx(float(ref.predict(train[1:2]).scores[0]), rel=1e-4)
+

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from defectscope.detectors import base as base_module
 from defectscope.detectors.spade import SPADE
 from defectscope.errors import DefectscopeError, NotFittedError
+from defectscope.normalization import input_stats
 
 from tiny import SIZE, TinyExtractor, textures
 
@@ -164,7 +165,7 @@ def test_default_layers(monkeypatch: pytest.MonkeyPatch, train: torch.Tensor) ->
 
     monkeypatch.setattr(base_module, "FeatureExtractor", fake_extractor)
     det = SPADE(backbone="wide_resnet50_2", image_size=SIZE)
-    assert det.normalization == ((0.5,) * 3, (0.25,) * 3)  # builds the extractor before fit
+    assert det.input_stats == input_stats(det.normalization, (0.5,) * 3, (0.25,) * 3)  # builds the extractor
     det.fit(train[:3])
     SPADE(image_size=SIZE).fit(train[:3])
     SPADE(image_size=SIZE, layers=["blocks.2", "blocks.4"]).fit(train[:3])

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import __version__
 from .errors import DefectscopeError
+from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
 
 log = logging.getLogger("defectscope")
 
@@ -48,6 +49,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="comma-separated feature layers, e.g. blocks.2,blocks.4 (EfficientNet) or layer2,layer3 "
                         "(ResNet); default depends on method and backbone")
     g.add_argument("--image-size", type=int, default=None, help="images are resized to N x N (default 256)")
+    g.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
+                   help="per-channel input statistics: ImageNet's mean/std or the ones the backbone weights were "
+                        f"trained with (default {DEFAULT_NORMALIZATION}; see the README)")
     g.add_argument("--seed", type=int, default=None, help="seed for every random choice (default 0)")
     g.add_argument("--threshold-quantile", type=float, default=0.99,
                    help="threshold = this quantile of leave-one-out scores of the good training images (default 0.99)")
@@ -90,6 +94,7 @@ def _model_aligner(meta: dict[str, Any], extras: dict[str, Any], mode: str | Non
 
 _PARAM_OPTIONS = {
     "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
+    "normalization": "normalization",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
     "coreset_candidates": "coreset_candidates",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",

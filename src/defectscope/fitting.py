@@ -95,7 +95,7 @@ def fit_detector(
             f"{data_name or 'training data'}: found {len(paths)} image(s), {detector.method} needs at least {need}"
         )
     start = time.perf_counter()
-    mean, std = detector.normalization
+    mean, std = detector.input_stats
     failures: list[tuple[Path, str]] = []
     with progress_bar(total=len(paths), desc=f"fit {detector.method}", enabled=progress) as bar:
         batches = iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner)

@@ -22,6 +22,7 @@ from . import __version__
 from .detectors import make_detector
 from .detectors.base import Detector
 from .errors import ModelFileError
+from .normalization import LEGACY_NORMALIZATION
 
 FORMAT_NAME = "defectscope-model"
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any],
         image_size=detector.image_size,
         seed=detector.seed,
         weights=detector.extractor.weights_info,
-        normalization={"mean": list(detector.extractor.mean), "std": list(detector.extractor.std)},
+        normalization={"name": detector.normalization, "mean": list(detector.input_stats[0]), "std": list(detector.input_stats[1])},
     )
     tensors = detector.state_dict()
     for name, value in (extra_tensors or {}).items():
@@ -148,7 +149,10 @@ def load_model_with_extras(path: str | Path) -> tuple[Detector, dict[str, Any], 
     tensors, meta = read_model_file(path)
     extras = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(EXTRA_PREFIXES)]}
     try:
-        detector = make_detector(meta["method"], **meta["params"])
+        params = dict(meta["params"])
+        # files written before the normalization parameter existed used the weights' own statistics
+        params.setdefault("normalization", LEGACY_NORMALIZATION)
+        detector = make_detector(meta["method"], **params)
         detector.load_state(tensors)
     except KeyError as exc:
         raise ModelFileError(f"{path}: model file is missing {exc}; re-create it with `defectscope fit`") from exc

@@ -69,7 +69,7 @@ def score_paths(
     order = {Path(p): i for i, p in enumerate(paths)}
     pending: dict[int, ImageResult] = {}
     next_index = 0
-    mean, std = detector.normalization
+    mean, std = detector.input_stats
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
         for batch in iter_batches(list(paths), detector.image_size, mean, std, batch_size=batch_size,
                                   transform=aligner):

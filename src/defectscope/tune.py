@@ -41,6 +41,7 @@ from .data.samples import Sample
 from .detectors import make_detector
 from .detectors.base import Detector
 from .errors import DataLayoutError, DefectscopeError
+from .normalization import DEFAULT_NORMALIZATION, input_stats
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,13 @@ class FeatureCache:
 
     @classmethod
     def build(cls, extractor: FeatureExtractor, paths: Sequence[Path], image_size: int, *, batch_size: int = 16,
-              max_bytes: int = DEFAULT_MAX_CACHE_BYTES, dtype: torch.dtype = torch.float16) -> "FeatureCache":
-        """Run ``extractor`` once over ``paths`` and keep every layer's maps (``dtype``, float16 by default)."""
+              max_bytes: int = DEFAULT_MAX_CACHE_BYTES, dtype: torch.dtype = torch.float16,
+              normalization: str = DEFAULT_NORMALIZATION) -> "FeatureCache":
+        """Run ``extractor`` once over ``paths`` and keep every layer's maps (``dtype``, float16 by default).
+
+        Images are normalised as a detector with ``normalization`` would (:mod:`defectscope.normalization`).
+        """
+        mean, std = input_stats(normalization, extractor.mean, extractor.std)
         paths = [Path(p) for p in paths]
         n = len(paths)
         per_image = sum(c * (image_size // s) ** 2 * dtype.itemsize for c, s in zip(extractor.channels, extractor.strides))
@@ -183,7 +189,7 @@ class FeatureCache:
         start = time.perf_counter()
         passes = 0
         with torch.inference_mode():
-            for batch in iter_batches(paths, image_size, extractor.mean, extractor.std, batch_size=batch_size):
+            for batch in iter_batches(paths, image_size, mean, std, batch_size=batch_size):
                 failures.extend(batch.failures)
                 if not len(batch.paths):
                     continue
@@ -298,7 +304,8 @@ def tune_layers(
     needed = sorted({name for t in trials for name in t})
     extractor = FeatureExtractor(backbone, needed, weights=probe.weights)
     images = list(dict.fromkeys([Path(p) for p in train] + [Path(s.path) for s in (*validation, *held_out)]))
-    cache = FeatureCache.build(extractor, images, size, batch_size=batch_size, max_bytes=max_cache_bytes)
+    cache = FeatureCache.build(extractor, images, size, batch_size=batch_size, max_bytes=max_cache_bytes,
+                               normalization=probe.normalization)
     del extractor
     for path, message in cache.failures:
         log.warning("tune: skipping %s", message if str(path) in message else f"{path}: {message}")

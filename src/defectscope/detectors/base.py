@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..backbones import FeatureExtractor
 from ..errors import DefectscopeError, NotFittedError
+from ..normalization import DEFAULT_NORMALIZATION, check_normalization, input_stats
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Detector(ABC):
         weights: str | None = None,
         seed: int = 0,
         blur_sigma: float = 4.0,
+        normalization: str = DEFAULT_NORMALIZATION,
     ) -> None:
         self.backbone = backbone
         self.layers = layers
@@ -98,6 +100,7 @@ class Detector(ABC):
         self.weights = weights
         self.seed = seed
         self.blur_sigma = blur_sigma
+        self.normalization = normalization
         self._extractor: FeatureExtractor | None = None
 
     # ----------------------------------------------------------------- parameters
@@ -125,6 +128,7 @@ class Detector(ABC):
             raise DefectscopeError(f"image_size must be an integer between 32 and 2048, got {self.image_size!r}")
         if self.blur_sigma < 0:
             raise DefectscopeError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        check_normalization(self.normalization)
 
     # ----------------------------------------------------------------- backbone
     @property
@@ -147,9 +151,9 @@ class Detector(ABC):
         return None
 
     @property
-    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) the backbone's weights expect, per RGB channel."""
-        return self.extractor.mean, self.extractor.std
+    def input_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per RGB channel that images are normalised with (see ``normalization``)."""
+        return input_stats(self.normalization, self.extractor.mean, self.extractor.std)
 
     # ----------------------------------------------------------------- contract
     @property

@@ -23,6 +23,7 @@ import torch
 from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.gaussian import fit_gaussians, fit_scratch_bytes, mahalanobis
 from ..errors import DefectscopeError, ModelFileError
+from ..normalization import DEFAULT_NORMALIZATION
 from .base import DEFAULT_BACKBONE, Detector
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class PaDiM(Detector):
         weights: str | None = None,
         seed: int = 0,
         blur_sigma: float = 4.0,
+        normalization: str = DEFAULT_NORMALIZATION,
         d_reduced: int | None = None,
         epsilon: float = 0.01,
     ) -> None:
@@ -92,6 +94,7 @@ class PaDiM(Detector):
             weights=weights,
             seed=seed,
             blur_sigma=blur_sigma,
+            normalization=normalization,
         )
         self.d_reduced = d_reduced
         self.epsilon = epsilon

@@ -19,6 +19,7 @@ from ..components.coreset import KCenterResult, kcenter
 from ..components.embedding import concat_layers
 from ..components.knn import NearestNeighbors
 from ..errors import DefectscopeError
+from ..normalization import DEFAULT_NORMALIZATION
 from .base import Detector
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class PatchCore(Detector):
         weights: str | None = None,
         seed: int = 0,
         blur_sigma: float = 4.0,
+        normalization: str = DEFAULT_NORMALIZATION,
         coreset_ratio: float = 0.1,
         coreset_eps: float | None = 0.9,
         projection_dim: int | None = None,
@@ -61,7 +63,7 @@ class PatchCore(Detector):
         target_dim: int | None = None,
         knn_backend: str = "faiss",
     ) -> None:
-        super().__init__(backbone, layers, image_size, weights, seed, blur_sigma)
+        super().__init__(backbone, layers, image_size, weights, seed, blur_sigma, normalization)
         self.coreset_ratio = coreset_ratio
         self.coreset_eps = coreset_eps
         self.projection_dim = projection_dim

@@ -33,6 +33,7 @@ import torch
 from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.knn import NearestNeighbors
 from ..errors import DefectscopeError, ModelFileError
+from ..normalization import DEFAULT_NORMALIZATION
 from .base import DEFAULT_BACKBONE, Detector
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class SPADE(Detector):
         weights: str | None = None,
         seed: int = 0,
         blur_sigma: float = 4.0,
+        normalization: str = DEFAULT_NORMALIZATION,
         k: int = 50,
         top_k: int = 5,
     ) -> None:
@@ -69,6 +71,7 @@ class SPADE(Detector):
             weights=weights,
             seed=seed,
             blur_sigma=blur_sigma,
+            normalization=normalization,
         )
         self.k = k
         self.top_k = top_k
