@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..components.coreset import KCenterResult, kcenter
 from ..components.embedding import concat_layers
+from ..components.feature_store import FeatureStore
 from ..components.knn import NearestNeighbors
 from ..errors import DefectscopeError
 from ..normalization import DEFAULT_NORMALIZATION
@@ -110,46 +111,59 @@ class PatchCore(Detector):
 
     # ------------------------------------------------------------------ fit
     def _fit(self, batches: Iterator[torch.Tensor]) -> None:
-        # stream: keep each batch's (B, h, w, D) features, then move them one by one into a single
-        # preallocated (N*h*w, D) array, so peak memory is about one copy of the patch features
-        chunks = [self._patch_features(batch) for batch in batches]
-        if not chunks:
-            raise DefectscopeError("PatchCore.fit got no images")
-        _, h, w, d = chunks[0].shape
-        n = sum(c.shape[0] for c in chunks)
-        flat = torch.empty(n * h * w, d, dtype=torch.float32)
-        row = 0
-        chunks.reverse()
-        while chunks:
-            c = chunks.pop()
-            flat[row : row + c.shape[0] * h * w] = c.reshape(-1, d)
-            row += c.shape[0] * h * w
-            del c
-        n_select = max(1, math.ceil(self.coreset_ratio * flat.shape[0]))
-        log.info("PatchCore: selecting %d of %d patches (%d images, %dx%d grid, %d dims)", n_select, flat.shape[0], n, h, w, d)
+        # Stream: each batch's patch features go to a temporary file as they are computed, so memory
+        # holds one batch during extraction, then only what the coreset step reads back (all patches
+        # for the exact selection, the candidate subset in approximate mode), then one chunk of
+        # images at a time for the leave-one-out scores. See components/feature_store.py.
+        store: FeatureStore | None = None
+        grid: tuple[int, int] | None = None
+        try:
+            for batch in batches:
+                feats = self._patch_features(batch)  # (B, h, w, D)
+                if store is None:
+                    store = FeatureStore(feats.shape[-1])
+                    grid = (feats.shape[1], feats.shape[2])
+                store.append(feats.reshape(-1, feats.shape[-1]))
+                del feats
+            if store is None or grid is None:
+                raise DefectscopeError("PatchCore.fit got no images")
+            self._fit_from_store(store, grid)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _fit_from_store(self, store: FeatureStore, grid: tuple[int, int]) -> None:
+        per_image = grid[0] * grid[1]
+        n_patches = len(store)
+        n = n_patches // per_image
+        n_select = max(1, math.ceil(self.coreset_ratio * n_patches))
+        log.info("PatchCore: selecting %d of %d patches (%d images, %dx%d grid, %d dims)",
+                 n_select, n_patches, n, grid[0], grid[1], store.dim)
         t0 = time.perf_counter()
-        candidates = self._coreset_candidates(flat.shape[0])
-        pool = flat if candidates is None else flat[candidates]
+        candidates = self._coreset_candidates(n_patches)
+        pool = store.read() if candidates is None else store.gather(candidates)
         n_select = min(n_select, pool.shape[0])
         result = kcenter(pool, n_select, eps=self.coreset_eps, projection_dim=self.projection_dim, seed=self.seed)
         self.fit_timings_ = {"coreset_s": time.perf_counter() - t0}
         # coverage radius: the largest distance of a k-center candidate to its nearest bank entry
         # (all patches unless subsampled; a projection makes it an estimate in the projected space)
         self.fit_details_ = {
-            "n_patches": int(flat.shape[0]),
+            "n_patches": int(n_patches),
             "n_candidates": int(pool.shape[0]),
             "n_selected": int(n_select),
             "coverage_radius": float(result.sq_dist.max().clamp_min(0).sqrt()),
             "radius_space": "projection" if result.projected else "features",
         }
+        self.memory_bank_ = pool[result.indices].contiguous()
+        del pool
         idx = result.indices if candidates is None else candidates[result.indices]
-        self.memory_bank_ = flat[idx].contiguous()
-        self.bank_image_ = (idx // (h * w)).to(torch.int64)
-        self.grid_ = (h, w)
+        self.bank_image_ = (idx // per_image).to(torch.int64)
+        self.grid_ = grid
         self.n_train_ = n
         self._index = None
         t0 = time.perf_counter()
-        self.training_scores_ = self._leave_one_out_scores(flat, n, h * w, result)
+        known = result if candidates is None and not result.projected else None
+        self.training_scores_ = self._leave_one_out_scores(store, n, per_image, known)
         self.fit_timings_["loo_s"] = time.perf_counter() - t0
 
     def _coreset_candidates(self, n_patches: int) -> torch.Tensor | None:
@@ -159,35 +173,47 @@ class PatchCore(Detector):
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randperm(n_patches, generator=gen)[: self.coreset_candidates].sort().values
 
-    def _leave_one_out_scores(self, flat: torch.Tensor, n: int, per_image: int, coreset: KCenterResult) -> torch.Tensor:
+    def _leave_one_out_scores(
+        self, store: FeatureStore, n: int, per_image: int, known: KCenterResult | None, chunk_rows: int = 1 << 16
+    ) -> torch.Tensor:
         """Score each training image against the memory bank without its own patches (N,).
 
-        flat (n * per_image, D) training patches, image-major. The coreset selection already knows
-        every patch's nearest bank entry and distance (when it ran on unprojected features): where
-        that entry comes from another image it is also the leave-one-out neighbour, so only the
-        patches whose nearest entry is from their own image are searched again (exact, with that
-        image's entries masked).
+        ``store`` holds the n * per_image training patches, image-major; they are read back a
+        chunk of images at a time. When the coreset ran over all patches without projection
+        (``known``), it already found every patch's nearest bank entry and distance: where that
+        entry comes from another image it is also the leave-one-out neighbour, so only the patches
+        whose nearest entry is from their own image are searched again (exact, with that image's
+        entries masked).
         """
-        groups = torch.arange(n).repeat_interleave(per_image)  # (n * per_image,) image of each patch
-        if coreset.projected or coreset.nearest.shape[0] != flat.shape[0]:
-            todo = torch.arange(flat.shape[0])
-            dist = torch.empty(flat.shape[0])
-            nn_idx = torch.empty(flat.shape[0], dtype=torch.int64)
-        else:
-            nn_idx = coreset.nearest.clone()
-            dist = coreset.sq_dist.clamp_min(0.0).sqrt_()
-            todo = (self.bank_image_[nn_idx] == groups).nonzero().squeeze(1)
-        log.debug("leave-one-out: %d of %d patches need a search", todo.numel(), flat.shape[0])
-        if todo.numel():
-            d_t, i_t = self.index.search_excluding_own(flat[todo], groups[todo])
-            dist[todo] = d_t
-            nn_idx[todo] = i_t
-        patches = flat.reshape(n, per_image, -1)
-        dist = dist.reshape(n, per_image)
-        nn_idx = nn_idx.reshape(n, per_image)
         scores = torch.empty(n, dtype=torch.float32)
-        for i in range(n):
-            scores[i] = self._image_scores(patches[i : i + 1], dist[i : i + 1], nn_idx[i : i + 1], exclude_group=i)[0]
+        images_per_chunk = max(1, chunk_rows // per_image)
+        searched = 0
+        for first in range(0, n, images_per_chunk):
+            last = min(first + images_per_chunk, n)
+            lo, hi = first * per_image, last * per_image
+            patches = store.read(lo, hi)  # (m * per_image, D)
+            groups = torch.arange(first, last).repeat_interleave(per_image)
+            if known is None:
+                todo = torch.arange(hi - lo)
+                dist = torch.empty(hi - lo)
+                nn_idx = torch.empty(hi - lo, dtype=torch.int64)
+            else:
+                nn_idx = known.nearest[lo:hi].clone()
+                dist = known.sq_dist[lo:hi].clamp_min(0.0).sqrt()
+                todo = (self.bank_image_[nn_idx] == groups).nonzero().squeeze(1)
+            if todo.numel():
+                d_t, i_t = self.index.search_excluding_own(patches[todo], groups[todo])
+                dist[todo] = d_t
+                nn_idx[todo] = i_t
+                searched += todo.numel()
+            patches = patches.reshape(last - first, per_image, -1)
+            dist = dist.reshape(last - first, per_image)
+            nn_idx = nn_idx.reshape(last - first, per_image)
+            for i in range(last - first):
+                scores[first + i] = self._image_scores(
+                    patches[i : i + 1], dist[i : i + 1], nn_idx[i : i + 1], exclude_group=first + i
+                )[0]
+        log.debug("leave-one-out: %d of %d patches needed a search", searched, n * per_image)
         return scores
 
     # ------------------------------------------------------------------ predict

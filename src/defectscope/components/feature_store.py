@@ -1,0 +1,144 @@
+"""Append-only store of (rows, D) float32 features, kept in a temporary file instead of memory.
+
+PatchCore sees every patch of every training image twice: once to choose the coreset, once to
+score each training image without its own patches. Holding all of them in memory costs
+N images x h x w x D x 4 bytes (1,500 images x 1,024 patches x 152 dims = 0.93 GB) on top of the
+copies made while concatenating. The store writes each batch to an unlinked temporary file as it
+arrives and reads back only what a step needs: all rows (exact coreset), chosen rows (approximate
+coreset) or a contiguous run of rows (one chunk of images at a time). Values are stored
+bit-exactly; the operating system's page cache, not the process, holds the file.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+
+from ..errors import DefectscopeError
+
+__all__ = ["FeatureStore"]
+
+
+class FeatureStore:
+    """Rows of ``dim`` float32 values appended batch by batch and read back by position.
+
+    The file lives in ``directory`` (default: the system temporary folder, which honours
+    ``TMPDIR``) and is unlinked at creation, so it disappears when the store is closed or the
+    process ends, however it ends. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, dim: int, directory: str | Path | None = None, read_block_rows: int = 65536) -> None:
+        if dim < 1:
+            raise DefectscopeError(f"feature dimension must be >= 1, got {dim}")
+        self.dim = dim
+        self.read_block_rows = read_block_rows
+        self._rows = 0
+        self._row_bytes = 4 * dim
+        self._directory = Path(directory) if directory is not None else Path(tempfile.gettempdir())
+        try:
+            self._file: IO[bytes] | None = tempfile.TemporaryFile(dir=self._directory, buffering=0)
+        except OSError as exc:
+            raise DefectscopeError(
+                f"cannot create a temporary feature file in {self._directory} ({exc.strerror}); "
+                "set TMPDIR to a writable folder"
+            ) from exc
+
+    # ------------------------------------------------------------------ writing
+    def append(self, rows: torch.Tensor) -> None:
+        """Append (r, dim) rows (converted to contiguous float32)."""
+        if rows.ndim != 2 or rows.shape[1] != self.dim:
+            raise DefectscopeError(f"expected (rows, {self.dim}) features, got {tuple(rows.shape)}")
+        data = np.ascontiguousarray(rows.detach().to(torch.float32).numpy())
+        handle = self._handle()
+        handle.seek(self._rows * self._row_bytes)
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                written = handle.write(view)
+                view = view[written:]
+        except OSError as exc:
+            needed = (self._rows + rows.shape[0]) * self._row_bytes
+            raise DefectscopeError(
+                f"writing training features to {self._directory} failed ({exc.strerror}) after "
+                f"{self._rows * self._row_bytes / 2**20:.0f} MiB; about {needed / 2**20:.0f} MiB are needed so far: "
+                "free disk space or set TMPDIR to a folder with more room"
+            ) from exc
+        self._rows += rows.shape[0]
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return self._rows
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stored rows take (on disk, and in memory if all were read)."""
+        return self._rows * self._row_bytes
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` as a new (stop - start, dim) float32 tensor."""
+        stop = self._rows if stop is None else stop
+        if not 0 <= start <= stop <= self._rows:
+            raise DefectscopeError(f"rows {start}:{stop} are outside the store's {self._rows} rows")
+        out = torch.empty(stop - start, self.dim, dtype=torch.float32)
+        self._read_into(out, start)
+        return out
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows at ``indices`` ((K,) integer, ascending) as a (K, dim) tensor, reading block by block."""
+        indices = indices.to(torch.int64)
+        if indices.numel() and (indices[0] < 0 or indices[-1] >= self._rows):
+            raise DefectscopeError(f"row indices must lie in [0, {self._rows}), got {int(indices[0])}..{int(indices[-1])}")
+        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise DefectscopeError("gather needs strictly ascending row indices")
+        out = torch.empty(indices.numel(), self.dim, dtype=torch.float32)
+        done = 0
+        while done < indices.numel():
+            first = int(indices[done])
+            stop = min(first + self.read_block_rows, self._rows)
+            upto = done + int(torch.searchsorted(indices[done:], stop))
+            block = self.read(first, int(indices[upto - 1]) + 1)
+            out[done:upto] = block[indices[done:upto] - first]
+            done = upto
+        return out
+
+    def _read_into(self, out: torch.Tensor, start: int) -> None:
+        if out.numel() == 0:
+            return
+        handle = self._handle()
+        handle.seek(start * self._row_bytes)
+        view = memoryview(out.numpy()).cast("B")
+        while view:
+            got = handle.readinto(view)
+            if not got:
+                raise DefectscopeError("the temporary feature file ended early (was it removed or truncated?)")
+            view = view[got:]
+
+    # ------------------------------------------------------------------ lifetime
+    def _handle(self) -> IO[bytes]:
+        if self._file is None:
+            raise DefectscopeError("the feature store is closed")
+        return self._file
+
+    def close(self) -> None:
+        """Delete the file (idempotent)."""
+        handle = getattr(self, "_file", None)  # absent when __init__ failed
+        if handle is not None:
+            handle.close()
+            self._file = None
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeatureStore(rows={self._rows}, dim={self.dim}, {self.nbytes / 2**20:.1f} MiB in {self._directory})"
+

@@ -1,0 +1,87 @@
+"""The on-disk feature store PatchCore streams training patches through: exact, bounded, tidy."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+from defectscope.components.feature_store import FeatureStore
+from defectscope.errors import DefectscopeError
+
+
+def _batches(seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 7, generator=gen) for n in (5, 1, 13, 8)]
+
+
+def test_rows_come_back_bit_exact(tmp_path):
+    batches = _batches()
+    every = torch.cat(batches)
+    with FeatureStore(7, tmp_path) as store:
+        for b in batches:
+            store.append(b)
+        assert len(store) == 27 and store.nbytes == 27 * 7 * 4
+        assert torch.equal(store.read(), every)
+        assert torch.equal(store.read(4, 19), every[4:19])
+        assert store.read(3, 3).shape == (0, 7)
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_gather_matches_indexing(tmp_path, block):
+    every = torch.cat(_batches(1))
+    idx = torch.tensor([0, 2, 3, 9, 10, 11, 20, 26])
+    with FeatureStore(7, tmp_path, read_block_rows=block) as store:
+        for b in _batches(1):
+            store.append(b)
+        assert torch.equal(store.gather(idx), every[idx])
+        assert store.gather(torch.tensor([], dtype=torch.int64)).shape == (0, 7)
+
+
+def test_bad_requests_are_refused(tmp_path):
+    with FeatureStore(7, tmp_path) as store:
+        store.append(torch.zeros(4, 7))
+        with pytest.raises(DefectscopeError, match="rows 2:9"):
+            store.read(2, 9)
+        with pytest.raises(DefectscopeError, match="ascending"):
+            store.gather(torch.tensor([2, 1]))
+        with pytest.raises(DefectscopeError, match=r"\[0, 4\)"):
+            store.gather(torch.tensor([1, 4]))
+        with pytest.raises(DefectscopeError, match="7"):
+            store.append(torch.zeros(2, 6))
+    with pytest.raises(DefectscopeError, match="closed"):
+        store.read()
+
+
+def test_no_file_is_left_behind(tmp_path):
+    store = FeatureStore(3, tmp_path)
+    store.append(torch.ones(10, 3))
+    assert list(tmp_path.iterdir()) == []  # unlinked at creation: nothing to clean up after a crash
+    store.close()
+    store.close()
+
+
+def test_unusable_folder_names_it(tmp_path):
+    missing = tmp_path / "no" / "such"
+    with pytest.raises(DefectscopeError, match=r"no/such.*TMPDIR"):
+        FeatureStore(3, missing)
+
+
+def test_patchcore_fit_streams_through_the_store(monkeypatch, tmp_path):
+    """Fit leaves nothing in the temporary folder and chunked leave-one-out equals one pass."""
+    from defectscope.detectors.patchcore import PatchCore
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 64, 64)
+    det = PatchCore(image_size=64, coreset_ratio=0.2).fit(images)
+    assert [p for p in tmp_path.iterdir() if p.is_file()] == []  # (torch may add a cache folder here)
+    feats = det._patch_features(images)
+    per_image = feats.shape[1] * feats.shape[2]
+    with FeatureStore(feats.shape[-1]) as store:
+        store.append(feats.reshape(-1, feats.shape[-1]))
+        one_image_chunks = det._leave_one_out_scores(store, 6, per_image, None, chunk_rows=per_image)
+        two_image_chunks = det._leave_one_out_scores(store, 6, per_image, None, chunk_rows=2 * per_image + 1)
+    torch.testing.assert_close(one_image_chunks, det.training_scores_, rtol=1e-5, atol=0)
+    torch.testing.assert_close(two_image_chunks, det.training_scores_, rtol=1e-5, atol=0)
