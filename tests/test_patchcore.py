@@ -173,3 +173,27 @@ def test_candidate_subset_mode(synthetic_category):
                     "training_scores": det.training_scores_})
     assert det.training_scores()[1] == pytest.approx(float(ref.predict(train[1:2]).scores[0]), rel=1e-4)
 
+
+@pytest.mark.parametrize("knn_index", ["ivf", "hnsw"])
+def test_approximate_index_never_finds_closer_than_exact(fitted, knn_index):
+    """An approximate index returns true distances of real bank entries: maps >= exact maps."""
+    det, _, test, labels = fitted
+    approx = PatchCore(image_size=SIZE, coreset_ratio=det.coreset_ratio, knn_index=knn_index)
+    approx.set_extractor(det.extractor)
+    approx.load_state(det.state_dict())
+    assert approx.index.index == knn_index
+    exact, fast = det.predict(test), approx.predict(test)
+    before_blur = approx._patch_features(test[:4])
+    d_exact = det.index.search(before_blur.reshape(-1, before_blur.shape[-1]), 1)[0]
+    d_fast = approx.index.search(before_blur.reshape(-1, before_blur.shape[-1]), 1)[0]
+    assert bool((d_fast >= d_exact - 1e-3).all())  # (flat L2 via |q|^2 - 2qb + |b|^2 rounds in float32)
+    assert float((d_fast <= d_exact + 1e-3).float().mean()) >= 0.95  # recall@1 on these patches
+    assert image_auroc(labels, fast.scores) == pytest.approx(image_auroc(labels, exact.scores), abs=0.02)
+
+
+def test_knn_index_is_validated():
+    from defectscope.errors import DefectscopeError
+
+    for bad, match in (({"knn_index": "annoy"}, "knn_index"), ({"knn_index": "ivf", "knn_backend": "torch"}, "faiss")):
+        with pytest.raises(DefectscopeError, match=match):
+            PatchCore(image_size=SIZE, **bad).fit(torch.zeros(2, 3, SIZE, SIZE))

@@ -63,6 +63,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     pc.add_argument("--coreset-candidates", type=int, default=None, metavar="N",
                     help="approximate coreset for large training sets: choose centres among a seeded random subset "
                          "of at most N patches (default: all patches, exact)")
+    pc.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default=None,
+                    help="nearest-neighbour index: flat (exact, default), ivf or hnsw (approximate, for large "
+                         "memory banks; see the README for measured recall)")
     pc.add_argument("--num-neighbors", type=int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=int, default=None, help="random channels kept (default by backbone)")
@@ -96,7 +99,7 @@ _PARAM_OPTIONS = {
     "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
     "normalization": "normalization",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
-    "coreset_candidates": "coreset_candidates",
+    "coreset_candidates": "coreset_candidates", "knn_index": "knn_index",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
 }
 

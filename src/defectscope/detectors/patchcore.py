@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..components.coreset import KCenterResult, kcenter
 from ..components.embedding import concat_layers
 from ..components.feature_store import FeatureStore
-from ..components.knn import NearestNeighbors
+from ..components.knn import BACKENDS, INDEXES, NearestNeighbors
 from ..errors import DefectscopeError
 from ..normalization import DEFAULT_NORMALIZATION
 from .base import Detector
@@ -41,7 +41,11 @@ class PatchCore(Detector):
         patch_size: side of the local neighbourhood aggregated into each patch feature (paper: p = 3).
         target_dim: optional final feature dimension (adaptive average pooling over channels, as in
             the reference implementation); None keeps all concatenated channels.
-        knn_backend: "faiss" (exact flat L2) or "torch" (exact, chunked brute force).
+        knn_backend: "faiss" or "torch" (exact, chunked brute force).
+        knn_index: the faiss index searched at predict time: "flat" (exact, default), "ivf" or
+            "hnsw" (approximate, faster on large banks; recall measured in benchmarks/bench_knn.py).
+            Leave-one-out training scores use the same index for the re-weighting, so the
+            threshold matches what predict computes.
     """
 
     method = "patchcore"
@@ -63,6 +67,7 @@ class PatchCore(Detector):
         patch_size: int = 3,
         target_dim: int | None = None,
         knn_backend: str = "faiss",
+        knn_index: str = "flat",
     ) -> None:
         super().__init__(backbone, layers, image_size, weights, seed, blur_sigma, normalization)
         self.coreset_ratio = coreset_ratio
@@ -73,6 +78,7 @@ class PatchCore(Detector):
         self.patch_size = patch_size
         self.target_dim = target_dim
         self.knn_backend = knn_backend
+        self.knn_index = knn_index
 
     def _validate_params(self) -> None:
         super()._validate_params()
@@ -86,6 +92,12 @@ class PatchCore(Detector):
             raise DefectscopeError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise DefectscopeError(f"patch_size must be a positive odd integer, got {self.patch_size}")
+        if self.knn_backend not in BACKENDS:
+            raise DefectscopeError(f"knn_backend must be one of {', '.join(BACKENDS)}, got {self.knn_backend!r}")
+        if self.knn_index not in INDEXES:
+            raise DefectscopeError(f"knn_index must be one of {', '.join(INDEXES)}, got {self.knn_index!r}")
+        if self.knn_index != "flat" and self.knn_backend != "faiss":
+            raise DefectscopeError(f"knn_index={self.knn_index!r} needs knn_backend='faiss'")
         if self.target_dim is not None and self.target_dim < 1:
             raise DefectscopeError(f"target_dim must be a positive integer, got {self.target_dim}")
 
@@ -221,7 +233,9 @@ class PatchCore(Detector):
     def index(self) -> NearestNeighbors:
         """Nearest-neighbour index over the memory bank (built lazily, not saved)."""
         if getattr(self, "_index", None) is None:
-            self._index = NearestNeighbors(self.memory_bank_, backend=self.knn_backend, groups=self.bank_image_)
+            self._index = NearestNeighbors(
+                self.memory_bank_, backend=self.knn_backend, groups=self.bank_image_, index=self.knn_index, seed=self.seed
+            )
         return self._index
 
     def _predict_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
