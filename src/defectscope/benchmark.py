@@ -322,7 +322,7 @@ def _write_html(cells: Sequence[dict[str, Any]], out_dir: Path) -> None:
 # --------------------------------------------------------------------------- command line
 def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``benchmark`` on the CLI's subparsers (model options named as in ``fit``)."""
-    from .cli import _add_common, _layers
+    from .cli import _add_common, _add_model_options
     from .detectors import METHODS
 
     p = subparsers.add_parser(
@@ -341,20 +341,7 @@ def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.Ar
     p.add_argument("--report", action="store_true",
                    help="also write an HTML report per method and category (for the cells computed in this run)")
     p.add_argument("--save-models", action="store_true", help="keep each fitted model in DIR/models")
-    g = p.add_argument_group("model (each method takes the options that apply to it)")
-    g.add_argument("--backbone", default=None, help="timm model name (default tf_efficientnet_lite0)")
-    g.add_argument("--weights", default=None, metavar="FILE", help="local backbone state dict; 'none' for random")
-    g.add_argument("--layers", type=_layers, default=None, help="comma-separated feature layers")
-    g.add_argument("--image-size", type=int, default=None, help="images are resized to N x N (default 256)")
-    g.add_argument("--seed", type=int, default=None, help="seed for every random choice (default 0)")
-    g.add_argument("--threshold-quantile", type=float, default=0.99, help="threshold rule as in fit (default 0.99)")
-    g.add_argument("--coreset-ratio", type=float, default=None, help="PatchCore: fraction of patches kept")
-    g.add_argument("--coreset-eps", type=float, default=None, help="PatchCore: projection eps for the coreset")
-    g.add_argument("--projection-dim", type=int, default=None, help="PatchCore: explicit projection dimension")
-    g.add_argument("--num-neighbors", type=int, default=None, help="PatchCore: b in the image-score re-weighting")
-    g.add_argument("--d-reduced", type=int, default=None, help="PaDiM: random channels kept")
-    g.add_argument("--k", type=int, default=None, help="SPADE: image-level nearest neighbours")
-    g.add_argument("--top-k", type=int, default=None, help="SPADE: training images used for pixel matching")
+    _add_model_options(p, method=False)  # each method takes the options that apply to it
     _add_common(p)
     return p
 

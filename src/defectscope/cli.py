@@ -36,10 +36,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
+    """Model options: --method (unless ``method`` is False), common parameters, each method's own."""
     g = p.add_argument_group("model")
-    g.add_argument("--method", default="patchcore", choices=["patchcore", "padim", "spade"],
-                   help="detection method (default patchcore)")
+    if method:
+        g.add_argument("--method", default="patchcore", choices=["patchcore", "padim", "spade"],
+                       help="detection method (default patchcore)")
     g.add_argument("--backbone", default=None,
                    help="timm model name (default tf_efficientnet_lite0, ImageNet weights that ship offline)")
     g.add_argument("--weights", default=None, metavar="FILE",
