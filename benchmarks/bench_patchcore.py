@@ -25,12 +25,7 @@ from pathlib import Path
 
 import torch
 
-from machine import BOTTLE, hardware_line, peak_rss_mib
-
-
-
-
-
+from machine import BOTTLE, current_rss_mib, hardware_line, peak_rss_mib
 
 
 def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple[object, dict, dict[str, float]]:
@@ -42,6 +37,7 @@ def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple
     det = PatchCore(image_size=args.image_size, coreset_ratio=ratio, projection_dim=args.projection_dim,
                     coreset_candidates=args.coreset_candidates, seed=0)
     det.extractor  # build the backbone before timing (weights are loaded once per process)
+    base_rss = current_rss_mib()
     t0 = time.perf_counter()
     meta = fit_detector(det, paths, batch_size=args.batch_size)
     fit_s = time.perf_counter() - t0
@@ -51,8 +47,23 @@ def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple
     save_s = time.perf_counter() - t0
     core = det.fit_timings_["coreset_s"]
     loo = det.fit_timings_["loo_s"]
-    stages = {"extraction": fit_s - core - loo, "coreset": core, "loo": loo, "save": save_s, "total": fit_s + save_s}
+    stages = {"extraction": fit_s - core - loo, "coreset": core, "loo": loo, "save": save_s, "total": fit_s + save_s,
+              "base_rss_mib": base_rss, "coverage_radius": det.fit_details_["coverage_radius"]}
     return det, meta, stages
+
+
+def all_patch_radius(det: object, paths: list[Path]) -> float:
+    """Largest distance of any training patch to its nearest memory-bank entry (exact search)."""
+    from defectscope.data.loader import iter_batches
+
+    worst = 0.0
+    mean, std = det.input_stats  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        for batch in iter_batches(paths, det.image_size, mean, std, batch_size=16):  # type: ignore[attr-defined]
+            feats = det._patch_features(batch.images)  # type: ignore[attr-defined]
+            dist, _ = det.index.search(feats.reshape(-1, feats.shape[-1]), 1)  # type: ignore[attr-defined]
+            worst = max(worst, float(dist.max()))
+    return worst
 
 
 def run_bottle(args: argparse.Namespace) -> None:
@@ -63,11 +74,18 @@ def run_bottle(args: argparse.Namespace) -> None:
     split = mvtec_category(BOTTLE)
     print(hardware_line(), flush=True)
     print(f"bottle: {len(split.train)} training images, {len(split.test)} test images, "
-          f"image size {args.image_size}, coreset ratio {args.ratio}, projection_dim {args.projection_dim}", flush=True)
+          f"image size {args.image_size}, coreset ratio {args.ratio}, projection_dim {args.projection_dim}, "
+          f"coreset candidates {args.coreset_candidates or 'all (exact)'}", flush=True)
     det, meta, st = fit_once(split.train, args, args.ratio)
     print(f"fit: total {st['total']:.1f} s = extraction {st['extraction']:.1f} + coreset {st['coreset']:.1f} "
           f"+ leave-one-out scores {st['loo']:.1f} + save {st['save']:.2f}  "
           f"(bank {tuple(det.memory_bank_.shape)}; {hardware_line().split('load ')[1]})", flush=True)
+    d = det.fit_details_
+    print(f"coreset: {d['n_selected']} of {d['n_candidates']} candidates ({d['n_patches']} patches), coverage radius "
+          f"{d['coverage_radius']:.4f} over the candidates ({d['radius_space']} space)", flush=True)
+    if args.coreset_candidates:
+        print(f"coverage radius over all {d['n_patches']} training patches: {all_patch_radius(det, split.train):.4f} "
+              "(compare with the exact run's radius)", flush=True)
     paths = [s.path for s in split.test]
     for rep in range(args.repeats):
         t0 = time.perf_counter()
@@ -101,7 +119,8 @@ def run_child(args: argparse.Namespace) -> None:
 def run_scaling(args: argparse.Namespace) -> None:
     print(f"\nscaling (ELPV good cells, image size {args.image_size}, coreset ratio {args.scaling_ratio}, "
           f"candidates {args.coreset_candidates or 'all'}, each size in a fresh process):", flush=True)
-    print(f"{'images':>7s} {'fit s':>8s} {'extract':>8s} {'coreset':>8s} {'loo':>8s} {'peak RSS MiB':>13s}  load", flush=True)
+    print(f"{'images':>7s} {'fit s':>8s} {'extract':>8s} {'coreset':>8s} {'loo':>8s} {'peak RSS MiB':>13s} "
+          f"{'before fit':>11s} {'fit adds':>9s}  load", flush=True)
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--child", str(n), "--scaling-ratio", str(args.scaling_ratio),
                "--image-size", str(args.image_size), "--threads", str(args.threads)]
@@ -115,7 +134,8 @@ def run_scaling(args: argparse.Namespace) -> None:
             continue
         st = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{n:7d} {st['total']:8.1f} {st['extraction']:8.1f} {st['coreset']:8.1f} {st['loo']:8.1f} "
-              f"{st['peak_rss_mib']:13.0f}  {os.getloadavg()[0]:.2f}", flush=True)
+              f"{st['peak_rss_mib']:13.0f} {st['base_rss_mib']:11.0f} {st['peak_rss_mib'] - st['base_rss_mib']:9.0f}  "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
 
 
 def main() -> None:
