@@ -193,3 +193,13 @@ def test_pruned_engine_duplicates() -> None:
 def test_unknown_engine_raises(features: torch.Tensor) -> None:
     with pytest.raises(DefectscopeError, match="engine"):
         greedy_coreset(features, 3, engine="fast")
+
+
+@pytest.mark.parametrize("row", [0, 6, 9])
+def test_finiteness_check_sees_every_block(row):
+    from defectscope.components.coreset import _all_finite
+
+    x = torch.zeros(10, 3)
+    assert _all_finite(x, rows=4)
+    x[row, 1] = float("inf") if row % 2 else float("nan")
+    assert not _all_finite(x, rows=4)

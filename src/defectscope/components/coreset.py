@@ -126,7 +126,7 @@ def kcenter(
         raise DefectscopeError("greedy_coreset got no features (N == 0): fit on at least one image")
     if n_select <= 0:
         raise DefectscopeError(f"greedy_coreset needs n_select >= 1, got {n_select}")
-    if not torch.isfinite(features).all():
+    if not _all_finite(features):
         raise DefectscopeError("greedy_coreset got NaN or infinite features: check the backbone output and inputs")
     if n_select >= n_points:
         every = torch.arange(n_points, dtype=torch.int64)
@@ -262,6 +262,12 @@ def coverage_radius(features: torch.Tensor, centres: torch.Tensor, chunk_size: i
         exact = (chunk - c[nearest]).norm(dim=1)
         worst = max(worst, float(exact.max()))
     return worst
+
+
+def _all_finite(t: torch.Tensor, rows: int = 1 << 16) -> bool:
+    """torch.isfinite(t).all(), a block of rows at a time: on the whole (N, D) matrix torch's
+    isfinite holds temporaries of about 1.7x its size (measured: +409 MB for 400,000 x 152)."""
+    return all(bool(torch.isfinite(t[lo : lo + rows]).all()) for lo in range(0, t.shape[0], rows))
 
 
 def _check_matrix(t: torch.Tensor, name: str) -> None:
