@@ -35,7 +35,7 @@ def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple
     from defectscope.io import save_model
 
     det = PatchCore(image_size=args.image_size, coreset_ratio=ratio, projection_dim=args.projection_dim,
-                    coreset_candidates=args.coreset_candidates, seed=0)
+                    coreset_candidates=args.coreset_candidates, knn_index=args.knn_index, seed=0)
     det.extractor  # build the backbone before timing (weights are loaded once per process)
     base_rss = current_rss_mib()
     t0 = time.perf_counter()
@@ -75,7 +75,8 @@ def run_bottle(args: argparse.Namespace) -> None:
     print(hardware_line(), flush=True)
     print(f"bottle: {len(split.train)} training images, {len(split.test)} test images, "
           f"image size {args.image_size}, coreset ratio {args.ratio}, projection_dim {args.projection_dim}, "
-          f"coreset candidates {args.coreset_candidates or 'all (exact)'}", flush=True)
+          f"coreset candidates {args.coreset_candidates or 'all (exact)'}, nearest-neighbour index {args.knn_index}",
+          flush=True)
     det, meta, st = fit_once(split.train, args, args.ratio)
     print(f"fit: total {st['total']:.1f} s = extraction {st['extraction']:.1f} + coreset {st['coreset']:.1f} "
           f"+ leave-one-out scores {st['loo']:.1f} + save {st['save']:.2f}  "
@@ -148,6 +149,7 @@ def main() -> None:
     p.add_argument("--projection-dim", type=int, default=None, help="approximate coreset: project to this many dims")
     p.add_argument("--coreset-candidates", type=int, default=None,
                    help="approximate coreset: choose centres among at most this many random patches")
+    p.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default="flat", help="nearest-neighbour index")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--repeats", type=int, default=2, help="predict timing repeats")
     p.add_argument("--no-scaling", action="store_true")
