@@ -40,6 +40,7 @@ def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any],
     beside the detector's state; their names must start with one of :data:`EXTRA_PREFIXES`.
     """
     path = Path(path)
+    mean, std = detector.input_stats
     meta = dict(metadata)
     meta.update(
         format=FORMAT_NAME,
@@ -52,7 +53,7 @@ def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any],
         image_size=detector.image_size,
         seed=detector.seed,
         weights=detector.extractor.weights_info,
-        normalization={"name": detector.normalization, "mean": list(detector.input_stats[0]), "std": list(detector.input_stats[1])},
+        normalization={"name": detector.normalization, "mean": list(mean), "std": list(std)},
     )
     tensors = detector.state_dict()
     for name, value in (extra_tensors or {}).items():

@@ -10,6 +10,7 @@ they return is the true distance of the entry returned, only the entry may not b
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -158,8 +159,6 @@ class NearestNeighbors:
                     assert self.nlist is not None
                     self.nprobe = min(nprobe, self.nlist)
                     self._index = self._build_ivf(faiss, self.nlist, seed)
-        if self.backend == "torch":
-            self._bank_sq = (self.bank * self.bank).sum(dim=1)  # ||b||^2, (M,)
 
     def _ivf_lists(self, nlist: int | None) -> int | None:
         """The number of IVF lists to use for this bank; None = too small, use flat (logged)."""
@@ -212,6 +211,11 @@ class NearestNeighbors:
 
     def __len__(self) -> int:
         return self.bank.shape[0]
+
+    @functools.cached_property
+    def bank_sq(self) -> torch.Tensor:
+        """||b||^2 of every bank entry (M,), computed on first use by the brute-force paths."""
+        return (self.bank * self.bank).sum(dim=1)
 
     def search(
         self, queries: torch.Tensor, k: int = 1, exclude_group: int | None = None
@@ -272,9 +276,7 @@ class NearestNeighbors:
             raise DefectscopeError("search_excluding_own needs the bank's groups: build NearestNeighbors(bank, groups=...)")
         if query_groups.shape != (queries.shape[0],) or query_groups.is_floating_point():
             raise DefectscopeError(f"query_groups must be a ({queries.shape[0]},) integer tensor, one group per query")
-        bank_sq = getattr(self, "_bank_sq", None)
-        if bank_sq is None:
-            bank_sq = self._bank_sq = (self.bank * self.bank).sum(dim=1)
+        bank_sq = self.bank_sq
         n_queries, n_bank = queries.shape[0], self.bank.shape[0]
         step = max(1, max_block // n_bank)
         distances = torch.empty(n_queries, dtype=torch.float32)
@@ -323,22 +325,17 @@ class NearestNeighbors:
             log.debug("%d queries got fewer than %d usable neighbours from the %s index: searched exactly",
                       rows.numel(), k, self.index)
             excluded = None if exclude_group is None else self.groups == int(exclude_group)  # type: ignore[union-attr]
-            d2_t[rows], idx_t[rows] = self._exact_chunk(chunk[rows], k, excluded)
+            d2_t[rows], idx_t[rows] = self._torch_chunk(chunk[rows], k, excluded)
         return d2_t, idx_t
-
-    def _exact_chunk(
-        self, chunk: torch.Tensor, k: int, excluded: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact squared distances and indices (q, k), for the rows an approximate index left short."""
-        if getattr(self, "_bank_sq", None) is None:
-            self._bank_sq = (self.bank * self.bank).sum(dim=1)
-        return self._torch_chunk(chunk, k, excluded)
 
     def _torch_chunk(
         self, chunk: torch.Tensor, k: int, excluded: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared distances and indices (q, k) by brute force: ||q||^2 - 2 q.b + ||b||^2."""
-        bank_sq = self._bank_sq
+        """Squared distances and indices (q, k) by brute force: ||q||^2 - 2 q.b + ||b||^2.
+
+        The torch backend's search, and the exact redo of rows an approximate index left short.
+        """
+        bank_sq = self.bank_sq
         if excluded is not None:
             bank_sq = bank_sq.masked_fill(excluded, float("inf"))  # excluded entries are never nearest
         d2 = torch.addmm(bank_sq.unsqueeze(0), chunk, self.bank.T, beta=1.0, alpha=-2.0)
