@@ -85,7 +85,7 @@ def run_one(method: str, data: Path, threads: int, repeat: int, batch_size: int)
         start = time.perf_counter()
         path = save_model(Path(tmp) / "m.dsmodel", det, {"threshold": 0.0})
         save_s = time.perf_counter() - start
-        model_mb = path.stat().st_size / 2**20
+        model_mib = path.stat().st_size / 2**20
 
     times: list[float] = []
     pred = None
@@ -105,13 +105,13 @@ def run_one(method: str, data: Path, threads: int, repeat: int, batch_size: int)
         "extraction_s": extraction_s,
         "statistics_s": fit_s - extraction_s,
         "save_s": save_s,
-        "model_mb": model_mb,
+        "model_mib": model_mib,
         "predict_best_img_s": n / min(times),
         "predict_median_img_s": n / statistics.median(times),
         "predict_runs_s": times,
         "n_train": len(train),
         "n_test": n,
-        "peak_rss_mb": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "image_auroc": metrics.image_auroc(labels, pred.scores),
         "pixel_auroc": pixel.auroc(),
     }
@@ -120,12 +120,12 @@ def run_one(method: str, data: Path, threads: int, repeat: int, batch_size: int)
 def print_row(r: dict[str, Any]) -> None:
     print(f"{r['method']}: {r['params']}")
     print(f"  fit {r['fit_s']:.1f} s on {r['n_train']} images = extraction {r['extraction_s']:.1f} s"
-          f" + statistics {r['statistics_s']:.1f} s; save {r['save_s']:.2f} s ({r['model_mb']:.0f} MB);"
+          f" + statistics {r['statistics_s']:.1f} s; save {r['save_s']:.2f} s ({r['model_mib']:.0f} MiB);"
           f" image decoding {r['load_s']:.1f} s (not in fit)")
     runs = ", ".join(f"{t:.1f}" for t in r["predict_runs_s"])
     print(f"  predict {r['n_test']} images: best {r['predict_best_img_s']:.2f} img/s,"
           f" median {r['predict_median_img_s']:.2f} img/s (runs {runs} s)")
-    print(f"  peak RSS {r['peak_rss_mb']:.0f} MB; image AUROC {r['image_auroc']:.4f}, pixel AUROC {r['pixel_auroc']:.4f}")
+    print(f"  peak RSS {r['peak_rss_mib']:.0f} MiB; image AUROC {r['image_auroc']:.4f}, pixel AUROC {r['pixel_auroc']:.4f}")
 
 
 def main() -> None:
