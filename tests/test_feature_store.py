@@ -39,6 +39,25 @@ def test_gather_matches_indexing(tmp_path, block):
         assert store.gather(torch.tensor([], dtype=torch.int64)).shape == (0, 7)
 
 
+def test_read_runs_matches_slicing(tmp_path):
+    every = torch.cat(_batches(2))  # 27 rows
+    with FeatureStore(7, tmp_path) as store:
+        for b in _batches(2):
+            store.append(b)
+        starts = [0, 9, 18, 23]  # unordered spacing, overlapping nothing, one run ending at the last row
+        got = store.read_runs(starts, 4)
+        assert got.shape == (4, 4, 7)
+        for r, start in enumerate(starts):
+            assert torch.equal(got[r], every[start : start + 4])
+        assert torch.equal(store.read_runs([5, 1], 3), torch.stack([every[5:8], every[1:4]]))
+        assert store.read_runs([0, 27], 0).shape == (2, 0, 7)
+        assert store.read_runs([], 5).shape == (0, 5, 7)
+        with pytest.raises(DefectscopeError, match="rows 25:29"):
+            store.read_runs([0, 25], 4)
+        with pytest.raises(DefectscopeError, match="length"):
+            store.read_runs([0], -1)
+
+
 def test_bad_requests_are_refused(tmp_path):
     with FeatureStore(7, tmp_path) as store:
         store.append(torch.zeros(4, 7))
@@ -85,3 +104,21 @@ def test_patchcore_fit_streams_through_the_store(monkeypatch, tmp_path):
         two_image_chunks = det._leave_one_out_scores(store, 6, per_image, None, chunk_rows=2 * per_image + 1)
     torch.testing.assert_close(one_image_chunks, det.training_scores_, rtol=1e-5, atol=0)
     torch.testing.assert_close(two_image_chunks, det.training_scores_, rtol=1e-5, atol=0)
+
+
+def test_padim_fit_streams_through_the_store(monkeypatch, tmp_path):
+    """PaDiM's embeddings go through the store: nothing left behind, chunked statistics equal one chunk."""
+    from defectscope.detectors import padim as padim_module
+    from defectscope.detectors.padim import PaDiM
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(0)
+    images = torch.rand(10, 3, 64, 64)  # more images than dimensions: well-conditioned covariances
+    whole = PaDiM(image_size=64, d_reduced=6).fit(images)
+    assert [p for p in tmp_path.iterdir() if p.is_file()] == []
+    # a scratch budget of a few positions makes fit read many short runs from every image
+    monkeypatch.setattr(padim_module, "_WORK_BYTES", 3 * padim_module.fit_scratch_bytes(10, 1, 6))
+    chunked = PaDiM(image_size=64, d_reduced=6).fit(iter([images[:3], images[3:]]))
+    torch.testing.assert_close(chunked.mean_, whole.mean_, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(chunked.inv_cov_, whole.inv_cov_, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked.training_scores_, whole.training_scores_, rtol=1e-4, atol=0)

@@ -146,8 +146,9 @@ def test_memory_guard_fails_early_with_the_bytes(train: torch.Tensor) -> None:
             yield train[lo : lo + 10]
 
     needed = required_bytes(256, 16, 10)
-    # embeddings + means/inverses + the float32 chunk scratch (all 256 positions in one chunk)
-    assert needed == 10 * 256 * 16 * 4 + 256 * 16 * 17 * 4 + 256 * 4 * (3 * 10 * 16 + 5 * 16 * 16)
+    # means/inverses + leave-one-out distances + the float32 chunk scratch (all 256 positions in one
+    # chunk); the embeddings themselves wait on disk
+    assert needed == 256 * 16 * 17 * 4 + 10 * 256 * 4 + 256 * 4 * (3 * 10 * 16 + 5 * 16 * 16)
     with pytest.raises(DefectscopeError, match=rf"need {needed} bytes.*d_reduced"):
         det.fit(batches())
     assert consumed == [0]  # stopped at the first batch

@@ -1,17 +1,20 @@
 """Append-only store of (rows, D) float32 features, kept in a temporary file instead of memory.
 
-PatchCore sees every patch of every training image twice: once to choose the coreset, once to
-score each training image without its own patches. Holding all of them in memory costs
+PatchCore and PaDiM stream their training features through it. PatchCore sees every patch of
+every training image twice: once to choose the coreset, once to score each training image
+without its own patches. Holding all of them in memory costs
 N images x h x w x D x 4 bytes (1,500 images x 1,024 patches x 152 dims = 0.93 GB) on top of the
 copies made while concatenating. The store writes each batch to an unlinked temporary file as it
 arrives and reads back only what a step needs: all rows (exact coreset), chosen rows (approximate
-coreset) or a contiguous run of rows (one chunk of images at a time). Values are stored
+coreset) or a contiguous run of rows (one chunk of images at a time). PaDiM reads the same
+stretch of positions from every image (:meth:`FeatureStore.read_runs`). Values are stored
 bit-exactly; the operating system's page cache, not the process, holds the file.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -103,6 +106,23 @@ class FeatureStore:
             block = self.read(first, int(indices[upto - 1]) + 1)
             out[done:upto] = block[indices[done:upto] - first]
             done = upto
+        return out
+
+    def read_runs(self, starts: Sequence[int], length: int) -> torch.Tensor:
+        """Runs of ``length`` rows beginning at each of ``starts``, as an (R, length, dim) tensor.
+
+        E.g. the same stretch of positions from every image of an image-major store: with P rows
+        per image, ``read_runs([i * P + lo for i in range(n)], hi - lo)``. Each run is read
+        straight into its slice of the result.
+        """
+        if length < 0:
+            raise DefectscopeError(f"run length must be >= 0, got {length}")
+        out = torch.empty(len(starts), length, self.dim, dtype=torch.float32)
+        for r, start in enumerate(starts):
+            start = int(start)
+            if not 0 <= start <= start + length <= self._rows:
+                raise DefectscopeError(f"rows {start}:{start + length} are outside the store's {self._rows} rows")
+            self._read_into(out[r], start)
         return out
 
     def _read_into(self, out: torch.Tensor, start: int) -> None:

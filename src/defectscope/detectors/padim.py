@@ -5,10 +5,13 @@ Sigma_ij = cov_ij + epsilon I (eq. 1) of a random subset of d_reduced channels.
 Predict: the Mahalanobis distance of each test embedding to its position's Gaussian (eq. 2),
 upsampled and blurred to the input size; the image score is the map's maximum.
 
-Fit keeps the reduced training embeddings (N x P x d x 4 bytes, e.g. 209 x 64*64 x 176 x 4 =
-602 MB) until all images are seen, then fits every position's Gaussian and the exact
-leave-one-image-out training distances chunk by chunk of positions in float32 (see
-:func:`~defectscope.components.gaussian.fit_gaussians`); then the embeddings are dropped.
+Fit streams the reduced training embeddings (N x P x d x 4 bytes, e.g. 209 x 64*64 x 176 x 4 =
+602 MB) to an unlinked temporary file as they are extracted (a
+:class:`~defectscope.components.feature_store.FeatureStore`), then reads back one chunk of positions
+of every image at a time and fits those positions' Gaussians and the exact leave-one-image-out
+training distances in float32 (see :func:`~defectscope.components.gaussian.fit_gaussians`). So fit
+holds the model plus one chunk, whatever the number of training images; the file needs the
+N x P x d x 4 bytes on disk (in ``TMPDIR``).
 The model keeps the means (P x d) and inverse covariances (P x d x d) as float32
 (64*64 x 176 x 176 x 4 = 508 MB for tf_efficientnet_lite0 at 256 px).
 """
@@ -21,6 +24,7 @@ from collections.abc import Iterator
 import torch
 
 from ..components.embedding import concat_layers, default_multiscale_layers
+from ..components.feature_store import FeatureStore
 from ..components.gaussian import fit_gaussians, fit_scratch_bytes, mahalanobis
 from ..errors import DefectscopeError, ModelFileError
 from ..normalization import DEFAULT_NORMALIZATION
@@ -57,9 +61,12 @@ def _chunk_positions(positions: int, d: int, n_images: int) -> int:
 
 
 def required_bytes(positions: int, d: int, n_images: int) -> int:
-    """Bytes a fit needs: kept float32 embeddings, the float32 model (means, inverses) and the chunk scratch."""
+    """Memory a fit needs: the float32 model (means, inverses), the leave-one-out distances and the chunk scratch.
+
+    The training embeddings are not counted: they wait on disk (see the module docstring).
+    """
     scratch = fit_scratch_bytes(n_images, _chunk_positions(positions, d, n_images), d)
-    return 4 * n_images * positions * d + 4 * positions * d * (d + 1) + scratch
+    return 4 * positions * d * (d + 1) + 4 * n_images * positions + scratch
 
 
 def _fmt_bytes(n: int) -> str:
@@ -72,7 +79,7 @@ class PaDiM(Detector):
     method = "padim"
     #: leave-one-out covariances need at least two other images
     min_train_images = 3
-    #: fit refuses configurations whose Gaussians and embeddings would need more than this
+    #: fit refuses configurations whose model and working memory would need more than this
     max_memory_bytes: int = 8 * 2**30
 
     def __init__(
@@ -128,36 +135,37 @@ class PaDiM(Detector):
         channel_index = torch.randperm(total, generator=generator)[:d].sort().values
 
         # everything is built in locals and assigned at the end: a failed fit leaves the old state
-        embeddings: list[torch.Tensor] = []  # (B, P, d) float32 per batch, kept for the statistics
-        size = (0, 0)
-        n = 0
-        for batch in batches:
-            emb, batch_size = self._embed(batch, channel_index)  # (B, P, d)
-            if not embeddings:
-                size = batch_size
-            elif batch_size != size:
-                raise DefectscopeError(
-                    f"training images give {batch_size} feature maps but earlier ones gave {size}: "
-                    f"resize all images to {self.image_size}x{self.image_size}"
-                )
-            n += emb.shape[0]
-            self._check_memory(size, d, n_images=n)  # before keeping anything more of this batch
-            embeddings.append(emb)
-        if n < self.min_train_images:
-            raise DefectscopeError(f"PaDiM needs at least {self.min_train_images} training images, got {n}")
+        with FeatureStore(d) as store:  # image-major rows: image i's P positions, then image i + 1's
+            size = (0, 0)
+            n = 0
+            for batch in batches:
+                emb, batch_size = self._embed(batch, channel_index)  # (B, P, d)
+                if n == 0:
+                    size = batch_size
+                elif batch_size != size:
+                    raise DefectscopeError(
+                        f"training images give {batch_size} feature maps but earlier ones gave {size}: "
+                        f"resize all images to {self.image_size}x{self.image_size}"
+                    )
+                n += emb.shape[0]
+                self._check_memory(size, d, n_images=n)  # before storing anything more of this batch
+                store.append(emb.reshape(-1, d))
+                del emb
+            if n < self.min_train_images:
+                raise DefectscopeError(f"PaDiM needs at least {self.min_train_images} training images, got {n}")
 
-        positions = size[0] * size[1]
-        log.info("PaDiM: fitting %d Gaussians of dimension %d on %d images", positions, d, n)
-        mean = torch.empty(positions, d, dtype=torch.float32)
-        inv_cov = torch.empty(positions, d, d, dtype=torch.float32)
-        loo = torch.empty(n, positions, dtype=torch.float32)
-        chunk = _chunk_positions(positions, d, n)
-        for lo in range(0, positions, chunk):
-            hi = min(lo + chunk, positions)
-            x = torch.cat([e[:, lo:hi] for e in embeddings])  # (N, p, d)
-            # eq. 1 (mean, Sigma^-1) and exact leave-one-image-out distances (eq. 2 without image i)
-            mean[lo:hi], inv_cov[lo:hi], loo[:, lo:hi] = fit_gaussians(x, self.epsilon)
-        del embeddings
+            positions = size[0] * size[1]
+            log.info("PaDiM: fitting %d Gaussians of dimension %d on %d images", positions, d, n)
+            mean = torch.empty(positions, d, dtype=torch.float32)
+            inv_cov = torch.empty(positions, d, d, dtype=torch.float32)
+            loo = torch.empty(n, positions, dtype=torch.float32)
+            chunk = _chunk_positions(positions, d, n)
+            for lo in range(0, positions, chunk):
+                hi = min(lo + chunk, positions)
+                x = store.read_runs([i * positions + lo for i in range(n)], hi - lo)  # (N, p, d)
+                # eq. 1 (mean, Sigma^-1) and exact leave-one-image-out distances (eq. 2 without image i)
+                mean[lo:hi], inv_cov[lo:hi], loo[:, lo:hi] = fit_gaussians(x, self.epsilon)
+                del x
         training_scores = torch.cat(  # image score = max of the finished map, as in predict
             [self._finish_maps(part.view(-1, *size)).amax(dim=(1, 2)) for part in loo.split(32)]
         )
@@ -169,7 +177,7 @@ class PaDiM(Detector):
         self.n_train_ = n
 
     def _check_memory(self, size: tuple[int, int], d: int, n_images: int) -> None:
-        """Fail before keeping more when embeddings, the model and the scratch would exceed the budget."""
+        """Fail before storing more when the model, the leave-one-out distances and the scratch would exceed the budget."""
         h, w = size
         positions = h * w
         needed = required_bytes(positions, d, n_images)
