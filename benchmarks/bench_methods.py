@@ -7,12 +7,18 @@ extractor) and statistics (everything else in ``fit``), plus the model-file save
 repeated ``--repeat`` times over the test images; best and median are printed. Asserts nothing.
 
     python benchmarks/bench_methods.py --data ../shared/data/mvtec_ad/bottle --repeat 3
+    python benchmarks/bench_methods.py --methods padim --scaling 200 800 1500
+
+``--scaling`` instead fits each method on that many ELPV good cells (``defectscope.data.elpv``,
+repeated when there are fewer), streamed from the files as ``defectscope fit`` does, each size in
+a fresh process, and prints fit seconds and peak RSS (before fit = the process with the backbone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from machine import BOTTLE, hardware_line, peak_rss_mib
+from machine import BOTTLE, current_rss_mib, elpv_paths, hardware_line, peak_rss_mib
 
 DEFAULT_DATA = str(BOTTLE)
 
@@ -117,6 +123,35 @@ def run_one(method: str, data: Path, threads: int, repeat: int, batch_size: int)
     }
 
 
+def scale_one(method: str, n_images: int, threads: int, batch_size: int) -> dict[str, Any]:
+    """Fit ``method`` with its defaults on ``n_images`` ELPV cells from the files; returns seconds and memory."""
+    from defectscope.detectors import make_detector
+    from defectscope.fitting import fit_detector
+
+    torch.set_num_threads(threads)
+    det = make_detector(method)
+    det.extractor  # load the backbone before measuring
+    before = current_rss_mib()
+    start = time.perf_counter()
+    fit_detector(det, elpv_paths(n_images), batch_size=batch_size)
+    return {"fit_s": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib(), "before_fit_mib": before}
+
+
+def run_scaling(args: argparse.Namespace) -> None:
+    print(f"{'method':>8s} {'images':>7s} {'fit s':>8s} {'peak RSS MiB':>13s} {'before fit':>11s} {'fit adds':>9s}  load")
+    for method in args.methods:
+        for n in args.scaling:
+            cmd = [sys.executable, __file__, "--scale-one", method, str(n), "--threads", str(args.threads),
+                   "--batch-size", str(args.batch_size)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{method:>8s} {n:7d} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{method:>8s} {n:7d} {r['fit_s']:8.1f} {r['peak_rss_mib']:13.0f} {r['before_fit_mib']:11.0f} "
+                  f"{r['peak_rss_mib'] - r['before_fit_mib']:9.0f}  {os.getloadavg()[0]:.2f}", flush=True)
+
+
 def print_row(r: dict[str, Any]) -> None:
     print(f"{r['method']}: {r['params']}")
     print(f"  fit {r['fit_s']:.1f} s on {r['n_train']} images = extraction {r['extraction_s']:.1f} s"
@@ -135,14 +170,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="predict runs (best and median are printed)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--scaling", type=int, nargs="+", default=None, metavar="N",
+                        help="fit on N ELPV good cells (each N in a fresh process): fit seconds and peak RSS")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one method, JSON out
+    parser.add_argument("--scale-one", nargs=2, default=None, help=argparse.SUPPRESS)  # child: method, images
     args = parser.parse_args()
+    if args.scale_one:
+        method, n = args.scale_one
+        print(json.dumps(scale_one(method, int(n), args.threads, args.batch_size)))
+        return
 
     if args.one:
         print(json.dumps(run_one(args.one, args.data, args.threads, args.repeat, args.batch_size)))
         return
     torch.set_num_threads(args.threads)
     print(hardware_line())
+    if args.scaling:
+        run_scaling(args)
+        return
     for method in args.methods:
         cmd = [sys.executable, __file__, "--one", method, "--data", str(args.data), "--threads", str(args.threads),
                "--repeat", str(args.repeat), "--batch-size", str(args.batch_size)]

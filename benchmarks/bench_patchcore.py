@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from machine import BOTTLE, current_rss_mib, hardware_line, peak_rss_mib
+from machine import BOTTLE, current_rss_mib, elpv_paths, hardware_line, peak_rss_mib
 
 
 def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple[object, dict, dict[str, float]]:
@@ -97,15 +97,6 @@ def run_bottle(args: argparse.Namespace) -> None:
     result = evaluate_detector(det, split, meta["threshold"], batch_size=args.batch_size)
     print(f"accuracy: image AUROC {result['image_auroc']:.4f}, pixel AUROC {result.get('pixel_auroc')}", flush=True)
     print(f"peak RSS: {peak_rss_mib():.0f} MiB", flush=True)
-
-
-def elpv_paths(n: int) -> list[Path]:
-    from defectscope.data.elpv import CELL_TYPES, elpv_split
-
-    cells: list[Path] = []
-    for cell_type in CELL_TYPES:
-        cells += elpv_split(cell_type, n_train=None, test_good=0).train
-    return [cells[i % len(cells)] for i in range(n)]
 
 
 def run_child(args: argparse.Namespace) -> None:

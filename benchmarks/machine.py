@@ -47,3 +47,13 @@ def current_rss_mib() -> float:
     except OSError:
         pass
     return peak_rss_mib()
+
+
+def elpv_paths(n: int) -> list[Path]:
+    """``n`` ELPV good-cell image paths (mono then poly), repeated when there are fewer cells than asked."""
+    from defectscope.data.elpv import CELL_TYPES, elpv_split
+
+    cells: list[Path] = []
+    for cell_type in CELL_TYPES:
+        cells += elpv_split(cell_type, n_train=None, test_good=0).train
+    return [cells[i % len(cells)] for i in range(n)]
