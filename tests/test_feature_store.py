@@ -122,3 +122,69 @@ def test_padim_fit_streams_through_the_store(monkeypatch, tmp_path):
     torch.testing.assert_close(chunked.mean_, whole.mean_, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(chunked.inv_cov_, whole.inv_cov_, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(chunked.training_scores_, whole.training_scores_, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_background_and_inline_writes_store_the_same(tmp_path, background):
+    batches = _batches(3)
+    with FeatureStore(7, tmp_path, background=background, max_pending=1) as store:
+        for b in batches:
+            store.append(b)
+            b.fill_(-1.0)  # the caller may reuse its tensor at once: append copied it
+        assert torch.equal(store.read(), torch.cat(_batches(3)))
+        store.append(torch.ones(2, 7))  # appending after a read keeps going at the end
+        assert torch.equal(store.read(27, 29), torch.ones(2, 7))
+
+
+def _fail_writes(monkeypatch, after_calls: int) -> None:
+    """Make os.pwrite fail with 'No space left on device' after ``after_calls`` successful calls."""
+    import errno
+    import os
+
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def pwrite(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > after_calls:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_failed_write_is_raised_with_the_folder_and_what_to_do(tmp_path, monkeypatch, background):
+    _fail_writes(monkeypatch, after_calls=1)
+    store = FeatureStore(7, tmp_path, background=background)
+    store.append(torch.zeros(4, 7))
+    with pytest.raises(DefectscopeError, match=rf"{tmp_path}.*No space left.*TMPDIR") as caught:
+        store.append(torch.zeros(4, 7))
+        store.flush()  # background: the failure surfaces here at the latest
+    assert "4 of 8 rows written" in str(caught.value)
+    with pytest.raises(DefectscopeError, match="No space left"):  # and keeps surfacing: no silent loss
+        store.read()
+    store.close()
+
+
+def test_writer_keeps_draining_after_a_failure(tmp_path, monkeypatch):
+    """A failed write must not leave append blocked on a full queue."""
+    _fail_writes(monkeypatch, after_calls=0)
+    store = FeatureStore(7, tmp_path, max_pending=1)
+    with pytest.raises(DefectscopeError, match="No space left"):
+        for _ in range(50):
+            store.append(torch.zeros(100, 7))
+        store.flush()
+    store.close()
+    assert store._writer is None
+
+
+def test_close_with_pending_writes_stops_the_writer(tmp_path):
+    store = FeatureStore(7, tmp_path, max_pending=2)
+    for _ in range(5):
+        store.append(torch.zeros(1000, 7))
+    writer = store._writer
+    store.close()
+    assert writer is not None and not writer.is_alive()
+    with pytest.raises(DefectscopeError, match="closed"):
+        store.append(torch.zeros(1, 7))
