@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from typing import Any
 from .data.datasets import Category, discover
 from .detectors import detector_class, make_detector
 from .errors import DataLayoutError, DefectscopeError
+from .files import replacing
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,8 @@ def _safe(name: str) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder (never a half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _read_cell(path: Path) -> dict[str, Any] | None:

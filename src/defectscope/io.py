@@ -9,8 +9,6 @@ file in place of a good one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from . import __version__
 from .detectors import make_detector
 from .detectors.base import Detector
 from .errors import ModelFileError
+from .files import replacing
 from .normalization import LEGACY_NORMALIZATION
 
 FORMAT_NAME = "defectscope-model"
@@ -65,18 +64,9 @@ def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any],
 
 
 def write_model_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically write tensors + metadata (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically write tensors + metadata (temporary file, fsync, rename; see :mod:`defectscope.files`)."""
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

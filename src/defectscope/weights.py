@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import BackboneError
+from .files import replacing
 
 log = logging.getLogger(__name__)
 
@@ -326,15 +326,8 @@ def packaged_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], dict[st
     raw = read_state_dict(source)
     sd = to_timm_state_dict(raw, name, f"packaged weights {source}")
     meta = {"format": _CACHE_FORMAT, "version": version, "sha256": digest, "file": source.name}
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=cached.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=meta)
-        os.replace(tmp, cached)  # atomic: readers see the old file or the complete new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing(cached) as tmp:  # atomic: readers see the old file or the complete new one
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
     log.info("converted %s weights to %s", dist, cached)
     return sd, {**info, "file": source.name, "sha256": digest}
 
