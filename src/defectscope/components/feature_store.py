@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -228,6 +229,11 @@ class FeatureStore:
         self.close()
 
     def __del__(self) -> None:
+        if sys.is_finalizing():  # at interpreter exit the writer thread may be frozen: do not wait for it
+            handle = getattr(self, "_file", None)
+            if handle is not None:
+                handle.close()
+            return
         self.close()
 
     def __repr__(self) -> str:
