@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from machine import BOTTLE, current_rss_mib, elpv_paths, hardware_line, peak_rss_mib
+from machine import BOTTLE, child_result, current_rss_mib, elpv_paths, hardware_line, peak_rss_mib
 
 DEFAULT_DATA = str(BOTTLE)
 
@@ -143,11 +143,10 @@ def run_scaling(args: argparse.Namespace) -> None:
         for n in args.scaling:
             cmd = [sys.executable, __file__, "--scale-one", method, str(n), "--threads", str(args.threads),
                    "--batch-size", str(args.batch_size)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{method:>8s} {n:7d} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+            r = child_result(cmd)
+            if isinstance(r, str):
+                print(f"{method:>8s} {n:7d} failed: {r}", flush=True)
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{method:>8s} {n:7d} {r['fit_s']:8.1f} {r['peak_rss_mib']:13.0f} {r['before_fit_mib']:11.0f} "
                   f"{r['peak_rss_mib'] - r['before_fit_mib']:9.0f}  {os.getloadavg()[0]:.2f}", flush=True)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from machine import BOTTLE, current_rss_mib, elpv_paths, hardware_line, peak_rss_mib
+from machine import BOTTLE, child_result, current_rss_mib, elpv_paths, hardware_line, peak_rss_mib
 
 
 def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple[object, dict, dict[str, float]]:
@@ -120,11 +119,10 @@ def run_scaling(args: argparse.Namespace) -> None:
             cmd += ["--projection-dim", str(args.projection_dim)]
         if args.coreset_candidates:
             cmd += ["--coreset-candidates", str(args.coreset_candidates)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{n:7d} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+        st = child_result(cmd)
+        if isinstance(st, str):
+            print(f"{n:7d} failed: {st}", flush=True)
             continue
-        st = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{n:7d} {st['total']:8.1f} {st['extraction']:8.1f} {st['coreset']:8.1f} {st['loo']:8.1f} "
               f"{st['peak_rss_mib']:13.0f} {st['base_rss_mib']:11.0f} {st['peak_rss_mib'] - st['base_rss_mib']:9.0f}  "
               f"{os.getloadavg()[0]:.2f}", flush=True)

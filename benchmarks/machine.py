@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
 from pathlib import Path
 
 import torch
@@ -57,3 +59,12 @@ def elpv_paths(n: int) -> list[Path]:
     for cell_type in CELL_TYPES:
         cells += elpv_split(cell_type, n_train=None, test_good=0).train
     return [cells[i % len(cells)] for i in range(n)]
+
+
+def child_result(cmd: list[str]) -> dict | str:
+    """Run a benchmark child process; the JSON object on its last stdout line, or its last stderr line on failure."""
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        return lines[-1] if lines else f"exit status {out.returncode}"
+    return json.loads(out.stdout.strip().splitlines()[-1])

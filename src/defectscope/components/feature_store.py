@@ -152,7 +152,7 @@ class FeatureStore:
         if not 0 <= start <= stop <= self._rows:
             raise DefectscopeError(f"rows {start}:{stop} are outside the store's {self._rows} rows")
         out = torch.empty(stop - start, self.dim, dtype=torch.float32)
-        self._read_into(out, start)
+        self._read_into(out, start, self._readable())
         return out
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
@@ -183,19 +183,24 @@ class FeatureStore:
         if length < 0:
             raise DefectscopeError(f"run length must be >= 0, got {length}")
         out = torch.empty(len(starts), length, self.dim, dtype=torch.float32)
+        fd = self._readable()  # one wait for pending writes, not one per run
         for r, start in enumerate(starts):
             start = int(start)
             if not 0 <= start <= start + length <= self._rows:
                 raise DefectscopeError(f"rows {start}:{start + length} are outside the store's {self._rows} rows")
-            self._read_into(out[r], start)
+            self._read_into(out[r], start, fd)
         return out
 
-    def _read_into(self, out: torch.Tensor, start: int) -> None:
-        handle = self._handle()
+    def _readable(self) -> int:
+        """The file descriptor, once every pending write is in the file (raises a failed write)."""
+        fd = self._handle().fileno()
         self.flush()
+        return fd
+
+    def _read_into(self, out: torch.Tensor, start: int, fd: int) -> None:
         if out.numel() == 0:
             return
-        fd, offset = handle.fileno(), start * self._row_bytes
+        offset = start * self._row_bytes
         view = memoryview(out.numpy()).cast("B")
         while view:
             got = os.preadv(fd, [view], offset)
