@@ -182,6 +182,51 @@ def test_pruned_engine_matches_brute_index_for_index(n: int, d: int, k: int) -> 
         assert pruned.indices.tolist() == naive_k_center(xd.numpy(), k, start_index(n, 1))
 
 
+@pytest.mark.parametrize("n, d, k", [(120, 24, 15), (2000, 16, 300), (3000, 40, 1200), (600, 3, 599)])
+@pytest.mark.parametrize("pool_size", [8, 512])
+def test_batched_engine_matches_the_one_at_a_time_greedy(n: int, d: int, k: int, pool_size: int) -> None:
+    """Several centres per pass, yet the same centres in the same order as the float64 greedy
+    (a difference allowed only at a float near-tie), and every point's nearest centre and distance."""
+    from defectscope.components.coreset import _batched, _Closing
+
+    x = _clustered(n, d, seed=n + 1)
+    start = start_index(n, 1)
+    got, nearest, sq_dist = _batched(x, k, start, _Closing(None, close=False), pool_size=pool_size)
+    want = greedy_float64(x, k, start)
+    if got.tolist() != want:
+        i = next(j for j in range(k) if got[j] != want[j])
+        gap = torch.cdist(x.double()[[int(got[i]), want[i]]], x.double()[want[:i]]).min(dim=1).values
+        assert abs(float(gap[0] - gap[1])) <= 1e-4 * float(gap[1]) + 1e-6
+    assert len(set(got.tolist())) == k
+    xd = x.double()
+    d2 = torch.cdist(xd, xd[got]) ** 2
+    assert torch.allclose(sq_dist.double(), d2.min(dim=1).values, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(d2.gather(1, nearest.unsqueeze(1)).squeeze(1), d2.min(dim=1).values, rtol=1e-3, atol=1e-3)
+    assert kcenter_default_is_batched(x, k)
+
+
+def kcenter_default_is_batched(x: torch.Tensor, k: int) -> bool:
+    from defectscope.components.coreset import kcenter
+
+    return kcenter(x, k, eps=None, seed=1).indices.tolist() == kcenter(x, k, eps=None, seed=1, engine="batched").indices.tolist()
+
+
+def test_batched_engine_duplicates_and_shared_bar() -> None:
+    from defectscope.components.coreset import kcenter
+
+    class Count:
+        n = 0
+
+        def update(self, k: int = 1) -> None:
+            self.n += k
+
+    y = torch.tensor([[0.0], [10.0], [20.0]]).repeat(30, 1)
+    bar = Count()
+    got = kcenter(y, 10, eps=None, seed=4, bar=bar).indices
+    assert len(set(got.tolist())) == 10 and bar.n == 10
+    assert sorted({float(y[i]) for i in got[:3]}) == [0.0, 10.0, 20.0]  # the three distinct values first
+
+
 def test_pruned_engine_duplicates() -> None:
     pytest.importorskip("numba")
     y = torch.tensor([[0.0], [10.0], [20.0]]).repeat(30, 1)

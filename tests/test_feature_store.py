@@ -88,22 +88,20 @@ def test_unusable_folder_names_it(tmp_path):
 
 
 def test_patchcore_fit_streams_through_the_store(monkeypatch, tmp_path):
-    """Fit leaves nothing in the temporary folder and chunked leave-one-out equals one pass."""
+    """Fit leaves nothing in the temporary folder, whether a fold is one chunk or several."""
+    from defectscope.detectors import patchcore as patchcore_module
     from defectscope.detectors.patchcore import PatchCore
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     torch.manual_seed(0)
     images = torch.rand(6, 3, 64, 64)
-    det = PatchCore(image_size=64, coreset_ratio=0.2).fit(images)
+    det = PatchCore(image_size=64, coreset_ratio=0.2, folds=2).fit(images)
     assert [p for p in tmp_path.iterdir() if p.is_file()] == []  # (torch may add a cache folder here)
-    feats = det._patch_features(images)
-    per_image = feats.shape[1] * feats.shape[2]
-    with FeatureStore(feats.shape[-1]) as store:
-        store.append(feats.reshape(-1, feats.shape[-1]))
-        one_image_chunks = det._leave_one_out_scores(store, 6, per_image, None, chunk_rows=per_image)
-        two_image_chunks = det._leave_one_out_scores(store, 6, per_image, None, chunk_rows=2 * per_image + 1)
-    torch.testing.assert_close(one_image_chunks, det.training_scores_, rtol=1e-5, atol=0)
-    torch.testing.assert_close(two_image_chunks, det.training_scores_, rtol=1e-5, atol=0)
+    assert det.fit_details_["n_chunks"] == 2
+    monkeypatch.setattr(patchcore_module, "CHUNK_PATCHES", 64 * 2)  # two images' patches per chunk
+    chunked = PatchCore(image_size=64, coreset_ratio=0.2, folds=2).fit(images)
+    assert chunked.fit_details_["n_chunks"] == 4
+    assert [p for p in tmp_path.iterdir() if p.is_file()] == []
 
 
 def test_padim_fit_streams_through_the_store(monkeypatch, tmp_path):

@@ -143,28 +143,6 @@ def test_faiss_missing_falls_back_to_torch(data, monkeypatch, caplog) -> None:
     np.testing.assert_allclose(nn.search(queries, 2)[0].numpy(), want_d, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("max_block", [300 * 7, 1 << 25])
-def test_search_excluding_own_vs_masked_brute_force(data, backend: str, max_block: int) -> None:
-    bank, queries, groups = data
-    query_groups = torch.arange(queries.shape[0]) % 7
-    nn = NearestNeighbors(bank, backend=backend, groups=groups)
-    dist, idx = nn.search_excluding_own(queries, query_groups, max_block=max_block)
-    assert dist.shape == idx.shape == (queries.shape[0],)
-    for q in range(queries.shape[0]):
-        mask = (groups == query_groups[q]).numpy()
-        want_d, want_i = brute(bank.numpy(), queries[q : q + 1].numpy(), 1, mask)
-        assert dist[q] == pytest.approx(float(want_d[0, 0]), rel=1e-4, abs=1e-4)
-        assert groups[idx[q]] != query_groups[q]
-        if no_tie_rows(bank.numpy(), queries[q : q + 1].numpy(), 1, mask)[0]:
-            assert int(idx[q]) == int(want_i[0, 0])
-    # a query whose group owns the whole bank has nothing left to match
-    with pytest.raises(DefectscopeError):
-        NearestNeighbors(bank, groups=torch.zeros(300, dtype=torch.int64)).search_excluding_own(
-            queries[:2], torch.zeros(2, dtype=torch.int64)
-        )
-
-
 # ------------------------------------------------------------------ approximate indexes
 APPROX = ["hnsw", "ivf"]
 

@@ -88,28 +88,78 @@ def test_image_score_matches_equation_7(fitted):
         assert pred.scores[i] == pytest.approx(ref, rel=1e-4)
 
 
-def test_leave_one_out_scores_match_refit_without_image(fitted):
-    """Training score i == score of image i against the bank with image i's entries removed."""
+def _with_bank(det, bank):
+    """A PatchCore sharing det's extractor and parameters whose memory bank is ``bank``."""
+    ref = PatchCore(image_size=SIZE, num_neighbors=det.num_neighbors)
+    ref.set_extractor(det.extractor)
+    ref.load_state({"memory_bank": bank, "bank_image": torch.zeros(len(bank), dtype=torch.int64),
+                    "grid": torch.tensor(det.grid_), "n_train": torch.tensor(det.n_train_),
+                    "training_scores": det.training_scores_})
+    return ref
+
+
+def test_held_out_scores_use_the_bank_without_the_image_fold(fitted):
+    """Training score i == score of image i against the bank entries chosen from the other folds."""
     det, split, _, _ = fitted
     train = _tensors(split.train, det)
-    loo = det.training_scores()
-    assert loo.shape == (len(split.train),)
-    for i in (0, 5):
-        keep = det.bank_image_ != i
-        ref = PatchCore(image_size=SIZE, num_neighbors=det.num_neighbors)
-        ref.set_extractor(det.extractor)
-        ref.load_state(
-            {
-                "memory_bank": det.memory_bank_[keep],
-                "bank_image": det.bank_image_[keep],
-                "grid": torch.tensor(det.grid_),
-                "n_train": torch.tensor(det.n_train_),
-                "training_scores": det.training_scores_,
-            }
-        )
-        assert loo[i] == pytest.approx(float(ref.predict(train[i : i + 1]).scores[0]), rel=1e-4)
-    # scores of unseen good images and leave-one-out scores are on the same scale
-    assert np.median(loo) > 0
+    held_out = det.training_scores()
+    assert held_out.shape == (len(split.train),)
+    folds = det._image_folds(len(split.train))
+    assert sorted(set(folds.tolist())) == list(range(det.folds))
+    for i in (0, 5, 11):
+        keep = folds[det.bank_image_] != folds[i]
+        assert 0 < int(keep.sum()) < len(keep)
+        ref = _with_bank(det, det.memory_bank_[keep])
+        assert held_out[i] == pytest.approx(float(ref.predict(train[i : i + 1]).scores[0]), rel=1e-4)
+    assert np.median(held_out) > 0
+
+
+def test_a_fold_never_influences_the_other_folds_entries(fitted):
+    """Changing one fold's images leaves every other fold's bank entries as they were: a held-out
+    image's bank was fitted without it, so the threshold it gives is honest."""
+    det, split, _, _ = fitted
+    train = _tensors(split.train, det)
+    folds = det._image_folds(len(split.train))
+    changed = train.clone()
+    changed[folds == 1] = torch.flip(changed[folds == 1], dims=[-1]) * 0.5
+    again = PatchCore(image_size=SIZE, coreset_ratio=0.25, seed=0)
+    again.set_extractor(det.extractor)
+    again.fit(changed)
+    for f in (0, 2, 3, 4):
+        mine, theirs = folds[det.bank_image_] == f, folds[again.bank_image_] == f
+        assert torch.equal(det.memory_bank_[mine], again.memory_bank_[theirs])
+    assert not torch.equal(det.memory_bank_[folds[det.bank_image_] == 1], again.memory_bank_[folds[again.bank_image_] == 1])
+
+
+def test_exact_mode_selects_once_over_all_patches_and_refits_per_fold(synthetic_category):
+    """coreset='exact': the bank is the greedy k-center of all patches (Alg. 1); a held-out score is
+    the score against a greedy k-center selected anew on the other folds' patches."""
+    from defectscope.components.coreset import kcenter
+
+    split = mvtec_category(synthetic_category)
+    det = PatchCore(image_size=SIZE, coreset_ratio=0.1, coreset="exact", folds=3, seed=1)
+    train = _tensors(split.train[:9], det)
+    det.fit(train)
+    feats = det._patch_features(train)
+    flat = feats.reshape(-1, feats.shape[-1])
+    want = kcenter(flat, det.bank_size_for(flat.shape[0]), seed=1)
+    assert torch.equal(det.memory_bank_, flat[want.indices])
+    folds = det._image_folds(9)
+    i = 4
+    others = feats[folds != folds[i]].reshape(-1, feats.shape[-1])
+    fold_bank = others[kcenter(others, det.bank_size_for(others.shape[0]), seed=1).indices]
+    ref = _with_bank(det, fold_bank)
+    assert det.training_scores()[i] == pytest.approx(float(ref.predict(train[i : i + 1]).scores[0]), rel=1e-4)
+
+
+def test_bank_size_is_capped_and_threshold_images_bounded(synthetic_category):
+    split = mvtec_category(synthetic_category)
+    det = PatchCore(image_size=SIZE, coreset_ratio=0.5, max_bank_size=100, threshold_images=4, seed=0)
+    train = _tensors(split.train[:8], det)
+    det.fit(train)
+    assert det.memory_bank_.shape[0] == 100 == det.fit_details_["n_selected"]
+    assert det.training_scores().shape == (4,) and det.fit_details_["n_threshold_images"] == 4
+    assert "100" in det.fit_details_["bank_size_rule"]
 
 
 def test_same_seed_same_model(synthetic_category):
@@ -130,7 +180,8 @@ def test_not_fitted_error():
         PatchCore().predict(torch.zeros(1, 3, SIZE, SIZE))
 
 
-@pytest.mark.parametrize("bad", [{"coreset_ratio": 0}, {"coreset_ratio": 1.5}, {"patch_size": 2}, {"num_neighbors": 0}])
+@pytest.mark.parametrize("bad", [{"coreset_ratio": 0}, {"coreset_ratio": 1.5}, {"patch_size": 2}, {"num_neighbors": 0},
+                                 {"coreset": "random"}, {"folds": 1}, {"max_bank_size": 0}, {"threshold_images": 0}])
 def test_invalid_parameters_fail_at_fit(bad):
     from defectscope.errors import DefectscopeError
 
@@ -139,39 +190,21 @@ def test_invalid_parameters_fail_at_fit(bad):
         det.fit(torch.zeros(2, 3, SIZE, SIZE))
 
 
-def test_coverage_radius_is_reported_exactly(fitted):
+def test_default_selection_covers_every_patch_within_its_radius(fitted):
+    """Every training patch lies within the reported coverage radius of a bank entry, and that radius
+    is within 1.5x the radius of the exact greedy k-center of all patches (measured 1.1x here)."""
+    from defectscope.components.coreset import kcenter
+
     det, split, _, _ = fitted
     feats = det._patch_features(_tensors(split.train, det))
     flat = feats.reshape(-1, feats.shape[-1])
     nearest = torch.cdist(flat.double(), det.memory_bank_.double()).min(dim=1).values
     info = det.fit_details_
-    assert info["radius_space"] == "features" and info["n_patches"] == flat.shape[0]
+    assert info["coreset"] == "folds" and info["radius_space"] == "features" and info["n_patches"] == flat.shape[0]
     assert info["n_selected"] == det.memory_bank_.shape[0]
-    assert info["coverage_radius"] == pytest.approx(float(nearest.max()), rel=1e-4)
-
-
-def test_candidate_subset_mode(synthetic_category):
-    """Approximate mode: centres come from a seeded subset; leave-one-out scores stay exact."""
-    split = mvtec_category(synthetic_category)
-    det = PatchCore(image_size=SIZE, coreset_ratio=0.1, coreset_candidates=500, seed=2)
-    train = _tensors(split.train[:6], det)
-    det.fit(train)
-    details = det.fit_details_
-    assert details["n_candidates"] == 500 and details["n_patches"] == 6 * 16 * 16
-    assert det.memory_bank_.shape[0] == details["n_selected"] == -(-details["n_patches"] // 10)
-    allowed = det._coreset_candidates(details["n_patches"])
-    feats = det._patch_features(train).reshape(-1, det.memory_bank_.shape[1])
-    chosen = torch.cdist(det.memory_bank_, feats).argmin(dim=1)
-    assert torch.isin(chosen, allowed).all()
-    again = PatchCore(image_size=SIZE, coreset_ratio=0.1, coreset_candidates=500, seed=2).fit(train)
-    assert torch.equal(again.memory_bank_, det.memory_bank_)
-    keep = det.bank_image_ != 1
-    ref = PatchCore(image_size=SIZE, num_neighbors=det.num_neighbors)
-    ref.set_extractor(det.extractor)
-    ref.load_state({"memory_bank": det.memory_bank_[keep], "bank_image": det.bank_image_[keep],
-                    "grid": torch.tensor(det.grid_), "n_train": torch.tensor(det.n_train_),
-                    "training_scores": det.training_scores_})
-    assert det.training_scores()[1] == pytest.approx(float(ref.predict(train[1:2]).scores[0]), rel=1e-4)
+    assert float(nearest.max()) <= info["coverage_radius"] * (1 + 1e-5)
+    exact = kcenter(flat, det.memory_bank_.shape[0], seed=0)
+    assert info["coverage_radius"] <= 1.5 * float(exact.sq_dist.max().sqrt())
 
 
 @pytest.mark.parametrize("knn_index", ["ivf", "hnsw"])

@@ -56,15 +56,20 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
                         f"trained with (default {DEFAULT_NORMALIZATION}; see the README)")
     g.add_argument("--seed", type=int, default=None, help="seed for every random choice (default 0)")
     g.add_argument("--threshold-quantile", type=float, default=0.99,
-                   help="threshold = this quantile of leave-one-out scores of the good training images (default 0.99)")
+                   help="threshold = this quantile of held-out scores of the good training images (default 0.99)")
     pc = p.add_argument_group("patchcore")
     pc.add_argument("--coreset-ratio", type=float, default=None, help="fraction of patches kept (default 0.1)")
     pc.add_argument("--coreset-eps", type=float, default=None,
                     help="Johnson-Lindenstrauss eps setting the projection used for coreset selection (default 0.9)")
     pc.add_argument("--projection-dim", type=int, default=None, help="explicit projection dimension for the coreset")
-    pc.add_argument("--coreset-candidates", type=int, default=None, metavar="N",
-                    help="approximate coreset for large training sets: choose centres among a seeded random subset "
-                         "of at most N patches (default: all patches, exact)")
+    pc.add_argument("--coreset", choices=["folds", "exact"], default=None,
+                    help="coreset selection: folds (greedy k-center per fold and chunk of images, linear in the "
+                         "number of images; default) or exact (one greedy over all patches, as in the paper)")
+    pc.add_argument("--max-bank-size", type=int, default=None, metavar="M",
+                    help="most memory-bank entries whatever the training set's size (default 32768)")
+    pc.add_argument("--folds", type=int, default=None, help="folds of the selection and the k-fold threshold (default 5)")
+    pc.add_argument("--threshold-images", type=int, default=None, metavar="N",
+                    help="most training images scored for the threshold (default 500)")
     pc.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default=None,
                     help="nearest-neighbour index: flat (exact, default), ivf or hnsw (approximate, for large "
                          "memory banks; see the README for measured recall)")
@@ -101,7 +106,8 @@ _PARAM_OPTIONS = {
     "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
     "normalization": "normalization",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
-    "coreset_candidates": "coreset_candidates", "knn_index": "knn_index",
+    "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
+    "threshold_images": "threshold_images", "knn_index": "knn_index",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
 }
 
@@ -262,7 +268,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.output}: {detector.method} on {meta['training']['n_images']} images in "
         f"{meta['training']['fit_seconds']:.1f} s, threshold {meta['threshold']:.6g} "
-        f"({meta['threshold_info']['quantile']:.0%} quantile of {meta['threshold_info']['n_images']} leave-one-out scores)"
+        f"({meta['threshold_info']['quantile']:.0%} quantile of {meta['threshold_info']['n_images']} held-out scores)"
     )
     if "warning" in meta["threshold_info"]:
         print(f"defectscope: warning: {meta['threshold_info']['warning']}", file=sys.stderr)

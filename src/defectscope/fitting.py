@@ -24,8 +24,10 @@ DEFAULT_THRESHOLD_QUANTILE = 0.99
 FEW_THRESHOLD_IMAGES = 50
 
 
-def threshold_from_scores(scores: np.ndarray, quantile: float = DEFAULT_THRESHOLD_QUANTILE) -> dict[str, Any]:
-    """The decision threshold from leave-one-image-out scores of good training images.
+def threshold_from_scores(
+    scores: np.ndarray, quantile: float = DEFAULT_THRESHOLD_QUANTILE, kind: str = "leave-one-image-out"
+) -> dict[str, Any]:
+    """The decision threshold from held-out scores of good training images (``kind`` says how held out).
 
     Rule: the ``quantile`` (linear interpolation) of those scores, i.e. the model is expected to
     reject about (1 - quantile) of good parts. Returns the threshold and how it was made,
@@ -37,7 +39,7 @@ def threshold_from_scores(scores: np.ndarray, quantile: float = DEFAULT_THRESHOL
     n = int(scores.size)
     info: dict[str, Any] = {
         "threshold": float(np.quantile(scores, quantile)),
-        "rule": "quantile of leave-one-image-out scores of the good training images",
+        "rule": f"quantile of {kind} scores of the good training images",
         "quantile": quantile,
         "n_images": n,
         "score_mean": float(scores.mean()),
@@ -114,9 +116,9 @@ def fit_detector(
                     f"{detector.method} needs at least {need}"
                 )
 
-        detector.fit(images())
+        detector.fit(images(), progress=progress)
     fit_seconds = time.perf_counter() - start
-    threshold = threshold_from_scores(detector.training_scores(), threshold_quantile)
+    threshold = threshold_from_scores(detector.training_scores(), threshold_quantile, detector.training_scores_kind)
     if "warning" in threshold:
         log.info(threshold["warning"])
     training: dict[str, Any] = {}

@@ -143,6 +143,11 @@ def load_model_with_extras(path: str | Path) -> tuple[Detector, dict[str, Any], 
         params = dict(meta["params"])
         # files written before the normalization parameter existed used the weights' own statistics
         params.setdefault("normalization", LEGACY_NORMALIZATION)
+        if meta["method"] == "patchcore" and "coreset" not in params:
+            # files written before the fold selection: one greedy over all (or a random subset of the)
+            # patches, no bank cap; coreset_candidates was retired with it
+            params.pop("coreset_candidates", None)
+            params.update(coreset="exact", max_bank_size=None)
         detector = make_detector(meta["method"], **params)
         detector.load_state(tensors)
     except KeyError as exc:

@@ -19,14 +19,14 @@ class _Silent:
 
 
 @contextmanager
-def progress_bar(total: int | None, desc: str, enabled: bool) -> Iterator[Any]:
-    """A tqdm bar on stderr when ``enabled``, otherwise an object that ignores updates."""
+def progress_bar(total: int | None, desc: str, enabled: bool, unit: str = "img") -> Iterator[Any]:
+    """A tqdm bar on stderr when ``enabled`` (it shows the rate and an ETA), otherwise an object that ignores updates."""
     if not enabled:
         yield _Silent()
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
         yield bar
     finally:

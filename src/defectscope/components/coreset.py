@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,9 +54,10 @@ def random_projection(features: torch.Tensor, dim: int, seed: int) -> torch.Tens
     return features @ matrix
 
 
-#: selection engines: "pruned" (exact, triangle-inequality pruning, compiled with numba),
-#: "brute" (exact, one matrix-vector product per centre, torch), "auto" (pruned when numba imports)
-ENGINES = ("auto", "pruned", "brute")
+#: selection engines, all exact: "batched" (many centres per pass over the points, matrix-matrix
+#: products; the default), "pruned" (triangle-inequality pruning, compiled with numba), "brute"
+#: (one matrix-vector product per centre, torch); "auto" is "batched"
+ENGINES = ("auto", "batched", "pruned", "brute")
 
 
 @dataclass
@@ -110,13 +112,19 @@ def kcenter(
     seed: int = 0,
     progress: bool = False,
     engine: str = "auto",
+    bar: Any = None,
 ) -> KCenterResult:
     """Greedy k-center selection of (N, D) features (see :func:`greedy_coreset`), with assignments.
 
+    engine "batched" (default, "auto") finds several centres per pass over the points, exactly as
+    the one-at-a-time greedy would choose them (see :func:`_batched`): the passes are
+    matrix-matrix products, which run at the CPU's arithmetic speed instead of its memory speed.
     engine "pruned" skips, for each new centre c, every point i whose current centre a(i)
     satisfies ||c - a(i)|| >= 2 d(i) (triangle inequality: then ||x_i - c|| >= d(i), so c cannot
-    be closer), and stops summing a distance once it passes the bound it is tested against;
-    it selects the same points as "brute" (up to float rounding of exact ties).
+    be closer), and stops summing a distance once it passes the bound it is tested against.
+    All engines select the same points (up to float rounding of exact ties). ``progress`` draws a
+    bar of centres selected, with an ETA (brute and batched engines); ``bar``, an object with
+    ``update(n)`` (e.g. a tqdm bar shared by several selections), is told instead.
     """
     _check_matrix(features, "features")
     if engine not in ENGINES:
@@ -145,15 +153,15 @@ def kcenter(
 
     generator = torch.Generator().manual_seed(seed)
     start = int(torch.randint(n_points, (1,), generator=generator))
-    if engine == "auto":
-        engine = "pruned" if _numba_kernel() is not None else "brute"
-    if engine == "pruned":
+    if engine in ("auto", "batched"):
+        indices, nearest, sq_dist = _batched(x, n_select, start, _centre_bar(n_select, progress, bar))
+    elif engine == "pruned":
         kernel = _numba_kernel()
         if kernel is None:
             raise DefectscopeError("coreset engine 'pruned' needs numba: pip install numba, or use engine='brute'")
         indices, nearest, sq_dist = _pruned(kernel, x, n_select, start)
     else:
-        indices, nearest, sq_dist = _greedy_loop(x, n_select, start, progress)
+        indices, nearest, sq_dist = _greedy_loop(x, n_select, start, _centre_bar(n_select, progress, bar))
     return KCenterResult(indices, nearest, sq_dist, projected)
 
 
@@ -167,8 +175,98 @@ def _pruned(kernel, x: torch.Tensor, n_select: int, start: int) -> tuple[torch.T
     return torch.from_numpy(selected), torch.from_numpy(nearest).long(), torch.from_numpy(sq_dist)
 
 
+def _batched(
+    x: torch.Tensor, n_select: int, start: int, bar: Any, pool_size: int = 512, block_rows: int = 1 << 16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy k-center on (N, d) float32 ``x`` from ``start``, several centres per pass.
+
+    Each round takes the ``pool_size`` points farthest from their nearest centre; every point
+    outside that pool is at most ``bound`` (the next largest distance) from a centre, and adding
+    centres only lowers distances. So while the farthest pool point, after the centres chosen in
+    this round, is still farther than ``bound``, it is exactly the point the one-at-a-time greedy
+    would choose next; its effect on the other pool points is known from the pool's own distances.
+    The round stops when that test fails; then one matrix product updates every point's nearest
+    centre for all the centres chosen in the round. Same result as :func:`_greedy_loop`, with
+    distances in the same ||x||^2 - 2 x.c + ||c||^2 form (up to float rounding at exact ties).
+
+    Returns selected (n_select,) int64, nearest centre position (N,) int64, squared distance (N,).
+    """
+    n = x.shape[0]
+    sq_norms = (x * x).sum(dim=1)
+    min_dist = ((x @ x[start]).mul_(-2.0).add_(sq_norms).add_(sq_norms[start])).clamp_min_(0.0)
+    min_dist[start] = -float("inf")  # chosen centres are never chosen again
+    nearest = torch.zeros(n, dtype=torch.int64)
+    selected = torch.empty(n_select, dtype=torch.int64)
+    selected[0] = start
+    count = 1
+    bar.update(1)
+    m = min(pool_size, n - 1)
+    while count < n_select:
+        vals, pool = torch.topk(min_dist, min(m + 1, n))
+        bound = float(vals[m]) if vals.numel() > m else -float("inf")
+        pool, pool_d = pool[:m], vals[:m].clone()
+        p = x[pool]
+        p_sq = sq_norms[pool]
+        gram = (p @ p.T).mul_(-2.0).add_(p_sq.unsqueeze(1)).add_(p_sq.unsqueeze(0))  # (m, m) squared distances
+        new: list[int] = []
+        while count + len(new) < n_select:
+            j = int(torch.argmax(pool_d))
+            best = float(pool_d[j])
+            if new and best <= bound or best == -float("inf"):
+                break  # a point outside the pool may be the farthest now: update everything first
+            new.append(j)
+            torch.minimum(pool_d, gram[j], out=pool_d)
+            pool_d[j] = -float("inf")
+        chosen = pool[new]
+        c = x[chosen]  # (b, d)
+        c_sq = sq_norms[chosen]
+        for lo in range(0, n, block_rows):
+            hi = min(lo + block_rows, n)
+            d2 = (x[lo:hi] @ c.T).mul_(-2.0).add_(sq_norms[lo:hi].unsqueeze(1)).add_(c_sq)  # (rows, b)
+            best_d, best_c = d2.min(dim=1)
+            block = min_dist[lo:hi]
+            closer = best_d < block
+            block[closer] = best_d[closer].clamp_min_(0.0)
+            nearest[lo:hi][closer] = best_c[closer] + count
+        min_dist[chosen] = -float("inf")
+        nearest[chosen] = torch.arange(count, count + len(new))
+        selected[count : count + len(new)] = chosen
+        count += len(new)
+        bar.update(len(new))
+    bar.close()
+    nearest[start] = 0
+    return selected, nearest, min_dist.clamp_min_(0.0)
+
+
+def _centre_bar(total: int, enabled: bool, shared: Any) -> Any:
+    """Where to count centres: ``shared`` if given, a tqdm bar with an ETA if ``enabled``, else nothing.
+    The caller closes what it made: bars made here are closed by :class:`_Closing` at the end."""
+    if shared is not None:
+        return _Closing(shared, close=False)
+    if not enabled:
+        return _Closing(None, close=False)
+    from tqdm.auto import tqdm
+
+    return _Closing(tqdm(total=total, desc="coreset", unit="centre", leave=False), close=True)
+
+
+class _Closing:
+    """update/close on a bar that may be absent; close only what this module opened."""
+
+    def __init__(self, bar: Any, close: bool) -> None:
+        self.bar, self._close = bar, close
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self._close:
+            self.bar.close()
+
+
 def _greedy_loop(
-    x: torch.Tensor, n_select: int, start: int, progress: bool
+    x: torch.Tensor, n_select: int, start: int, bar: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Brute-force greedy k-center on (N, d) float32 ``x`` from index ``start``.
 
@@ -185,11 +283,6 @@ def _greedy_loop(
     closer = torch.empty(x.shape[0], dtype=torch.bool)
     selected = torch.empty(n_select, dtype=torch.int64)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_select, desc="coreset", unit="centre")
     idx = start
     for i in range(n_select):
         selected[i] = idx
@@ -205,10 +298,8 @@ def _greedy_loop(
         min_dist[idx] = -float("inf")
         nearest[idx] = i
         idx = int(torch.argmax(min_dist))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     sq_dist = min_dist.clamp_min_(0.0)
     return selected, nearest, sq_dist
 

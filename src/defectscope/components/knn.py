@@ -261,39 +261,6 @@ class NearestNeighbors:
         """Same as ``search(queries, k, exclude_group=exclude_group)``."""
         return self.search(queries, k, exclude_group=exclude_group)
 
-    def search_excluding_own(
-        self, queries: torch.Tensor, query_groups: torch.Tensor, max_block: int = 1 << 25
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest entry (distance (Q,), index (Q,)) of each query among bank entries of another group.
-
-        queries (Q, D), query_groups (Q,) integer: query q ignores entries whose group equals
-        query_groups[q]. Exact brute force (||q||^2 - 2 q.b + ||b||^2 with a per-row mask) in
-        chunks of at most ``max_block`` distances, so memory stays O(max_block), not O(Q x M).
-        Used for leave-one-image-out scores of many images' patches in one pass.
-        """
-        queries = self._check_queries(queries)
-        if self.groups is None:
-            raise DefectscopeError("search_excluding_own needs the bank's groups: build NearestNeighbors(bank, groups=...)")
-        if query_groups.shape != (queries.shape[0],) or query_groups.is_floating_point():
-            raise DefectscopeError(f"query_groups must be a ({queries.shape[0]},) integer tensor, one group per query")
-        bank_sq = self.bank_sq
-        n_queries, n_bank = queries.shape[0], self.bank.shape[0]
-        step = max(1, max_block // n_bank)
-        distances = torch.empty(n_queries, dtype=torch.float32)
-        indices = torch.empty(n_queries, dtype=torch.int64)
-        for lo in range(0, n_queries, step):
-            chunk = queries[lo : lo + step]
-            d2 = torch.addmm(bank_sq.unsqueeze(0), chunk, self.bank.T, beta=1.0, alpha=-2.0)
-            own = self.groups.unsqueeze(0) == query_groups[lo : lo + step].long().unsqueeze(1)
-            d2.masked_fill_(own, float("inf"))
-            best, idx = d2.min(dim=1)
-            best.add_((chunk * chunk).sum(dim=1))
-            distances[lo : lo + chunk.shape[0]] = best.clamp_min_(0.0).sqrt_()
-            indices[lo : lo + chunk.shape[0]] = idx
-        if not torch.isfinite(distances).all():
-            raise DefectscopeError("search_excluding_own: some query's group holds every bank entry; nothing is left to match")
-        return distances, indices
-
     # ----------------------------------------------------------------- backends
     def _faiss_chunk(
         self, chunk: torch.Tensor, k: int, exclude_group: int | None, n_excluded: int

@@ -83,6 +83,8 @@ class Detector(ABC):
     method: ClassVar[str]
     #: fewest training images the method can learn from (leave-one-out needs at least two)
     min_train_images: ClassVar[int] = 2
+    #: how :meth:`training_scores` holds each image out (recorded with the threshold)
+    training_scores_kind: ClassVar[str] = "leave-one-image-out"
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class Detector(ABC):
         self.blur_sigma = blur_sigma
         self.normalization = normalization
         self._extractor: FeatureExtractor | None = None
+        self._show_progress = False
 
     # ----------------------------------------------------------------- parameters
     def get_params(self) -> dict[str, Any]:
@@ -167,9 +170,14 @@ class Detector(ABC):
                 "or load a model file"
             )
 
-    def fit(self, images: torch.Tensor | Iterable[torch.Tensor]) -> "Detector":
-        """Learn from good images: one (N, 3, H, W) tensor or an iterable of batches."""
+    def fit(self, images: torch.Tensor | Iterable[torch.Tensor], progress: bool = False) -> "Detector":
+        """Learn from good images: one (N, 3, H, W) tensor or an iterable of batches.
+
+        ``progress`` draws bars (with ETAs) on stderr for the steps after feature extraction
+        that take long on large training sets (PatchCore's coreset and threshold scores).
+        """
         self._validate_params()
+        self._show_progress = progress
         torch.manual_seed(self.seed)
         with torch.inference_mode():
             self._fit(as_batches(images))
@@ -193,10 +201,10 @@ class Detector(ABC):
         return Prediction(np.concatenate(scores), np.concatenate(maps))
 
     def training_scores(self) -> np.ndarray:
-        """Leave-one-image-out scores of the training images (N_train,), for the threshold.
+        """Held-out scores of training images (T,), T <= N_train, for the threshold.
 
-        Each training image is scored as if it had not been part of the training set,
-        so these scores behave like those of unseen good images.
+        Each scored training image is scored as if it had not been part of the training set
+        (``training_scores_kind`` says how), so these scores behave like those of unseen good images.
         """
         self._check_fitted()
         with torch.inference_mode():

@@ -11,6 +11,8 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +23,13 @@ from ..components.feature_store import FeatureStore
 from ..components.knn import BACKENDS, INDEXES, NearestNeighbors
 from ..errors import DefectscopeError
 from ..normalization import DEFAULT_NORMALIZATION
+from ..progress import progress_bar
 from .base import Detector
 
 log = logging.getLogger(__name__)
+
+#: coreset selections: per-fold chunks (linear, default) or one greedy over all patches
+CORESETS = ("folds", "exact")
 
 
 class PatchCore(Detector):
@@ -34,9 +40,20 @@ class PatchCore(Detector):
         coreset_eps: Johnson-Lindenstrauss epsilon that sets the random-projection dimension used
             while selecting the coreset; ignored when ``projection_dim`` is given.
         projection_dim: explicit random-projection dimension for the coreset selection.
-        coreset_candidates: approximate mode for large training sets: the greedy k-center runs on
-            a seeded random subset of at most this many patches (the bank size is still
-            coreset_ratio x all patches, capped at the subset). None (default): all patches, exact.
+        max_bank_size: most memory-bank entries, whatever the number of training patches (None: no
+            cap). The paper keeps a fixed ratio, so its bank, its fit time (quadratically) and its
+            predict time grow with the training set; the cap (32,768 entries: bottle and pill at
+            10 % stay below it) keeps predict at the same speed for 3,000 images as for 300.
+        coreset: "folds" (default) or "exact". folds: the training images are dealt at random
+            into ``folds`` folds, each fold split into chunks of at most 2^19 patches, and the
+            greedy k-center runs in each chunk for its share of the bank; the bank is the union.
+            Linear in the number of images, and each fold's entries are chosen without the other
+            folds' images, which gives the threshold its held-out banks for free. exact: one
+            greedy k-center over all patches (Alg. 1 as written; quadratic time, all patches in
+            memory); its held-out banks are selected anew per fold.
+        folds: number of folds k for the selection and the k-fold threshold (default 5).
+        threshold_images: most training images scored (held out) for the threshold; a seeded
+            sample when there are more.
         num_neighbors: b, the memory-bank neighbourhood used to re-weight the image score (eq. 7).
         patch_size: side of the local neighbourhood aggregated into each patch feature (paper: p = 3).
         target_dim: optional final feature dimension (adaptive average pooling over channels, as in
@@ -44,11 +61,15 @@ class PatchCore(Detector):
         knn_backend: "faiss" or "torch" (exact, chunked brute force).
         knn_index: the faiss index searched at predict time: "flat" (exact, default), "ivf" or
             "hnsw" (approximate, faster on large banks; recall measured in benchmarks/bench_knn.py).
-            Leave-one-out training scores use the same index for the re-weighting, so the
-            threshold matches what predict computes.
+            Held-out threshold scores use the same index type, so the threshold matches what
+            predict computes.
+
+    The threshold's training scores are k-fold held-out scores: each scored image is compared
+    with the bank fitted without its fold (see :meth:`_held_out_scores`).
     """
 
     method = "patchcore"
+    training_scores_kind = "k-fold held-out (each image against the bank fitted without its fold)"
 
     def __init__(
         self,
@@ -62,7 +83,10 @@ class PatchCore(Detector):
         coreset_ratio: float = 0.1,
         coreset_eps: float | None = 0.9,
         projection_dim: int | None = None,
-        coreset_candidates: int | None = None,
+        max_bank_size: int | None = 32768,
+        coreset: str = "folds",
+        folds: int = 5,
+        threshold_images: int = 500,
         num_neighbors: int = 9,
         patch_size: int = 3,
         target_dim: int | None = None,
@@ -73,7 +97,10 @@ class PatchCore(Detector):
         self.coreset_ratio = coreset_ratio
         self.coreset_eps = coreset_eps
         self.projection_dim = projection_dim
-        self.coreset_candidates = coreset_candidates
+        self.max_bank_size = max_bank_size
+        self.coreset = coreset
+        self.folds = folds
+        self.threshold_images = threshold_images
         self.num_neighbors = num_neighbors
         self.patch_size = patch_size
         self.target_dim = target_dim
@@ -86,8 +113,14 @@ class PatchCore(Detector):
             raise DefectscopeError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.coreset_eps is not None and not 0 < self.coreset_eps < 1.5:
             raise DefectscopeError(f"coreset_eps must be in (0, 1.5), got {self.coreset_eps}")
-        if self.coreset_candidates is not None and self.coreset_candidates < 1:
-            raise DefectscopeError(f"coreset_candidates must be a positive integer, got {self.coreset_candidates}")
+        if self.max_bank_size is not None and self.max_bank_size < 1:
+            raise DefectscopeError(f"max_bank_size must be a positive integer or None, got {self.max_bank_size}")
+        if self.coreset not in CORESETS:
+            raise DefectscopeError(f"coreset must be one of {', '.join(CORESETS)}, got {self.coreset!r}")
+        if self.folds < 2:
+            raise DefectscopeError(f"folds must be >= 2 (the threshold holds one fold out), got {self.folds}")
+        if self.threshold_images < 1:
+            raise DefectscopeError(f"threshold_images must be >= 1, got {self.threshold_images}")
         if self.num_neighbors < 1:
             raise DefectscopeError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
@@ -124,9 +157,9 @@ class PatchCore(Detector):
     # ------------------------------------------------------------------ fit
     def _fit(self, batches: Iterator[torch.Tensor]) -> None:
         # Stream: each batch's patch features go to a temporary file as they are computed, so memory
-        # holds one batch during extraction, then only what the coreset step reads back (all patches
-        # for the exact selection, the candidate subset in approximate mode), then one chunk of
-        # images at a time for the leave-one-out scores. See components/feature_store.py.
+        # holds one batch during extraction, then one chunk of patches at a time for the coreset
+        # (all of them in exact mode), then one held-out image at a time for the threshold scores.
+        # See components/feature_store.py.
         store: FeatureStore | None = None
         grid: tuple[int, int] | None = None
         try:
@@ -144,88 +177,143 @@ class PatchCore(Detector):
             if store is not None:
                 store.close()
 
+    def bank_size_for(self, n_patches: int) -> int:
+        """Memory-bank entries for ``n_patches`` training patches: min(ceil(ratio x patches), max_bank_size)."""
+        size = max(1, math.ceil(self.coreset_ratio * n_patches))
+        return size if self.max_bank_size is None else min(size, self.max_bank_size)
+
     def _fit_from_store(self, store: FeatureStore, grid: tuple[int, int]) -> None:
         per_image = grid[0] * grid[1]
         n_patches = len(store)
         n = n_patches // per_image
-        n_select = max(1, math.ceil(self.coreset_ratio * n_patches))
-        log.info("PatchCore: selecting %d of %d patches (%d images, %dx%d grid, %d dims)",
-                 n_select, n_patches, n, grid[0], grid[1], store.dim)
+        folds = self._image_folds(n)
+        n_select = self.bank_size_for(n_patches)
+        log.info("PatchCore: %s coreset of %d of %d patches (%d images, %dx%d grid, %d dims, %d folds)",
+                 self.coreset, n_select, n_patches, n, grid[0], grid[1], store.dim, int(folds.max()) + 1)
         t0 = time.perf_counter()
-        candidates = self._coreset_candidates(n_patches)
-        pool = store.read() if candidates is None else store.gather(candidates)
-        n_select = min(n_select, pool.shape[0])
-        result = kcenter(pool, n_select, eps=self.coreset_eps, projection_dim=self.projection_dim, seed=self.seed)
+        with progress_bar(n_select, "coreset", self._show_progress, unit="centre") as bar:
+            if self.coreset == "exact":
+                selection = self._exact_selection(store, per_image, n_select, bar)
+            else:
+                selection = self._fold_selection(store, per_image, folds, n_select, bar)
         self.fit_timings_ = {"coreset_s": time.perf_counter() - t0}
-        # coverage radius: the largest distance of a k-center candidate to its nearest bank entry
-        # (all patches unless subsampled; a projection makes it an estimate in the projected space)
-        self.fit_details_ = {
-            "n_patches": int(n_patches),
-            "n_candidates": int(pool.shape[0]),
-            "n_selected": int(n_select),
-            "coverage_radius": float(result.sq_dist.max().clamp_min(0).sqrt()),
-            "radius_space": "projection" if result.projected else "features",
-        }
-        self.memory_bank_ = pool[result.indices].contiguous()
-        del pool
-        idx = result.indices if candidates is None else candidates[result.indices]
-        self.bank_image_ = (idx // per_image).to(torch.int64)
+        self.memory_bank_ = selection.bank
+        self.bank_image_ = selection.bank_image
         self.grid_ = grid
         self.n_train_ = n
         self._index = None
+        self.fit_details_ = {
+            "coreset": self.coreset,
+            "n_patches": int(n_patches),
+            "n_selected": int(selection.bank.shape[0]),
+            "bank_size_rule": f"min(ceil({self.coreset_ratio} x patches), {self.max_bank_size})",
+            "n_chunks": selection.n_chunks,
+            "n_folds": int(folds.max()) + 1,
+            # every training patch lies within this distance of a bank entry (measured to the entry
+            # chosen from its own chunk: an upper bound in default mode, exact in exact mode)
+            "coverage_radius": selection.radius,
+            "radius_space": "projection" if selection.projected else "features",
+        }
         t0 = time.perf_counter()
-        known = result if candidates is None and not result.projected else None
-        self.training_scores_ = self._leave_one_out_scores(store, n, per_image, known)
-        self.fit_timings_["loo_s"] = time.perf_counter() - t0
+        scored = self._threshold_images(n)
+        self.training_scores_ = self._held_out_scores(store, per_image, folds, scored, selection)
+        self.fit_timings_["threshold_s"] = time.perf_counter() - t0
+        self.fit_details_["n_threshold_images"] = int(scored.numel())
 
-    def _coreset_candidates(self, n_patches: int) -> torch.Tensor | None:
-        """Sorted indices of the patches the k-center may choose from; None = all of them."""
-        if self.coreset_candidates is None or n_patches <= self.coreset_candidates:
-            return None
-        gen = torch.Generator().manual_seed(self.seed)
-        return torch.randperm(n_patches, generator=gen)[: self.coreset_candidates].sort().values
+    def _image_folds(self, n: int) -> torch.Tensor:
+        """(n,) fold of each training image: a seeded shuffle dealt into min(folds, n) folds."""
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        folds = torch.empty(n, dtype=torch.int64)
+        folds[order] = torch.arange(n) % min(self.folds, n)
+        return folds
 
-    def _leave_one_out_scores(
-        self, store: FeatureStore, n: int, per_image: int, known: KCenterResult | None, chunk_rows: int = 1 << 16
-    ) -> torch.Tensor:
-        """Score each training image against the memory bank without its own patches (N,).
+    def _threshold_images(self, n: int) -> torch.Tensor:
+        """Sorted indices of the training images scored for the threshold (all, or a seeded sample)."""
+        if n <= self.threshold_images:
+            return torch.arange(n)
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        return torch.randperm(n, generator=gen)[: self.threshold_images].sort().values
 
-        ``store`` holds the n * per_image training patches, image-major; they are read back a
-        chunk of images at a time. When the coreset ran over all patches without projection
-        (``known``), it already found every patch's nearest bank entry and distance: where that
-        entry comes from another image it is also the leave-one-out neighbour, so only the patches
-        whose nearest entry is from their own image are searched again (exact, with that image's
-        entries masked).
+    def _select(self, pool: torch.Tensor, k: int, bar: Any) -> KCenterResult:
+        return kcenter(pool, k, eps=self.coreset_eps, projection_dim=self.projection_dim, seed=self.seed, bar=bar)
+
+    def _fold_selection(
+        self, store: FeatureStore, per_image: int, folds: torch.Tensor, n_select: int, bar: Any
+    ) -> "_Selection":
+        """Greedy k-center per chunk of images, each chunk inside one fold; the bank is their union.
+
+        A chunk holds at most ``CHUNK_PATCHES`` patches and chooses its share of the bank in
+        proportion to its patches. Cost: (patches) x (bank size / chunks) x (dims), linear in
+        the number of images once the bank size is capped. A fold's images never influence
+        which entries the other folds chose, so the bank without a fold's entries is a bank
+        fitted without those images: that is what the threshold's held-out scores use.
         """
-        scores = torch.empty(n, dtype=torch.float32)
-        images_per_chunk = max(1, chunk_rows // per_image)
-        searched = 0
-        for first in range(0, n, images_per_chunk):
-            last = min(first + images_per_chunk, n)
-            lo, hi = first * per_image, last * per_image
-            patches = store.read(lo, hi)  # (m * per_image, D)
-            groups = torch.arange(first, last).repeat_interleave(per_image)
-            if known is None:
-                todo = torch.arange(hi - lo)
-                dist = torch.empty(hi - lo)
-                nn_idx = torch.empty(hi - lo, dtype=torch.int64)
-            else:
-                nn_idx = known.nearest[lo:hi].clone()
-                dist = known.sq_dist[lo:hi].clamp_min(0.0).sqrt()
-                todo = (self.bank_image_[nn_idx] == groups).nonzero().squeeze(1)
-            if todo.numel():
-                d_t, i_t = self.index.search_excluding_own(patches[todo], groups[todo])
-                dist[todo] = d_t
-                nn_idx[todo] = i_t
-                searched += todo.numel()
-            patches = patches.reshape(last - first, per_image, -1)
-            dist = dist.reshape(last - first, per_image)
-            nn_idx = nn_idx.reshape(last - first, per_image)
-            for i in range(last - first):
-                scores[first + i] = self._image_scores(
-                    patches[i : i + 1], dist[i : i + 1], nn_idx[i : i + 1], exclude_group=first + i
-                )[0]
-        log.debug("leave-one-out: %d of %d patches needed a search", searched, n * per_image)
+        n = folds.numel()
+        n_patches = n * per_image
+        chunks: list[torch.Tensor] = []
+        for f in range(int(folds.max()) + 1):
+            images = (folds == f).nonzero().squeeze(1)
+            n_parts = max(1, math.ceil(images.numel() * per_image / CHUNK_PATCHES))
+            chunks += [part for part in torch.tensor_split(images, n_parts) if part.numel()]
+        banks, owners, radius, projected = [], [], 0.0, False
+        for images, k in zip(chunks, _shares(n_select, [c.numel() * per_image for c in chunks])):
+            if k == 0:
+                continue
+            pool = store.read_runs((images * per_image).tolist(), per_image).reshape(-1, store.dim)
+            result = self._select(pool, k, bar)
+            banks.append(pool[result.indices].clone())
+            owners.append(images[result.indices // per_image])
+            radius = max(radius, float(result.sq_dist.max().clamp_min(0).sqrt()))
+            projected = projected or result.projected
+            del pool
+        bank_image = torch.cat(owners)
+        return _Selection(torch.cat(banks), bank_image, len(chunks), radius, projected, exact=False)
+
+    def _exact_selection(self, store: FeatureStore, per_image: int, n_select: int, bar: Any) -> "_Selection":
+        """One greedy k-center over all training patches (the paper's method; memory grows with N)."""
+        pool = store.read()
+        result = self._select(pool, n_select, bar)
+        bank = pool[result.indices].contiguous()
+        radius = float(result.sq_dist.max().clamp_min(0).sqrt())
+        return _Selection(bank, result.indices // per_image, 1, radius, result.projected, exact=True)
+
+    def _fold_bank(self, store: FeatureStore, per_image: int, folds: torch.Tensor, fold: int,
+                   selection: "_Selection") -> torch.Tensor:
+        """The memory bank fitted without the images of ``fold`` (M_f, D)."""
+        if not selection.exact:  # fold selection: the other folds' entries
+            return selection.bank[folds[selection.bank_image] != fold].contiguous()
+        # exact selection: select again over the other folds' patches, at the same bank-size rule
+        others = (folds != fold).nonzero().squeeze(1)
+        pool = store.read_runs((others * per_image).tolist(), per_image).reshape(-1, store.dim)
+        result = self._select(pool, min(self.bank_size_for(pool.shape[0]), pool.shape[0]), _NoBar())
+        return pool[result.indices].contiguous()
+
+    def _held_out_scores(
+        self, store: FeatureStore, per_image: int, folds: torch.Tensor, scored: torch.Tensor, selection: "_Selection"
+    ) -> torch.Tensor:
+        """Scores (T,) of the ``scored`` training images, each against the bank fitted without its fold.
+
+        This is k-fold cross-validation over images: a scored image had no say in the bank it
+        is compared with, as with an unseen good part at predict time, so the threshold taken
+        from these scores is not optimistic.
+        """
+        scores = torch.empty(scored.numel(), dtype=torch.float32)
+        with progress_bar(scored.numel(), "threshold", self._show_progress) as bar:
+            for fold in range(int(folds.max()) + 1):
+                mine = (folds[scored] == fold).nonzero().squeeze(1)
+                if not mine.numel():
+                    continue
+                bank = self._fold_bank(store, per_image, folds, fold, selection)
+                if bank.shape[0] == 0:
+                    raise DefectscopeError("PatchCore: a fold's bank is empty; fit on more images")
+                index = NearestNeighbors(bank, backend=self.knn_backend, index=self.knn_index, seed=self.seed)
+                for pos in mine.tolist():
+                    image = int(scored[pos])
+                    patches = store.read(image * per_image, (image + 1) * per_image).unsqueeze(0)
+                    dist, nn_idx = index.search(patches[0], 1)
+                    scores[pos] = self._image_scores(patches, dist[:, 0].unsqueeze(0), nn_idx[:, 0].unsqueeze(0),
+                                                     bank, index)[0]
+                    bar.update(1)
         return scores
 
     # ------------------------------------------------------------------ predict
@@ -234,7 +322,7 @@ class PatchCore(Detector):
         """Nearest-neighbour index over the memory bank (built lazily, not saved)."""
         if getattr(self, "_index", None) is None:
             self._index = NearestNeighbors(
-                self.memory_bank_, backend=self.knn_backend, groups=self.bank_image_, index=self.knn_index, seed=self.seed
+                self.memory_bank_, backend=self.knn_backend, index=self.knn_index, seed=self.seed
             )
         return self._index
 
@@ -245,17 +333,18 @@ class PatchCore(Detector):
         dist, nn_idx = self.index.search(patches.reshape(-1, d), 1)
         dist = dist[:, 0].reshape(b, h * w)
         nn_idx = nn_idx[:, 0].reshape(b, h * w)
-        scores = self._image_scores(patches, dist, nn_idx)
+        scores = self._image_scores(patches, dist, nn_idx, self.memory_bank_, self.index)
         maps = self._finish_maps(dist.reshape(b, h, w))
         return scores, maps
 
     def _image_scores(
-        self, patches: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, exclude_group: int | None = None
+        self, patches: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, bank: torch.Tensor,
+        index: NearestNeighbors,
     ) -> torch.Tensor:
         """Re-weighted image scores (paper eq. 7).
 
         patches (B, P, D) test patch features, dist (B, P) their nearest-neighbour distances,
-        nn_idx (B, P) the index of that neighbour m* in the memory bank. For the most anomalous
+        nn_idx (B, P) the index of that neighbour m* in ``bank`` (M, D), searched with ``index``. For the most anomalous
         patch m_test* (distance s*), with N_b(m*) the b nearest bank entries of m*:
             s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*
         The ratio is a softmax over those distances, computed stably in float64.
@@ -264,12 +353,12 @@ class PatchCore(Detector):
         rows = torch.arange(dist.shape[0])
         s_star = dist[rows, best]
         m_test = patches[rows, best]  # (B, D)
-        m_star = self.memory_bank_[nn_idx[rows, best]]  # (B, D)
-        b = min(self.num_neighbors, self.memory_bank_.shape[0])
+        m_star = bank[nn_idx[rows, best]]  # (B, D)
+        b = min(self.num_neighbors, bank.shape[0])
         if b < 2:
             return s_star
-        _, neigh = self.index.search(m_star, b, exclude_group=exclude_group)  # (B, b), neigh[:, 0] is m* itself
-        neighbours = self.memory_bank_[neigh]  # (B, b, D)
+        _, neigh = index.search(m_star, b)  # (B, b), neigh[:, 0] is m* itself
+        neighbours = bank[neigh]  # (B, b, D)
         d_neigh = torch.linalg.vector_norm(neighbours - m_test.unsqueeze(1), dim=-1).double()
         d_star = torch.linalg.vector_norm(m_star - m_test, dim=-1).double()
         # m* is normally its own first neighbour; mask it wherever it appears so it counts once.
@@ -296,6 +385,40 @@ class PatchCore(Detector):
         self.memory_bank_ = tensors["memory_bank"].float().contiguous()
         self.bank_image_ = tensors["bank_image"].long()
         self.grid_ = tuple(int(v) for v in tensors["grid"])
-        self.training_scores_ = tensors["training_scores"].float()
+        self.training_scores_ = tensors["training_scores"].float()  # (T,) held-out scores
         self.n_train_ = int(tensors["n_train"])
         self._index = None
+
+
+#: most patches the default selection holds in memory at once (0.3 GB at 152 dims)
+CHUNK_PATCHES = 1 << 19
+
+
+@dataclass
+class _Selection:
+    """What a coreset selection produced: the bank (M, D), each entry's training image (M,),
+    how many chunks it ran over, the coverage radius, and whether distances were projected.
+    ``exact``: one selection over all patches, so the bank without a fold must be selected anew."""
+
+    bank: torch.Tensor
+    bank_image: torch.Tensor
+    n_chunks: int
+    radius: float
+    projected: bool
+    exact: bool
+
+
+def _shares(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` in proportion to ``sizes`` (largest remainder), each share at most its size."""
+    whole = sum(sizes)
+    exact = [total * size / whole for size in sizes]
+    shares = [min(int(e), size) for e, size in zip(exact, sizes)]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: shares[i] - exact[i])
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
