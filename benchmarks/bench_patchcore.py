@@ -1,30 +1,26 @@
-"""PatchCore end to end on a 2-core CPU: fit split by stage, predict speed, memory, accuracy, scaling.
+"""PatchCore end to end on bottle on a 2-core CPU: fit split by stage, predict speed, memory, accuracy.
 
-    python benchmarks/bench_patchcore.py                       # bottle + scaling table
-    python benchmarks/bench_patchcore.py --no-scaling          # bottle only
-    python benchmarks/bench_patchcore.py --scaling-only --sizes 200 800 1500 --scaling-ratio 0.01
+    python benchmarks/bench_patchcore.py
+    python benchmarks/bench_patchcore.py --coreset exact --knn-index ivf
 
 Bottle: fit on ../shared/data/mvtec_ad/bottle train/good (default 10 % coreset, 256 px),
-fit seconds split into extraction (decode + backbone + patch features) / coreset / leave-one-out
+fit seconds split into extraction (decode + backbone + patch features) / coreset / held-out
 threshold scores / save; predict images per second end to end from files (decode, resize,
 backbone, nearest neighbours, map, score); image and pixel AUROC; peak RSS of the process.
-Scaling: fit time and peak RSS (each size in its own process) on ELPV good cells
-(``defectscope.data.elpv``, paths repeated if there are fewer cells than asked).
+Fit time and memory at 200 / 1,000 / 3,000 images: benchmarks/bench_scaling.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from machine import BOTTLE, child_result, current_rss_mib, elpv_paths, hardware_line, peak_rss_mib
+from machine import BOTTLE, current_rss_mib, hardware_line, peak_rss_mib
 
 
 def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple[object, dict, dict[str, float]]:
@@ -34,7 +30,7 @@ def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple
     from defectscope.io import save_model
 
     det = PatchCore(image_size=args.image_size, coreset_ratio=ratio, projection_dim=args.projection_dim,
-                    coreset_candidates=args.coreset_candidates, knn_index=args.knn_index, seed=0)
+                    coreset=args.coreset, knn_index=args.knn_index, seed=0)
     det.extractor  # build the backbone before timing (weights are loaded once per process)
     base_rss = current_rss_mib()
     t0 = time.perf_counter()
@@ -45,8 +41,8 @@ def fit_once(paths: list[Path], args: argparse.Namespace, ratio: float) -> tuple
         save_model(Path(tmp) / "model.safetensors", det, meta)
     save_s = time.perf_counter() - t0
     core = det.fit_timings_["coreset_s"]
-    loo = det.fit_timings_["loo_s"]
-    stages = {"extraction": fit_s - core - loo, "coreset": core, "loo": loo, "save": save_s, "total": fit_s + save_s,
+    held = det.fit_timings_["threshold_s"]
+    stages = {"extraction": fit_s - core - held, "coreset": core, "threshold": held, "save": save_s, "total": fit_s + save_s,
               "base_rss_mib": base_rss, "coverage_radius": det.fit_details_["coverage_radius"]}
     return det, meta, stages
 
@@ -74,18 +70,16 @@ def run_bottle(args: argparse.Namespace) -> None:
     print(hardware_line(), flush=True)
     print(f"bottle: {len(split.train)} training images, {len(split.test)} test images, "
           f"image size {args.image_size}, coreset ratio {args.ratio}, projection_dim {args.projection_dim}, "
-          f"coreset candidates {args.coreset_candidates or 'all (exact)'}, nearest-neighbour index {args.knn_index}",
+          f"coreset {args.coreset}, nearest-neighbour index {args.knn_index}",
           flush=True)
     det, meta, st = fit_once(split.train, args, args.ratio)
     print(f"fit: total {st['total']:.1f} s = extraction {st['extraction']:.1f} + coreset {st['coreset']:.1f} "
-          f"+ leave-one-out scores {st['loo']:.1f} + save {st['save']:.2f}  "
+          f"+ held-out threshold scores {st['threshold']:.1f} + save {st['save']:.2f}  "
           f"(bank {tuple(det.memory_bank_.shape)}; {hardware_line().split('load ')[1]})", flush=True)
     d = det.fit_details_
-    print(f"coreset: {d['n_selected']} of {d['n_candidates']} candidates ({d['n_patches']} patches), coverage radius "
-          f"{d['coverage_radius']:.4f} over the candidates ({d['radius_space']} space)", flush=True)
-    if args.coreset_candidates:
-        print(f"coverage radius over all {d['n_patches']} training patches: {all_patch_radius(det, split.train):.4f} "
-              "(compare with the exact run's radius)", flush=True)
+    print(f"coreset ({d['coreset']}, {d['n_chunks']} chunks): {d['n_selected']} of {d['n_patches']} patches, coverage "
+          f"radius reported {d['coverage_radius']:.4f} ({d['radius_space']} space), measured over all training patches "
+          f"{all_patch_radius(det, split.train):.4f}", flush=True)
     paths = [s.path for s in split.test]
     for rep in range(args.repeats):
         t0 = time.perf_counter()
@@ -98,61 +92,19 @@ def run_bottle(args: argparse.Namespace) -> None:
     print(f"peak RSS: {peak_rss_mib():.0f} MiB", flush=True)
 
 
-def run_child(args: argparse.Namespace) -> None:
-    """One scaling point: fit on ``args.child`` ELPV cells, print JSON."""
-    torch.set_num_threads(args.threads)
-    paths = elpv_paths(args.child)
-    _, _, st = fit_once(paths, args, args.scaling_ratio)
-    st["peak_rss_mib"] = peak_rss_mib()
-    print(json.dumps(st))
-
-
-def run_scaling(args: argparse.Namespace) -> None:
-    print(f"\nscaling (ELPV good cells, image size {args.image_size}, coreset ratio {args.scaling_ratio}, "
-          f"candidates {args.coreset_candidates or 'all'}, each size in a fresh process):", flush=True)
-    print(f"{'images':>7s} {'fit s':>8s} {'extract':>8s} {'coreset':>8s} {'loo':>8s} {'peak RSS MiB':>13s} "
-          f"{'before fit':>11s} {'fit adds':>9s}  load", flush=True)
-    for n in args.sizes:
-        cmd = [sys.executable, __file__, "--child", str(n), "--scaling-ratio", str(args.scaling_ratio),
-               "--image-size", str(args.image_size), "--threads", str(args.threads)]
-        if args.projection_dim:
-            cmd += ["--projection-dim", str(args.projection_dim)]
-        if args.coreset_candidates:
-            cmd += ["--coreset-candidates", str(args.coreset_candidates)]
-        st = child_result(cmd)
-        if isinstance(st, str):
-            print(f"{n:7d} failed: {st}", flush=True)
-            continue
-        print(f"{n:7d} {st['total']:8.1f} {st['extraction']:8.1f} {st['coreset']:8.1f} {st['loo']:8.1f} "
-              f"{st['peak_rss_mib']:13.0f} {st['base_rss_mib']:11.0f} {st['peak_rss_mib'] - st['base_rss_mib']:9.0f}  "
-              f"{os.getloadavg()[0]:.2f}", flush=True)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratio", type=float, default=0.1, help="coreset ratio for bottle")
-    p.add_argument("--scaling-ratio", type=float, default=0.1, help="coreset ratio for the scaling table")
-    p.add_argument("--sizes", type=int, nargs="*", default=[200, 800, 1500])
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--projection-dim", type=int, default=None, help="approximate coreset: project to this many dims")
-    p.add_argument("--coreset-candidates", type=int, default=None,
-                   help="approximate coreset: choose centres among at most this many random patches")
+    p.add_argument("--coreset", choices=["folds", "exact"], default="folds", help="coreset selection")
     p.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default="flat", help="nearest-neighbour index")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--repeats", type=int, default=2, help="predict timing repeats")
-    p.add_argument("--no-scaling", action="store_true")
-    p.add_argument("--scaling-only", action="store_true")
-    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.child is not None:
-        run_child(args)
-        return
-    if not args.scaling_only:
-        run_bottle(args)
-    if not args.no_scaling:
-        run_scaling(args)
+    run_bottle(args)
 
 
 if __name__ == "__main__":
