@@ -93,10 +93,14 @@ def test_upper_bound_edges():
 
 
 def test_calibration_samples_layouts(synthetic_category, tmp_path):
-    paths, labels = calibration_samples(synthetic_category)
-    assert len(paths) == 20 and labels.sum() == 10
-    paths, labels = calibration_samples(synthetic_category / "train" / "good")
-    assert len(paths) == 24 and labels.sum() == 0
+    with pytest.raises(DataLayoutError, match="--split test"):  # the split evaluate reports on: only if asked
+        calibration_samples(synthetic_category)
+    paths, labels, source = calibration_samples(synthetic_category, split="test")
+    assert len(paths) == 20 and labels.sum() == 10 and "test split" in source
+    paths, labels, source = calibration_samples(synthetic_category / "test")  # a plain labelled folder
+    assert len(paths) == 20 and labels.sum() == 10 and "labelled folder" in source
+    paths, labels, source = calibration_samples(synthetic_category / "train" / "good")
+    assert len(paths) == 24 and labels.sum() == 0 and "24 good images" in source
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataLayoutError, match="no images"):
         calibration_samples(tmp_path / "empty")
@@ -144,7 +148,10 @@ def test_calibrate_command_good_only_then_f1(model, synthetic_category, tmp_path
     rows = [json.loads(line) for line in capsys.readouterr()[0].splitlines()]
     assert all(r["judgement"] == 0 and r["threshold"] == meta["threshold"] for r in rows)
 
-    assert main(["calibrate", str(model), str(synthetic_category), "--f1", "--no-progress"]) == 0
+    assert main(["calibrate", str(model), str(synthetic_category), "--f1", "--no-progress"]) == 2
+    assert "--split test" in capsys.readouterr()[1]
+    assert main(["calibrate", str(model), str(synthetic_category), "--f1", "--split", "test", "--no-progress"]) == 0
+    assert f"test split of {synthetic_category}" in capsys.readouterr()[0]  # says which images it used
     meta2 = read_metadata(model)
     assert meta2["threshold_info"]["rule"].startswith("best image F1")
     assert [h["threshold"] for h in meta2["threshold_history"]] == [before["threshold"], meta["threshold"]]
@@ -169,3 +176,34 @@ def test_predict_normalized_scores(model, synthetic_category, capsys):
     assert csv_scores == pytest.approx([r["score"] for r in rows], abs=1e-6)
     assert main(["predict", str(model), str(folder), "--normalized", "--threshold", "0", "--no-progress"]) == 2
     assert "positive threshold" in capsys.readouterr()[1]
+
+
+def test_calibrate_to_a_new_file_leaves_the_model_alone(model, synthetic_category, tmp_path, capsys):
+    from defectscope.cli import main
+    from defectscope.io import load_model, read_metadata
+
+    before = model.read_bytes()
+    new = tmp_path / "out" / "calibrated.dsmodel"
+    assert main(["calibrate", str(model), str(synthetic_category / "test"), "--f1", "-o", str(new),
+                 "--no-progress"]) == 0
+    assert model.read_bytes() == before
+    meta = read_metadata(new)
+    assert meta["threshold_info"]["rule"].startswith("best image F1")
+    assert meta["threshold_history"][-1]["threshold"] == read_metadata(model)["threshold"]
+    load_model(new)  # loads, checksum and all
+
+
+def test_calibrate_that_cannot_write_says_the_threshold(model, synthetic_category, monkeypatch, capsys):
+    """Writing fails after scoring (e.g. the disk fills up): the computed threshold is printed, not lost."""
+    import defectscope.io as io
+    from defectscope.cli import main
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(model))
+
+    monkeypatch.setattr(io, "update_metadata", full_disk)
+    capsys.readouterr()
+    code = main(["calibrate", str(model), str(synthetic_category / "test"), "--f1", "--no-progress"])
+    err = capsys.readouterr()[1]
+    assert code == 2 and "Traceback" not in err
+    assert "no space left on device" in err and "NOT saved" in err and "--threshold " in err

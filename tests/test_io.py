@@ -106,7 +106,8 @@ def test_no_pickle_in_model_file(small_model):
     _, path, _ = small_model
     n = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8 : 8 + n])
-    assert set(header) - {"__metadata__"} == {"memory_bank", "bank_image", "grid", "n_train", "training_scores"}
+    assert set(header) - {"__metadata__"} == {"memory_bank", "bank_image", "grid", "n_train", "training_scores",
+                                                  "training_map_max"}
 
 
 def test_normalization_is_saved_and_restored(small_model, tmp_path):

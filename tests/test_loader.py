@@ -92,8 +92,8 @@ def test_closing_early_stops_the_thread(images: list[Path], workers: int) -> Non
 
 def test_prefetch_bounds_work_ahead(images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = loader.load_image
-    monkeypatch.setattr(loader, "load_image", lambda p: calls.append(p) or real(p))
+    real = loader.load_image_noting
+    monkeypatch.setattr(loader, "load_image_noting", lambda p: calls.append(p) or real(p))
     gen = iter_batches(images, 8, MEAN, STD, batch_size=1, prefetch=2)
     next(gen)
     time.sleep(0.3)
@@ -104,14 +104,14 @@ def test_prefetch_bounds_work_ahead(images: list[Path], monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_unexpected_errors_propagate(images: list[Path], monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
-    real = loader.load_image
+    real = loader.load_image_noting
 
-    def flaky(path: Path) -> np.ndarray:
+    def flaky(path: Path) -> tuple[np.ndarray, list[str]]:
         if path == images[5]:
             raise MemoryError("boom")
         return real(path)
 
-    monkeypatch.setattr(loader, "load_image", flaky)
+    monkeypatch.setattr(loader, "load_image_noting", flaky)
     got: list[Path] = []
     with pytest.raises(MemoryError, match="boom"):
         for batch in iter_batches(images, 8, MEAN, STD, batch_size=2, workers=workers):

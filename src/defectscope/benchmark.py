@@ -32,6 +32,7 @@ from .data.datasets import Category, discover
 from .detectors import detector_class, make_detector
 from .errors import DataLayoutError, DefectscopeError
 from .files import replacing
+from .jsonout import dumps
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def run_benchmark(
                 cells.append({**base, "status": "error", "error": message})
                 continue
             cell = {**base, **record, "seconds": round(time.perf_counter() - start, 3)}
-            _atomic_write_text(cell_path, json.dumps(cell, indent=2, default=str))
+            _atomic_write_text(cell_path, dumps(cell, indent=2, default=str))
             say(f"{method} / {category.name}: image AUROC {_fmt(cell['image_auroc'], 4)}, "
                 f"pixel AUROC {_fmt(cell['pixel_auroc'], 4)} ({cell['seconds']:.1f} s)")
             cells.append(cell)
@@ -278,7 +279,7 @@ def write_outputs(cells: Sequence[dict[str, Any]], out_dir: Path, *, data: str |
 
     summary = {"data": data, "cells": list(cells),
                "means": {method: method_means(group) for method, group in _by_method(cells).items()}}
-    _atomic_write_text(paths["json"], json.dumps(summary, indent=2, default=str))
+    _atomic_write_text(paths["json"], dumps(summary, indent=2, default=str))
     _write_html(cells, out_dir)
     return paths
 

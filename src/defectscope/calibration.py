@@ -125,24 +125,38 @@ def calibrate_threshold(
     return info
 
 
-def calibration_samples(data: Path) -> tuple[list[Path], np.ndarray]:
-    """Validation images and labels (N,) from ``data``.
+def calibration_samples(data: Path, split: str | None = None) -> tuple[list[Path], np.ndarray, str]:
+    """Validation images, labels (N,) and a phrase saying where they came from.
 
-    An MVTec AD category (its test split) or a plain test folder (good/ + defect folders) gives
-    labelled images; any other folder is taken as good images only (searched recursively).
+    A plain test folder (good/ + defect folders) gives labelled images; any other folder that is
+    not a dataset category is taken as good images only (searched recursively). An MVTec AD
+    category or VisA object holds the test split that ``evaluate`` reports on, so calibrating on it
+    needs ``split="test"`` said explicitly (else DataLayoutError): the threshold is then tuned on
+    the images it will be judged on, which makes evaluate's confusion matrix optimistic.
     """
-    from .data.layouts import find_images, load_category
+    from .data.layouts import find_images, is_category, load_category
 
     data = Path(data)
     if not data.is_dir():
         raise DataLayoutError(f"{data}: folder not found")
-    if ((data / "train").is_dir() and (data / "test").is_dir()) or (data / "good").is_dir():
-        split = load_category(data)
-        return [s.path for s in split.test], np.array([s.label for s in split.test], dtype=np.int64)
-    paths = find_images(data)
-    if not paths:
-        raise DataLayoutError(f"{data}: no images found to calibrate on")
-    return paths, np.zeros(len(paths), dtype=np.int64)
+    if is_category(data):
+        if split != "test":
+            raise DataLayoutError(
+                f"{data} is a dataset category: calibrating on its test split tunes the threshold on the images "
+                "`evaluate` reports on. Give a separate validation folder, or --split test to use that split anyway"
+            )
+        samples = load_category(data).test
+        source = f"the test split of {data}"
+    elif (data / "good").is_dir():
+        samples = load_category(data).test
+        source = f"the labelled folder {data}"
+    else:
+        paths = find_images(data)
+        if not paths:
+            raise DataLayoutError(f"{data}: no images found to calibrate on")
+        return paths, np.zeros(len(paths), dtype=np.int64), f"{len(paths)} good images under {data}"
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    return [s.path for s in samples], labels, source
 
 
 def calibrate_model(
@@ -153,18 +167,29 @@ def calibrate_model(
     f1: bool = False,
     batch_size: int = 16,
     progress: bool = False,
+    split: str | None = None,
+    output: Path | None = None,
 ) -> dict[str, Any]:
     """Score ``data`` with ``model``, compute the threshold, write it into the model file.
 
-    The old threshold and its info are appended to metadata ``threshold_history``; the file is
-    rewritten atomically. Returns the new threshold info plus ``previous_threshold`` and
-    ``failed`` (images that could not be scored, left out of the calibration).
+    The old threshold and its info are appended to metadata ``threshold_history``. The model
+    is rewritten atomically in place, or written to ``output`` (a new file; ``model`` is left as it
+    is). Where it goes is checked before any image is scored; if writing still fails, the
+    :class:`~defectscope.files.OutputError` raised names the threshold that was computed.
+    Returns the new threshold info plus ``previous_threshold``, ``failed`` (images that could
+    not be scored, left out of the calibration), ``source`` (which images were used) and
+    ``written`` (the model file written).
     """
-    from .io import load_model, update_metadata
+    from .files import OutputError, check_output_file, os_error_message
+    from .io import load_model, read_model_file, update_metadata, write_model_file
     from .scoring import score_paths
 
+    target = Path(output) if output is not None else Path(model)
+    check_output_file(target, "calibrated model file")
     detector, meta = load_model(model)
-    paths, labels = calibration_samples(data)
+    paths, labels, source = calibration_samples(data, split)
+    log.info("calibrating on %s: %d good and %d defective images", source, int((labels == 0).sum()),
+             int((labels == 1).sum()))
     old = float(meta["threshold"])
     kept_labels: list[int] = []
     kept_scores: list[float] = []
@@ -179,11 +204,24 @@ def calibrate_model(
         raise DataLayoutError(f"{data}: none of the {len(paths)} images could be scored")
     info = calibrate_threshold(np.array(kept_labels), np.array(kept_scores), target_fpr=target_fpr, f1=f1)
     info["data"] = str(data)
+    info["source"] = source
     info["n_failed"] = len(failed)
-    if "warning" in info:
-        log.info(info["warning"])  # the caller must show it; the CLI prints it as a warning
+    # info["warning"], when present, is the caller's to show (the CLI prints it once)
     history = list(meta.get("threshold_history") or [])
     history.append({"threshold": old, "threshold_info": meta.get("threshold_info"),
                     "replaced": info["calibrated"]})
-    update_metadata(model, {"threshold": info["threshold"], "threshold_info": info, "threshold_history": history})
-    return {**info, "previous_threshold": old, "failed": failed}
+    changes = {"threshold": info["threshold"], "threshold_info": info, "threshold_history": history}
+    try:
+        if output is None:
+            update_metadata(model, changes)
+        else:
+            tensors, full = read_model_file(model)
+            full.update(changes)
+            write_model_file(target, tensors, full)
+    except (OSError, OutputError) as exc:
+        why = os_error_message(exc, target) if isinstance(exc, OSError) else str(exc)
+        raise OutputError(
+            f"{why}; the calibrated threshold {info['threshold']:.6g} ({info['rule']}) was NOT saved: "
+            f"pass it to predict with --threshold {info['threshold']:.6g}, or calibrate again with -o NEW_MODEL"
+        ) from exc
+    return {**info, "previous_threshold": old, "failed": failed, "written": str(target)}

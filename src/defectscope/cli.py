@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
@@ -16,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_types import finite_float, number, positive_int, probability_open
 from .errors import DefectscopeError
+from .jsonout import dumps
 from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
 
 log = logging.getLogger("defectscope")
@@ -30,8 +31,8 @@ def _layers(text: str) -> list[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
 
@@ -50,35 +51,35 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--layers", type=_layers, default=None,
                    help="comma-separated feature layers, e.g. blocks.2,blocks.4 (EfficientNet) or layer2,layer3 "
                         "(ResNet); default depends on method and backbone")
-    g.add_argument("--image-size", type=int, default=None, help="images are resized to N x N (default 256)")
+    g.add_argument("--image-size", type=number(int, 32, 2048), default=None, help="images are resized to N x N (default 256)")
     g.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
                    help="per-channel input statistics: ImageNet's mean/std or the ones the backbone weights were "
                         f"trained with (default {DEFAULT_NORMALIZATION}; see the README)")
-    g.add_argument("--seed", type=int, default=None, help="seed for every random choice (default 0)")
-    g.add_argument("--threshold-quantile", type=float, default=0.99,
+    g.add_argument("--seed", type=number(int, 0), default=None, help="seed for every random choice (default 0)")
+    g.add_argument("--threshold-quantile", type=probability_open, default=0.99,
                    help="threshold = this quantile of held-out scores of the good training images (default 0.99)")
     pc = p.add_argument_group("patchcore")
-    pc.add_argument("--coreset-ratio", type=float, default=None, help="fraction of patches kept (default 0.1)")
-    pc.add_argument("--coreset-eps", type=float, default=None,
+    pc.add_argument("--coreset-ratio", type=number(float, 0, 1, lo_open=True), default=None, help="fraction of patches kept (default 0.1)")
+    pc.add_argument("--coreset-eps", type=probability_open, default=None,
                     help="Johnson-Lindenstrauss eps setting the projection used for coreset selection (default 0.9)")
-    pc.add_argument("--projection-dim", type=int, default=None, help="explicit projection dimension for the coreset")
+    pc.add_argument("--projection-dim", type=positive_int, default=None, help="explicit projection dimension for the coreset")
     pc.add_argument("--coreset", choices=["folds", "exact"], default=None,
                     help="coreset selection: folds (greedy k-center per fold and chunk of images, linear in the "
                          "number of images; default) or exact (one greedy over all patches, as in the paper)")
-    pc.add_argument("--max-bank-size", type=int, default=None, metavar="M",
+    pc.add_argument("--max-bank-size", type=positive_int, default=None, metavar="M",
                     help="most memory-bank entries whatever the training set's size (default 32768)")
-    pc.add_argument("--folds", type=int, default=None, help="folds of the selection and the k-fold threshold (default 5)")
-    pc.add_argument("--threshold-images", type=int, default=None, metavar="N",
+    pc.add_argument("--folds", type=number(int, 2), default=None, help="folds of the selection and the k-fold threshold (default 5)")
+    pc.add_argument("--threshold-images", type=positive_int, default=None, metavar="N",
                     help="most training images scored for the threshold (default 500)")
     pc.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default=None,
                     help="nearest-neighbour index: flat (exact, default), ivf or hnsw (approximate, for large "
                          "memory banks; see the README for measured recall)")
-    pc.add_argument("--num-neighbors", type=int, default=None, help="b in the image-score re-weighting (default 9)")
+    pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
-    pd.add_argument("--d-reduced", type=int, default=None, help="random channels kept (default by backbone)")
+    pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
     sp = p.add_argument_group("spade")
-    sp.add_argument("--k", type=int, default=None, help="image-level nearest neighbours (default 50)")
-    sp.add_argument("--top-k", type=int, default=None, help="training images used for pixel matching (default 5)")
+    sp.add_argument("--k", type=positive_int, default=None, help="image-level nearest neighbours (default 50)")
+    sp.add_argument("--top-k", type=positive_int, default=None, help="training images used for pixel matching (default 5)")
 
 
 def _add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
@@ -112,8 +113,15 @@ _PARAM_OPTIONS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line: ``defectscope fit: error: ...`` and a pointer to --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="defectscope",
         description="Unsupervised visual inspection: learn good parts from photos, then find defects.",
     )
@@ -126,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(its train/) or any folder of good images (searched recursively).")
     p.add_argument("data", type=Path, metavar="DATA")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL", help="model file to write")
+    p.add_argument("--exclude-outliers", action="store_true",
+                   help="fit again without the training images that look unlike the rest (held-out score outliers "
+                        "and images far smaller than the model input; fit names them either way)")
     _add_model_options(p)
     _add_align_options(p, fit=True)
     _add_common(p)
@@ -136,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cannot be read are reported on stderr and the exit code is 1.")
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
-    p.add_argument("--threshold", type=float, default=None, help="override the model's threshold")
+    p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write a heatmap overlay PNG per image")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per line: path, score, judgement, threshold, error")
@@ -155,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write heatmap overlays per test image")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="write a self-contained HTML report (DIR/index.html, figures, overlays)")
-    p.add_argument("--threshold", type=float, default=None, help="override the model's threshold")
+    p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
     _add_align_options(p, fit=False)
     _add_common(p)
 
@@ -169,13 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--val", type=Path, default=None, metavar="DATA",
                      help="labelled validation images (MVTec AD layout or plain folder); DATA's test set is then "
                           "entirely held out")
-    val.add_argument("--val-fraction", type=float, default=0.5,
+    val.add_argument("--val-fraction", type=probability_open, default=0.5,
                      help="share of DATA's test images (per defect type) used for validation when --val is not "
                           "given (default 0.5); the rest is held out and reported separately")
-    p.add_argument("--max-trials", type=int, default=None, help="candidates to evaluate (default: all)")
+    p.add_argument("--max-trials", type=positive_int, default=None, help="candidates to evaluate (default: all)")
     p.add_argument("--search", choices=["random", "full"], default="random",
                    help="random: a seeded draw of --max-trials candidates; full: the grid in order (default random)")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/tune.md and DIR/tune.csv")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/tune.md (the table), DIR/tune.csv (one row per candidate) and DIR/tune.json (everything)")
     p.add_argument("--fit-best", action="store_true", help="fit the winning layers on all of train/ and write -o MODEL")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="MODEL", help="model file for --fit-best")
     _add_model_options(p)
@@ -183,14 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="set the model's threshold from validation images",
                        description="Score validation images and write a new threshold into the model file (the old "
-                                   "one is kept in its threshold history). DATA is an MVTec AD category or plain test "
-                                   "folder (labelled), or any folder of good images.")
+                                   "one is kept in its threshold history), or into a new file with -o. DATA is a "
+                                   "plain test folder (good/ + defect folders, labelled) or any folder of good images; "
+                                   "an MVTec AD category or VisA object only with --split test.")
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("data", type=Path, metavar="DATA")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--target-fpr", type=float, default=None, metavar="RATE",
+    rule.add_argument("--target-fpr", type=number(float, 0, 1, hi_open=True), default=None, metavar="RATE",
                       help="reject at most this share of the good images (default 0.01)")
     rule.add_argument("--f1", action="store_true", help="maximise image F1 (needs defective images)")
+    p.add_argument("--split", choices=["test"], default=None,
+                   help="with an MVTec AD category or VisA object as DATA: calibrate on its test split (the one "
+                        "evaluate reports on; refused unless asked for)")
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="NEW_MODEL",
+                   help="write the calibrated model here instead of replacing MODEL")
     _add_common(p)
 
     p = sub.add_parser("demo", help="fit and evaluate PatchCore on real solar-cell images (ELPV)",
@@ -198,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "good cells and cells labelled defective (pip install elpv-dataset).")
     p.add_argument("-o", "--output", type=Path, default=Path("defectscope-demo"), metavar="DIR",
                    help="folder for the model, metrics and heatmaps (default ./defectscope-demo)")
-    p.add_argument("--n-train", type=int, default=200, help="good cells to learn from (default 200)")
-    p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore coreset ratio (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and the coreset (default 0)")
+    p.add_argument("--n-train", type=number(int, 2), default=200, help="good cells to learn from (default 200)")
+    p.add_argument("--coreset-ratio", type=number(float, 0, 1, lo_open=True), default=0.1, help="PatchCore coreset ratio (default 0.1)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the split and the coreset (default 0)")
     _add_common(p)
 
     from .data.download import add_download_command
@@ -214,14 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- commands
 def _setup(args: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-        format="defectscope: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowerLevelFormatter("defectscope: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        handlers=[handler])
+    # libraries' own chatter (faiss: "Could not load library with AVX512 support") is not ours to show at -v
+    for noisy in ("faiss", "faiss.loader", "numba", "PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     import torch
 
     torch.set_num_threads(max(1, getattr(args, "threads", None) or available_cores()))
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    """``warning``/``info``/``error`` in lower case, as in the CLI's own ``defectscope: warning: ...`` lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = record.levelname.lower()
+        return super().format(record)
 
 
 def available_cores() -> int:
@@ -244,8 +271,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .data.layouts import good_images
     from .detectors import make_detector
     from .fitting import fit_detector
+    from .files import check_output_file
     from .io import save_model
 
+    check_output_file(args.output, "model file")
     detector = make_detector(args.method, **_model_params(args))
     paths = good_images(args.data)
     aligner = None
@@ -258,6 +287,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     meta = fit_detector(
         detector, paths, batch_size=args.batch_size, threshold_quantile=args.threshold_quantile,
         progress=not args.no_progress, data_name=str(args.data), aligner=aligner,
+        exclude_outliers=args.exclude_outliers,
     )
     if aligner is not None:
         meta["align"] = aligner.config()
@@ -273,20 +303,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if "warning" in meta["threshold_info"]:
         print(f"defectscope: warning: {meta['threshold_info']['warning']}", file=sys.stderr)
     for item in skipped:
-        print(f"defectscope: skipped {item['error']}", file=sys.stderr)
+        print(f"defectscope: warning: skipped training image {item['error']}", file=sys.stderr)
+    _print_suspects(meta["training"])
     return EXIT_SOME_FAILED if skipped else EXIT_OK
+
+
+def _print_suspects(training: dict[str, Any]) -> None:
+    """Say which training images may have set the threshold: one line each, then what to do."""
+    excluded, suspects = training.get("excluded", []), training.get("suspects", [])
+    for item in excluded:
+        print(f"defectscope: warning: left out of the fit: {item['path']}: {item['reason']}", file=sys.stderr)
+    for item in suspects:
+        print(f"defectscope: warning: training image unlike the rest: {item['path']}: {item['reason']}",
+              file=sys.stderr)
+    if suspects:
+        print(f"defectscope: warning: {len(suspects)} training image(s) may be defective or wrong, and they raise the "
+              "threshold for every part judged later: look at them, remove them, or refit with --exclude-outliers "
+              f"(rule: {training.get('outlier_rule')})", file=sys.stderr)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data.images import load_image
     from .data.layouts import expand_paths
+    from .files import check_output_dir
     from .io import load_model_with_extras
-    from .report.heatmaps import heatmap_name, overlay, save_png
-    from .scoring import score_paths
+    from .report.heatmaps import Verdict, heatmap_name, overlay, save_png
+    from .scoring import pixel_threshold, score_paths
 
+    if args.heatmaps is not None:
+        check_output_dir(args.heatmaps, "heatmap folder")
     detector, meta, extras = load_model_with_extras(args.model)
     aligner = _model_aligner(meta, extras, args.align)
     threshold = args.threshold if args.threshold is not None else float(meta["threshold"])
+    pix = pixel_threshold(meta) if args.heatmaps is not None else None
     if args.normalized and not threshold > 0:
         raise DefectscopeError(f"--normalized needs a positive threshold, got {threshold}; run `defectscope calibrate`")
     paths, missing = expand_paths(args.paths)
@@ -302,13 +351,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failures += 1
             _report_failure(args, str(result.path), result.error or "", threshold)
             continue
+        heatmap = None
         if args.heatmaps is not None and result.map is not None:
             try:
                 image = load_image(result.path)
-                save_png(args.heatmaps / heatmap_name(result.path, index), overlay(image, result.map, threshold))
+                heatmap = args.heatmaps / heatmap_name(result.path, index)
+                verdict = Verdict(score=float(result.score), threshold=threshold, judgement=int(result.judgement))
+                save_png(heatmap, overlay(image, result.map, pix, verdict=verdict, side_by_side=True))
             except (DefectscopeError, OSError) as exc:
                 print(f"defectscope: error: heatmap for {result.path}: {exc}", file=sys.stderr)
+                heatmap = None
                 failures += 1
+        for note in result.notes:
+            print(f"defectscope: warning: {result.path}: {note}", file=sys.stderr)
         if result.alignment is not None and not result.alignment["aligned"]:
             print(f"defectscope: warning: {result.path}: could not be aligned "
                   f"({result.alignment['inliers']} matching keypoints), scored unaligned", file=sys.stderr)
@@ -318,10 +373,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                    "threshold": threshold, "error": None}
             if args.normalized:
                 obj["raw_score"] = result.score
+            if result.notes:
+                obj["notes"] = result.notes
+            if heatmap is not None:
+                obj["heatmap"] = str(heatmap)
             if result.alignment is not None:
                 obj["aligned"] = result.alignment["aligned"]
                 obj["align_angle"] = result.alignment["angle"]
-            print(json.dumps(obj), flush=True)
+            print(dumps(obj), flush=True)
         elif result.alignment is not None:  # a 4th column: 1 aligned, 0 scored unaligned
             writer.writerow([str(result.path), f"{shown:.6f}", result.judgement, int(result.alignment["aligned"])])
         else:
@@ -337,23 +396,31 @@ def _report_failure(args: argparse.Namespace, path: str, message: str, threshold
     text = message if message.startswith(path) else f"{path}: {message}"
     print(f"defectscope: error: {text}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"path": path, "score": None, "judgement": None, "threshold": threshold, "error": text}),
+        print(dumps({"path": path, "score": None, "judgement": None, "threshold": threshold, "error": text}),
               flush=True)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data.layouts import load_category
-    from .evaluation import evaluate_detector
+    from .evaluation import evaluate_detector, format_summary
+    from .files import check_output_dir, check_output_file
     from .io import load_model_with_extras
+    from .scoring import pixel_threshold
 
+    if args.json is not None:
+        check_output_file(args.json, "JSON results file")
+    for folder, what in ((args.heatmaps, "heatmap folder"), (args.report, "report folder")):
+        if folder is not None:
+            check_output_dir(folder, what)
     detector, meta, extras = load_model_with_extras(args.model)
     aligner = _model_aligner(meta, extras, args.align)
     threshold = args.threshold if args.threshold is not None else float(meta["threshold"])
     split = load_category(args.data)
+    drawn = args.heatmaps is not None or args.report is not None
     result = evaluate_detector(detector, split, threshold, batch_size=args.batch_size,
                                progress=not args.no_progress, heatmap_dir=args.heatmaps,
                                overlay_dir=args.report / "overlays" if args.report is not None else None,
-                               aligner=aligner)
+                               aligner=aligner, pixel_threshold=pixel_threshold(meta) if drawn else None)
     result["model"] = str(args.model)
     result["data"] = str(args.data)
     if args.report is not None:
@@ -362,49 +429,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"wrote report {write_report(result, args.report, meta=meta)}")
     print(format_summary(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        from .files import replacing
+
+        with replacing(args.json) as tmp:
+            tmp.write_text(dumps(result, indent=2))
     for item in result["failed"]:
         print(f"defectscope: error: {item['error']}", file=sys.stderr)
     return EXIT_SOME_FAILED if result["failed"] else EXIT_OK
-
-
-def _fmt(value: float | None) -> str:
-    return "null" if value is None else f"{value:.4f}"
-
-
-def format_summary(result: dict[str, Any]) -> str:
-    """The human-readable evaluation summary."""
-    lines = [
-        f"dataset           {result['dataset']}",
-        f"method            {result['method']} ({result['backbone']}, {','.join(result['layers'])})",
-        f"image_auroc       {_fmt(result['image_auroc'])}",
-        f"pixel_auroc       {_fmt(result['pixel_auroc'])}",
-        f"aupro             {_fmt(result.get('aupro'))}",
-        f"n_good            {result['n_good']}",
-        f"n_defective       {result['n_defective']}",
-        f"n_failed          {result['n_failed']}",
-        f"images_per_second {result['images_per_second']}",
-    ]
-    alignment = result.get("alignment")
-    if alignment:
-        lines.append(f"alignment         {alignment['mode']}: {alignment['n_unaligned']} image(s) scored unaligned")
-        lines.extend(f"  unaligned       {path}" for path in alignment["unaligned"])
-    c = result.get("confusion")
-    if c:
-        lines.append(f"at threshold {result['threshold']:.6g}: tp {c['tp']}  fp {c['fp']}  tn {c['tn']}  fn {c['fn']}")
-    return "\n".join(lines)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate_model
 
     info = calibrate_model(args.model, args.data, target_fpr=args.target_fpr, f1=args.f1,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+                           batch_size=args.batch_size, progress=not args.no_progress, split=args.split,
+                           output=args.output)
     rate = "" if info["false_reject_rate"] is None else (
         f", false-reject rate {info['false_reject_rate']:.2%} here (95% upper bound {info['false_reject_upper95']:.2%})")
-    print(f"wrote {args.model}: threshold {info['threshold']:.6g} (was {info['previous_threshold']:.6g}); "
-          f"{info['rule']}; rests on {info['n_good']} good and {info['n_defective']} defective images{rate}")
+    print(f"wrote {info['written']}: threshold {info['threshold']:.6g} (was {info['previous_threshold']:.6g}); "
+          f"{info['rule']}; rests on {info['n_good']} good and {info['n_defective']} defective images from "
+          f"{info['source']}{rate}")
     if "warning" in info:
         print(f"defectscope: warning: {info['warning']}", file=sys.stderr)
     for item in info["failed"]:
@@ -414,7 +458,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .files import check_output_dir
 
+    check_output_dir(args.output, "demo folder")
     run_demo(args.output, n_train=args.n_train, coreset_ratio=args.coreset_ratio, seed=args.seed,
              batch_size=args.batch_size, progress=not args.no_progress)
     return EXIT_OK
@@ -424,8 +470,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from .data.layouts import good_images, load_category
     from .tune import markdown_table, split_validation, tune_layers, write_csv
 
+    from .files import check_output_dir, check_output_file
+
     if args.fit_best and args.output is None:
         raise DefectscopeError("--fit-best needs -o MODEL, the model file to write")
+    if args.fit_best:
+        check_output_file(args.output, "model file")
+    if args.out is not None:
+        check_output_dir(args.out, "--out folder")
     params = _model_params(args)
     stages = params.pop("layers", None)
     split = load_category(args.data)
@@ -445,7 +497,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "tune.md").write_text(table + "\n")
         write_csv(result, args.out / "tune.csv")
-        (args.out / "tune.json").write_text(json.dumps(result.as_dict(), indent=2))
+        (args.out / "tune.json").write_text(dumps(result.as_dict(), indent=2))
     if args.fit_best:
         from .detectors import make_detector
         from .fitting import fit_detector
@@ -483,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except DefectscopeError as exc:
         print(f"defectscope: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # disk full, permissions, a folder vanished: one line naming the path, never a traceback
+        from .files import os_error_message
+
+        print(f"defectscope: error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("defectscope: interrupted", file=sys.stderr)

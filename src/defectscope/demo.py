@@ -8,7 +8,6 @@ defective test cell. Cells labelled 1/3 or 2/3 are left out (uncertain labels).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from .detectors.patchcore import PatchCore
 from .evaluation import evaluate_detector
 from .fitting import fit_detector
 from .io import save_model
+from .jsonout import dumps
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Fit, save, evaluate and write heatmaps under ``output``; prints what it did and returns the metrics."""
-    from .cli import format_summary
+    from .evaluation import format_summary
 
     split = elpv_split("mono", n_train=n_train, seed=seed, test_good=100)
     n_def = sum(s.label for s in split.test)
@@ -46,11 +46,12 @@ def run_demo(
 
     heatmaps = output / "heatmaps"
     result = evaluate_detector(detector, split, meta["threshold"], batch_size=batch_size, progress=progress,
-                               heatmap_dir=heatmaps)
+                               heatmap_dir=heatmaps, pixel_threshold=meta["pixel_threshold"])
     result["model"] = str(model_path)
     result["fit_seconds"] = meta["training"]["fit_seconds"]
-    (output / "metrics.json").write_text(json.dumps(result, indent=2))
+    (output / "metrics.json").write_text(dumps(result, indent=2))
     print(format_summary(result))
-    print(f"heatmaps   {heatmaps}/ (good/ and defective/: the map over each cell; white outline = above threshold)")
+    print(f"heatmaps   {heatmaps}/ (good/ and defective/: each cell beside its map, with the verdict; white "
+          f"outline = above the pixel threshold {meta['pixel_threshold']:.4f})")
     print(f"metrics    {output / 'metrics.json'}")
     return result

@@ -45,6 +45,7 @@ def evaluate_detector(
     overlay_dir: Path | None = None,
     overlay_max_side: int = OVERLAY_MAX_SIDE,
     aligner: Any | None = None,
+    pixel_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Score every test sample of ``split`` and compute the metrics.
 
@@ -52,7 +53,10 @@ def evaluate_detector(
     masks resized there (nearest neighbour); they are None when any defective image lacks a
     mask. Images that fail to load are counted and listed, never silently dropped.
 
-    heatmap_dir: full-resolution overlays, ``<type>/<index>_<stem>_heatmap.png``.
+    heatmap_dir: full-resolution overlays, ``<type>/<index>_<stem>_heatmap.png`` (photo and overlay side
+    by side, with a legend); each image record then holds ``"heatmap"``, the PNG's path.
+    pixel_threshold: what overlays colour and outline against (see :mod:`defectscope.report.heatmaps`);
+    None uses ``threshold``.
     overlay_dir: small overlays for a report (longest side ``overlay_max_side``); each image
     record then holds ``"overlay"``, the PNG's path relative to ``overlay_dir``.
     aligner: a :class:`defectscope.align.Aligner`; images are warped into its reference frame
@@ -60,6 +64,9 @@ def evaluate_detector(
     metrics and overlays, so maps and masks are compared in the photo's frame. Each image
     record then holds ``"aligned"``; the result holds ``"alignment"`` (mode, unaligned paths).
     """
+    from .report.heatmaps import Verdict
+
+    pix = threshold if pixel_threshold is None else pixel_threshold
     samples = split.test
     if not samples:
         raise DefectscopeError(f"{split.name}: no test images found")
@@ -86,6 +93,14 @@ def evaluate_detector(
         if not result.ok:
             failed.append({"path": str(sample.path), "error": result.error or ""})
             continue
+        mask = None
+        if pixel is not None and result.map is not None:
+            try:
+                mask = (load_mask(sample.mask_path, size=(size, size), image=sample.path, image_shape=result.size)
+                        if sample.mask_path is not None else np.zeros((size, size), dtype=bool))
+            except DefectscopeError as exc:  # a mask that does not fit its image: this image is not counted
+                failed.append({"path": str(sample.path), "error": str(exc)})
+                continue
         n_scored += 1
         record: dict[str, Any] = {
             "path": str(sample.path),
@@ -95,6 +110,10 @@ def evaluate_detector(
             "normalized_score": normalized_score(result.score, threshold),
             "judgement": result.judgement,
         }
+        if result.notes:
+            record["notes"] = result.notes
+            for note in result.notes:
+                log.warning("%s: %s", sample.path, note)
         if result.alignment is not None:
             record["aligned"] = result.alignment["aligned"]
             record["align_inliers"] = result.alignment["inliers"]
@@ -102,16 +121,13 @@ def evaluate_detector(
         records.append(record)
         if result.map is None:
             continue
-        if pixel is not None:
-            if sample.mask_path is not None:
-                mask = load_mask(sample.mask_path, size=(size, size))
-            else:
-                mask = np.zeros((size, size), dtype=bool)
+        if mask is not None:
             pixel.add(result.map[None], mask[None])
+        verdict = Verdict(score=float(result.score), threshold=threshold, judgement=int(result.judgement))
         if heatmap_dir is not None:
-            _write_heatmap(heatmap_dir, sample, result.map, threshold, len(records) - 1)
+            record["heatmap"] = _write_heatmap(heatmap_dir, sample, result.map, pix, verdict, len(records) - 1)
         if overlay_dir is not None:
-            record["overlay"] = _write_overlay(overlay_dir, sample, result.map, threshold, len(records) - 1,
+            record["overlay"] = _write_overlay(overlay_dir, sample, result.map, pix, verdict, len(records) - 1,
                                                overlay_max_side)
     seconds = time.perf_counter() - start
 
@@ -247,34 +263,69 @@ def _thin(values: np.ndarray, n: int = CURVE_POINTS) -> list[float]:
     return [float(v) for v in values]
 
 
-def _write_heatmap(folder: Path, sample: Sample, amap: np.ndarray, threshold: float, index: int) -> None:
+def _write_heatmap(folder: Path, sample: Sample, amap: np.ndarray, pixel_threshold: float, verdict: Any,
+                   index: int) -> str:
     from .data.images import load_image
     from .report.heatmaps import heatmap_name, overlay, save_png
 
     image = load_image(sample.path)
     gt = load_mask(sample.mask_path) if sample.mask_path is not None else None
-    save_png(folder / sample.defect_type / heatmap_name(Path(sample.path), index), overlay(image, amap, threshold, gt_mask=gt))
+    path = folder / sample.defect_type / heatmap_name(Path(sample.path), index)
+    save_png(path, overlay(image, amap, pixel_threshold, verdict=verdict, gt_mask=gt, side_by_side=True))
+    return str(path)
 
 
-def _write_overlay(folder: Path, sample: Sample, amap: np.ndarray, threshold: float, index: int,
-                   max_side: int) -> str | None:
-    """A small overlay PNG for a report; returns its path relative to ``folder`` (None on failure)."""
+def _fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` shrunk (area interpolation) so that its longest side is at most ``max_side``."""
     import cv2
 
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale >= 1.0:
+        return image
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+def _write_overlay(folder: Path, sample: Sample, amap: np.ndarray, pixel_threshold: float, verdict: Any,
+                   index: int, max_side: int) -> str | None:
+    """A small overlay PNG for a report; returns its path relative to ``folder`` (None on failure)."""
     from .data.images import load_image
     from .report.heatmaps import heatmap_name, overlay, save_png
 
     try:
         image = load_image(sample.path)
-        h, w = image.shape[:2]
-        scale = min(1.0, max_side / max(h, w))
-        if scale < 1.0:
-            image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
-                               interpolation=cv2.INTER_AREA)
         gt = load_mask(sample.mask_path) if sample.mask_path is not None else None
+        picture = overlay(_fit_within(image, max(max_side, 320)), amap, pixel_threshold, verdict=verdict, gt_mask=gt)
         rel = Path(sample.defect_type) / heatmap_name(Path(sample.path), index)
-        save_png(folder / rel, overlay(image, amap, threshold, gt_mask=gt))
+        save_png(folder / rel, _fit_within(picture, max_side))
     except (DefectscopeError, OSError) as exc:
         log.warning("no overlay for %s: %s", sample.path, exc)
         return None
     return rel.as_posix()
+
+
+def _fmt(value: float | None) -> str:
+    return "null" if value is None else f"{value:.4f}"
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The human-readable evaluation summary."""
+    lines = [
+        f"dataset           {result['dataset']}",
+        f"method            {result['method']} ({result['backbone']}, {','.join(result['layers'])})",
+        f"image_auroc       {_fmt(result['image_auroc'])}",
+        f"pixel_auroc       {_fmt(result['pixel_auroc'])}",
+        f"aupro             {_fmt(result.get('aupro'))}",
+        f"n_good            {result['n_good']}",
+        f"n_defective       {result['n_defective']}",
+        f"n_failed          {result['n_failed']}",
+        f"images_per_second {result['images_per_second']}",
+    ]
+    alignment = result.get("alignment")
+    if alignment:
+        lines.append(f"alignment         {alignment['mode']}: {alignment['n_unaligned']} image(s) scored unaligned")
+        lines.extend(f"  unaligned       {path}" for path in alignment["unaligned"])
+    c = result.get("confusion")
+    if c:
+        lines.append(f"at threshold {result['threshold']:.6g}: tp {c['tp']}  fp {c['fp']}  tn {c['tn']}  fn {c['fn']}")
+    return "\n".join(lines)

@@ -16,7 +16,61 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["new_file_mode", "replacing"]
+from .errors import DefectscopeError
+
+__all__ = ["new_file_mode", "replacing", "check_output_file", "check_output_dir", "os_error_message", "OutputError"]
+
+
+class OutputError(DefectscopeError):
+    """An output location that cannot be written (checked before the work, or failing while writing)."""
+
+
+def os_error_message(exc: OSError, path: str | Path | None = None) -> str:
+    """``PATH: what is wrong`` for an OS error, e.g. ``m.dsmodel: no space left on device``."""
+    name = exc.filename if exc.filename is not None else path
+    what = (exc.strerror or str(exc)).lower()
+    return f"{name}: {what}" if name is not None else what
+
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _check_folder_writable(folder: Path, target: Path, what: str) -> None:
+    """``folder`` (or, if it does not exist yet, the folder it would be created in) accepts new files."""
+    existing = _nearest_existing(folder.resolve() if not folder.exists() else folder)
+    if not existing.is_dir():
+        raise OutputError(f"{target}: cannot write the {what}: {existing} is a file, not a folder")
+    try:  # a real probe: permissions, read-only file systems and ACLs all show up here
+        fd, probe = tempfile.mkstemp(prefix=".defectscope-probe.", dir=existing)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write the {what}: {os_error_message(exc, existing)}") from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> Path:
+    """Fail now, with a message naming ``path``, if a file cannot be written there later.
+
+    Checks that ``path`` is not a folder and that its folder exists or can be created and
+    accepts new files. Raises :class:`OutputError`. Use before long work whose result goes there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name for the {what} (e.g. {path / 'model.dsmodel'})")
+    _check_folder_writable(path.parent, path, what)
+    return path
+
+
+def check_output_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Fail now if ``path`` cannot be used as an output folder (a file is there, or it is not writable)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: is a file; the {what} must be a folder")
+    _check_folder_writable(path, path, what)
+    return path
 
 
 def new_file_mode() -> int:
@@ -37,6 +91,8 @@ def new_file_mode() -> int:
 def replacing(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on a clean exit it atomically becomes ``path``."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder, not a file; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else new_file_mode()
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

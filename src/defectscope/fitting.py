@@ -14,7 +14,7 @@ import torch
 
 from .data.loader import iter_batches
 from .detectors.base import Detector
-from .errors import DataLayoutError
+from .errors import DataLayoutError, DefectscopeError
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,20 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD_QUANTILE = 0.99
 #: below this many leave-one-out scores a high quantile is close to the maximum: say so
 FEW_THRESHOLD_IMAGES = 50
+
+
+def pixel_threshold_from_maxima(maxima: np.ndarray, quantile: float = DEFAULT_THRESHOLD_QUANTILE) -> dict[str, Any]:
+    """The pixel threshold: the ``quantile`` of the anomaly-map maxima (T,) of held-out good training
+    images, so about (1 - quantile) of good images have any pixel at or above it. It is on the
+    map's scale, which for SPADE (and, after re-weighting, PatchCore) is not the image score's."""
+    maxima = np.asarray(maxima, dtype=np.float64)
+    return {"threshold": float(np.quantile(maxima, quantile)), "quantile": quantile, "n_images": int(maxima.size),
+            "rule": "quantile of the anomaly-map maxima of held-out good training images"}
+
+
+def _check_quantile(quantile: float) -> None:
+    if not 0 < quantile < 1:  # also false for NaN
+        raise DefectscopeError(f"threshold quantile must be in (0, 1), got {quantile}")
 
 
 def threshold_from_scores(
@@ -33,8 +47,7 @@ def threshold_from_scores(
     reject about (1 - quantile) of good parts. Returns the threshold and how it was made,
     including a warning when it rests on too few images to estimate that quantile.
     """
-    if not 0 < quantile < 1:
-        raise ValueError(f"threshold quantile must be in (0, 1), got {quantile}")
+    _check_quantile(quantile)
     scores = np.asarray(scores, dtype=np.float64)
     n = int(scores.size)
     info: dict[str, Any] = {
@@ -54,12 +67,56 @@ def threshold_from_scores(
     return info
 
 
-def _counting(batches: Iterator[Any], failures: list[tuple[Path, str]], bar: Any) -> Iterator[torch.Tensor]:
-    """Feed loaded images to the detector, collect load failures and advance the bar."""
+#: modified z-score (Iglewicz & Hoaglin 1993: 0.6745 (x - median) / MAD) above which a training
+#: image's held-out score marks it as unlike the other good images
+OUTLIER_Z = 3.5
+#: a training image whose shorter side is below image_size / this is "far smaller than the model input"
+TINY_FACTOR = 4
+
+
+def score_outliers(scores: np.ndarray, z: float = OUTLIER_Z) -> tuple[np.ndarray, float]:
+    """Positions of high outliers among held-out training scores (N,), and the score above which
+    they lie: median + z x MAD / 0.6745 (a robust z-score, so the outliers do not hide themselves
+    by inflating the spread). Only high scores count: an image too unlike the rest. With MAD = 0
+    (half the scores equal) nothing is flagged."""
+    scores = np.asarray(scores, dtype=np.float64)
+    median = float(np.median(scores))
+    mad = float(np.median(np.abs(scores - median)))
+    if mad == 0.0:
+        return np.zeros(0, dtype=np.int64), float("inf")
+    cutoff = median + z * mad / 0.6745
+    return np.nonzero(scores > cutoff)[0], cutoff
+
+
+def _suspects(detector: Detector, loaded: list[Path], sizes: list[tuple[int, int]]) -> tuple[list[dict[str, Any]], float]:
+    """Training images to look at before trusting the threshold: score outliers and tiny images."""
+    scores = detector.training_scores()
+    which = detector.training_score_images()
+    found: dict[Path, dict[str, Any]] = {}
+    positions, cutoff = score_outliers(scores)
+    for pos in positions:
+        path = loaded[int(which[pos])]
+        found[path] = {"path": str(path), "score": float(scores[pos]),
+                       "reason": f"held-out score {scores[pos]:.4g} is above the outlier cutoff {cutoff:.4g}"}
+    side = detector.image_size / TINY_FACTOR
+    for path, (h, w) in zip(loaded, sizes):
+        if min(h, w) < side:
+            item = found.setdefault(path, {"path": str(path), "score": None, "reason": ""})
+            tiny = f"{w}x{h} pixels, far smaller than the {detector.image_size}x{detector.image_size} model input"
+            item["reason"] = f"{item['reason']}; {tiny}" if item["reason"] else tiny
+    return list(found.values()), cutoff
+
+
+def _counting(batches: Iterator[Any], failures: list[tuple[Path, str]], bar: Any, loaded: list[Path],
+              sizes: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+    """Feed loaded images to the detector, collect load failures, loaded paths and sizes, advance the bar."""
     for batch in batches:
         failures.extend(batch.failures)
-        for _, message in batch.failures:
-            log.warning("skipping training image %s", message)  # the loader's messages start with the path
+        loaded.extend(batch.paths)
+        sizes.extend(batch.sizes)
+        for path, notes in zip(batch.paths, batch.notes):
+            for note in notes:
+                log.warning("training image %s: %s", path, note)
         bar.update(len(batch.paths) + len(batch.failures))
         if len(batch.paths):
             yield batch.images
@@ -83,6 +140,7 @@ def fit_detector(
     progress: bool = False,
     data_name: str | None = None,
     aligner: Any | None = None,
+    exclude_outliers: bool = False,
 ) -> dict[str, Any]:
     """Fit ``detector`` on good images; returns the metadata to save with the model.
 
@@ -90,7 +148,15 @@ def fit_detector(
     there are fewer images than the method needs, and after loading if too few remained.
     ``aligner`` (a :class:`defectscope.align.Aligner`) warps each image into its reference
     frame first; images it cannot align are used unaligned and listed in ``training.alignment``.
+
+    After the fit, ``training.suspects`` lists training images to look at before trusting the
+    threshold: those whose held-out score is a high outlier (:func:`score_outliers`) and those
+    far smaller than the model input (shorter side below image_size / 4). One defective part
+    among the good ones raises the threshold for every later image. ``exclude_outliers`` fits
+    once more without them and records them in ``training.excluded``.
     """
+    _check_quantile(threshold_quantile)
+    detector._validate_params()  # a bad parameter fails now, not after the features are extracted
     need = detector.min_train_images
     if len(paths) < need:
         raise DataLayoutError(
@@ -99,6 +165,8 @@ def fit_detector(
     start = time.perf_counter()
     mean, std = detector.input_stats
     failures: list[tuple[Path, str]] = []
+    loaded_paths: list[Path] = []
+    sizes: list[tuple[int, int]] = []
     with progress_bar(total=len(paths), desc=f"fit {detector.method}", enabled=progress) as bar:
         batches = iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner)
         unaligned: list[str] = []
@@ -108,7 +176,7 @@ def fit_detector(
 
         def images() -> Iterator[torch.Tensor]:
             nonlocal loaded
-            yield from _counting(batches, failures, bar)
+            yield from _counting(batches, failures, bar, loaded_paths, sizes)
             loaded = len(paths) - len(failures)
             if loaded < need:
                 raise DataLayoutError(
@@ -118,10 +186,20 @@ def fit_detector(
 
         detector.fit(images(), progress=progress)
     fit_seconds = time.perf_counter() - start
+    suspects, cutoff = _suspects(detector, loaded_paths, sizes)
+    if exclude_outliers and suspects:
+        bad = {Path(s["path"]) for s in suspects}
+        log.info("fitting again without %d suspect training image(s)", len(bad))
+        meta = fit_detector(detector, [p for p in paths if Path(p) not in bad], batch_size=batch_size,
+                            threshold_quantile=threshold_quantile, progress=progress, data_name=data_name,
+                            aligner=aligner)
+        meta["training"]["excluded"] = suspects + meta["training"].get("excluded", [])
+        return meta
     threshold = threshold_from_scores(detector.training_scores(), threshold_quantile, detector.training_scores_kind)
-    if "warning" in threshold:
-        log.info(threshold["warning"])
-    training: dict[str, Any] = {}
+    pixel = pixel_threshold_from_maxima(detector.training_map_maxima(), threshold_quantile)
+    training: dict[str, Any] = {"suspects": suspects, "outlier_rule": (
+        f"held-out score > median + {OUTLIER_Z} x MAD / 0.6745 (= {cutoff:.6g}), or shorter side < image size / "
+        f"{TINY_FACTOR}")}
     if aligner is not None:
         training["alignment"] = {"mode": aligner.mode, "n_unaligned": len(unaligned), "unaligned": unaligned}
         if unaligned:
@@ -131,6 +209,8 @@ def fit_detector(
         "threshold": threshold["threshold"],
         "threshold_info": threshold,
         "threshold_history": [],
+        "pixel_threshold": pixel["threshold"],
+        "pixel_threshold_info": pixel,
         "training": {
             "data": data_name,
             "n_images": loaded,

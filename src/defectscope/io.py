@@ -8,7 +8,10 @@ file in place of a good one.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from . import __version__
 from .detectors import make_detector
 from .detectors.base import Detector
 from .errors import ModelFileError
-from .files import replacing
+from .files import OutputError, replacing
 from .normalization import LEGACY_NORMALIZATION
 
 FORMAT_NAME = "defectscope-model"
@@ -63,10 +66,34 @@ def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any],
     return path
 
 
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (hex digest).
+
+    Stored in the metadata as ``tensor_sha256`` and verified on load, so a model whose tensor
+    bytes were damaged (same size, zeroed or flipped) is refused instead of judging wrongly.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def write_model_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically write tensors + metadata (temporary file, fsync, rename; see :mod:`defectscope.files`)."""
-    with replacing(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    """Atomically write tensors + metadata (temporary file, fsync, rename; see :mod:`defectscope.files`).
+
+    ``meta["tensor_sha256"]`` is set to :func:`tensor_checksum` of ``tensors``."""
+    meta = dict(meta, tensor_sha256=tensor_checksum(tensors))
+    try:
+        with replacing(path) as tmp:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    except SafetensorError as exc:  # the library's own I/O errors name no file: say which, and what
+        text = str(exc)
+        code = re.search(r"os error (\d+)|code: (\d+)", text)
+        what = os.strerror(int(code.group(1) or code.group(2))).lower() if code else text
+        raise OutputError(f"{path}: could not write the model file: {what}") from exc
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -83,6 +110,12 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path}: model file is truncated or corrupt ({exc}); re-create it with `defectscope fit`") from exc
+    stored = meta.get("tensor_sha256")
+    if stored is not None and tensor_checksum(tensors) != stored:
+        raise ModelFileError(
+            f"{path}: model file is damaged: its tensor data does not match the checksum written with it "
+            "(a copy error or a failing disk); restore it from a backup or re-create it with `defectscope fit`"
+        )
     return tensors, meta
 
 

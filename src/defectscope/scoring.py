@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ class ImageResult:
 
     score/judgement are None and ``error`` holds a one-line message when the image could not
     be scored. ``map`` is the (S, S) anomaly map at the model's input size when requested.
+    ``notes``: what of the file was not used as it is (extra frames, transparency), one phrase each.
+    ``size``: the image's (H, W) as read (after EXIF orientation).
     ``alignment`` (only when scored with an aligner): {"aligned", "inliers", "angle"}; an
     image that could not be aligned was scored as given and has ``aligned`` False.
     """
@@ -33,10 +35,24 @@ class ImageResult:
     error: str | None = None
     map: np.ndarray | None = None
     alignment: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    size: tuple[int, int] | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def pixel_threshold(meta: dict[str, Any]) -> float:
+    """The model's pixel threshold (overlays are drawn against it). Models fitted before it existed
+    fall back to the image threshold, with a warning: their overlays may then mislead (SPADE's map
+    is on another scale than its score)."""
+    value = meta.get("pixel_threshold")
+    if value is None:
+        log.warning("this model has no pixel threshold (fitted by an older defectscope): overlays are drawn against "
+                    "the image threshold; refit it for overlays that agree with the verdict")
+        return float(meta["threshold"])
+    return float(value)
 
 
 def judge(score: float, threshold: float) -> int:
@@ -89,6 +105,8 @@ def score_paths(
                         judgement=judge(score, threshold),
                         map=amap,
                         alignment=record.as_dict() if record is not None else None,
+                        notes=batch.notes[j] if batch.notes else [],
+                        size=batch.sizes[j],
                     )
             bar.update(len(batch.paths) + len(batch.failures))
             while next_index in pending:

@@ -15,6 +15,9 @@ Conversion to 8-bit RGB (:func:`load_image`):
 * float images (``F``, e.g. float TIFF) in [0, 1] are scaled by 255; any other range is
   min-max stretched to [0, 255]; NaN becomes 0;
 * multi-frame files (TIFF stacks, animated GIF/PNG) give their first frame.
+
+:func:`load_image_noting` says when a rule drops content (frames after the first, transparent
+pixels), so the front ends can tell the user once per file.
 """
 
 from __future__ import annotations
@@ -32,9 +35,18 @@ from ..errors import DefectscopeError, ImageLoadError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-"""File name endings treated as images (compared case-insensitively)."""
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
+    ".pgm", ".ppm", ".pbm", ".pnm", ".pfm", ".tga", ".jp2", ".j2k", ".jpx", ".j2c", ".pcx", ".sgi", ".rgb",
+    ".qoi", ".dds", ".icns", ".ico", ".im", ".ras", ".xbm", ".psd",
+)
+"""File name endings treated as images (compared case-insensitively): the raster formats Pillow
+decodes (``python -c "from PIL import features; features.pilinfo()"`` lists them), without the
+ones it needs outside programs for (EPS) or cannot read back (PDF)."""
 
+_WARNED_MASKS: set[str] = set()
+#: a mask with more distinct values than this (and values above mid-level) is binarised at mid-level
+NOISY_MASK_VALUES = 16
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _TIFF_BITS_PER_SAMPLE = 258
 
@@ -62,7 +74,8 @@ def _open(path: str | Path) -> Image.Image:
         raise ImageLoadError(f"{path}: image data is truncated or corrupt: {_first_line(exc)}") from None
     try:
         with img:
-            if getattr(img, "n_frames", 1) > 1:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
                 img.seek(0)
             img.load()  # force the full decode so truncated/corrupt data is caught here
             bits = _declared_bits(img)
@@ -72,6 +85,8 @@ def _open(path: str | Path) -> Image.Image:
         raise ImageLoadError(f"{path}: image data is truncated or corrupt: {_first_line(exc)}") from None
     if bits is not None:
         oriented.info["defectscope_bits"] = bits
+    if frames > 1:
+        oriented.info["defectscope_frames"] = frames
     return oriented
 
 
@@ -96,8 +111,13 @@ def _declared_bits(img: Image.Image) -> int | None:
     return None
 
 
-def _to_rgb_uint8(img: Image.Image, path: str | Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB array from any PIL mode (see the module docstring for the rules)."""
+def _to_rgb_uint8(img: Image.Image, path: str | Path, notes: list[str] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array from any PIL mode (see the module docstring for the rules).
+
+    ``notes`` collects what of the file's content was not used as it is (see :func:`load_image_noting`)."""
+    frames = img.info.get("defectscope_frames")
+    if notes is not None and frames:
+        notes.append(f"has {frames} frames: only the first is used")
     mode = img.mode
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8).copy()
@@ -115,7 +135,12 @@ def _to_rgb_uint8(img: Image.Image, path: str | Path) -> np.ndarray:
         img, mode = img.convert("RGBA"), "RGBA"
     if mode in _ALPHA_MODES:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-        rgb = rgba[..., :3] * (rgba[..., 3:4] / 255.0)  # composite over black
+        alpha = rgba[..., 3:4]
+        if notes is not None and bool((alpha < 255).any()):
+            share = float((alpha < 255).mean())
+            notes.append(f"has transparent pixels ({share:.0%} of the image): composited over black, so they "
+                         "count as black (save the photo without transparency to avoid it)")
+        rgb = rgba[..., :3] * (alpha / 255.0)  # composite over black
         return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     try:
         return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
@@ -146,11 +171,28 @@ def load_image(path: str | Path) -> np.ndarray:
     return _to_rgb_uint8(_open(path), path)
 
 
-def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a ground-truth mask as an (H, W) bool array: any non-zero colour channel = defect.
+def load_image_noting(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """:func:`load_image`, plus one note per part of the file's content that is not used as it is:
+    frames after the first, transparency composited over black. Each note is a phrase to follow
+    the path (``"<path>: has 3 frames: only the first is used"``)."""
+    notes: list[str] = []
+    return _to_rgb_uint8(_open(path), path, notes), notes
 
-    Grayscale, RGB, palette and 16-bit masks are accepted; an alpha channel is ignored.
-    ``size=(h, w)`` resizes with nearest-neighbour interpolation.
+
+def load_mask(
+    path: str | Path, size: tuple[int, int] | None = None, *, image: str | Path | None = None,
+    image_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Read a ground-truth mask as an (H, W) bool array.
+
+    Defect pixels: any non-zero value (a defect value of 1, 236 or 255, a few class ids), unless the
+    mask holds more than 16 distinct values reaching above mid-level (a JPEG-compressed mask, an
+    antialiased drawing): such a mask is binarised at mid-level (128 of 255, half the range of 16-bit) with a
+    warning naming the file: counting every non-zero value there turns compression noise into defects.
+    Grayscale, RGB (a pixel is taken at its brightest channel), palette and 16-bit masks are accepted;
+    an alpha channel is ignored. ``image_shape=(H, W)`` is the photo's shape (after EXIF orientation):
+    a mask of another shape raises ImageLoadError naming the mask and ``image``. ``size=(h, w)``
+    resizes with nearest-neighbour interpolation.
     """
     img = _open(path)
     if img.mode == "P":
@@ -160,7 +202,21 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
         colour = arr[..., :3] if img.mode in ("RGBA", "RGBa", "RGBX") else arr
         if img.mode in ("LA", "La"):
             colour = arr[..., :1]
-        mask = np.any(colour != 0, axis=2)
+        arr = colour.max(axis=2)
+    if image_shape is not None and tuple(arr.shape[:2]) != tuple(image_shape):
+        raise ImageLoadError(
+            f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} pixels but its image {image or ''} is "
+            f"{image_shape[1]}x{image_shape[0]}: masks must have their image's shape (a stretched mask changes "
+            "pixel AUROC and AUPRO)"
+        )
+    mid = 128 if arr.dtype == np.uint8 else (2 ** (8 * arr.dtype.itemsize - 1) if arr.dtype.kind in "ui" else 0.5)
+    values = np.unique(arr)
+    if values.size > NOISY_MASK_VALUES and values[-1] >= mid:
+        if str(path) not in _WARNED_MASKS:  # once per file, however often it is read
+            _WARNED_MASKS.add(str(path))
+            log.warning("%s: mask holds %d different values (compression noise or soft edges?): binarised at %s",
+                        path, values.size, mid)
+        mask = arr >= mid
     else:
         mask = arr != 0
     if size is not None:

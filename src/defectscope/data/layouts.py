@@ -49,18 +49,64 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
     """Image files in ``folder`` (and its sub-folders if ``recursive``), sorted by path.
 
     Hidden files and anything inside hidden folders are skipped. A missing folder gives [].
+    Folder links are followed, but every real folder is searched once: a link back into a
+    folder already searched (a loop such as ``L/self -> ../L``) or to one reached another way is
+    skipped, and the skipped links are logged (warning). Files that are not images (by their
+    ending, see :data:`IMAGE_EXTENSIONS`) are logged too, a line per folder searched.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     if not recursive:
-        return sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p))
+        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+        _note_not_images(folder, files)
+        return sorted(p for p in files if _is_image(p))
     found: list[Path] = []
+    others: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    skipped: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = Path(dirpath)
-        found.extend(base / name for name in filenames if _is_image(base / name))
+        st = os.stat(base)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: its files are already listed
+            skipped.append(base)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            try:
+                sub = os.stat(base / d)
+            except OSError:  # a dangling link
+                skipped.append(base / d)
+                continue
+            if (sub.st_dev, sub.st_ino) in seen:
+                skipped.append(base / d)
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if not (base / name).exists():  # a link to nowhere (os.walk lists those as files)
+                skipped.append(base / name)
+                continue
+            (found if _is_image(base / name) else others).append(base / name)
+    if skipped:
+        log.warning("%s: skipped %d folder link(s) leading to folders already searched or nowhere: %s", folder,
+                    len(skipped), ", ".join(str(p) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    _note_not_images(folder, others)
     return sorted(found)
+
+
+def _note_not_images(folder: Path, others: list[Path]) -> None:
+    """Say which files in a searched folder were not taken as images (once per search)."""
+    others = sorted(p for p in others if p.is_file())
+    if others:
+        names = ", ".join(str(p) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        log.warning("%s: %d file(s) are not images and were skipped: %s", folder, len(others), names)
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -190,17 +236,23 @@ def _defect_samples(folder: Path, defect_type: str, masks: dict[str, Path]) -> l
     ]
 
 
-def _warn_missing_masks(where: Path, samples: list[Sample]) -> None:
-    defective = [s for s in samples if s.label == 1]
-    missing = sum(s.mask_path is None for s in defective)
-    total = len(defective)
+def _warn_missing_masks(where: Path, samples: list[Sample], mask_dirs: Sequence[Path] = ()) -> None:
+    """One warning naming the defective images without a mask, one naming mask files that match no image."""
+    missing = [s.path for s in samples if s.label == 1 and s.mask_path is None]
+    total = sum(s.label == 1 for s in samples)
     if missing:
-        log.warning(
-            "%s: %d of %d defective image(s) have no ground-truth mask; pixel metrics will skip them",
-            where,
-            missing,
-            total,
-        )
+        log.warning("%s: %d of %d defective image(s) have no ground-truth mask (pixel metrics are skipped): %s",
+                    where, len(missing), total, _some(missing))
+    used = {s.mask_path.resolve() for s in samples if s.mask_path is not None}
+    orphans = [m for d in mask_dirs for m in find_images(d, recursive=False) if m.resolve() not in used]
+    if orphans:
+        log.warning("%s: %d mask file(s) match no test image (check their names): %s", where, len(orphans),
+                    _some(orphans))
+
+
+def _some(paths: Sequence[Path], n: int = 10) -> str:
+    names = ", ".join(str(p) for p in paths[:n])
+    return names + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
 def mvtec_category(category_dir: Path) -> Split:
@@ -221,15 +273,17 @@ def mvtec_category(category_dir: Path) -> Split:
     if not train:
         raise DataLayoutError(f"{category_dir / 'train' / 'good'}: no training images found")
     test: list[Sample] = []
+    mask_dirs: list[Path] = []
     for type_dir in _subfolders(category_dir / "test"):
         if type_dir.name == "good":
             test.extend(Sample(path=p, label=0, defect_type="good") for p in find_images(type_dir, recursive=False))
             continue
-        masks = _mask_index(category_dir / "ground_truth" / type_dir.name)
+        mask_dirs.append(category_dir / "ground_truth" / type_dir.name)
+        masks = _mask_index(mask_dirs[-1])
         test.extend(_defect_samples(type_dir, type_dir.name, masks))
     if not test:
         raise DataLayoutError(f"{category_dir / 'test'}: no test images found in its sub-folders")
-    _warn_missing_masks(category_dir, test)
+    _warn_missing_masks(category_dir, test, mask_dirs)
     return Split(name=category_dir.name, train=train, test=test)
 
 
@@ -273,15 +327,24 @@ def plain_folder(folder: Path) -> Split:
     if not (folder / "good").is_dir():
         raise DataLayoutError(f"{folder}: missing good/ (a plain test folder needs good/ plus defect-type folders)")
     test = [Sample(path=p, label=0, defect_type="good") for p in find_images(folder / "good", recursive=False)]
+    mask_dirs: list[Path] = []
     for type_dir in _subfolders(folder):
         if type_dir.name in _PLAIN_RESERVED:
             continue
-        masks = _plain_mask_index(folder / "masks" / type_dir.name)
+        mask_dirs.append(folder / "masks" / type_dir.name)
+        masks = _plain_mask_index(mask_dirs[-1])
         test.extend(_defect_samples(type_dir, type_dir.name, masks))
     if not test:
         raise DataLayoutError(f"{folder}: no test images found in good/ or defect-type folders")
-    _warn_missing_masks(folder, test)
+    _warn_missing_masks(folder, test, mask_dirs)
     return Split(name=folder.name, train=find_images(folder / "train"), test=test)
+
+
+def is_category(path: Path) -> bool:
+    """True for an MVTec AD category (train/ + test/) or a simple VisA object folder: a dataset
+    whose test split is what ``evaluate`` reports on."""
+    path = Path(path)
+    return ((path / "train").is_dir() and (path / "test").is_dir()) or is_visa_simple(path)
 
 
 def load_category(path: Path) -> Split:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import DefectscopeError, ImageLoadError
-from .images import load_image, preprocess
+from .images import load_image_noting, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class Batch:
     sizes:    original (H, W) of each, after EXIF orientation.
     failures: (path, one-line message) for files of this stretch that could not be loaded.
     transforms: what the ``transform`` hook returned for each loaded image (empty without one).
+    notes:    per loaded image, what of the file was not used as it is (see ``load_image_noting``).
     """
 
     images: torch.Tensor
@@ -46,6 +47,7 @@ class Batch:
     sizes: list[tuple[int, int]]
     failures: list[tuple[Path, str]] = field(default_factory=list)
     transforms: list[Any] = field(default_factory=list)
+    notes: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -61,7 +63,7 @@ class _Raised:
 _DONE = object()
 
 
-_Loaded = tuple[torch.Tensor, tuple[int, int], Any]
+_Loaded = tuple[torch.Tensor, tuple[int, int], Any, list[str]]
 
 #: per-image hook on the decoded (H, W, 3) uint8 image: returns (image to use, anything to keep)
 ImageTransform = Callable[[np.ndarray], tuple[np.ndarray, Any]]
@@ -69,21 +71,21 @@ ImageTransform = Callable[[np.ndarray], tuple[np.ndarray, Any]]
 
 def _load_one(path: Path, size: int, mean: Sequence[float], std: Sequence[float],
               transform: ImageTransform | None = None) -> _Loaded | str:
-    """((3, S, S) tensor, original (H, W), transform record or None), or the ImageLoadError message."""
+    """((3, S, S) tensor, original (H, W), transform record or None, notes), or the ImageLoadError message."""
     try:
-        image = load_image(path)
+        image, notes = load_image_noting(path)
     except ImageLoadError as exc:
         return str(exc)
     shape = (int(image.shape[0]), int(image.shape[1]))
     record = None
     if transform is not None:
         image, record = transform(image)
-    return preprocess(image, size, mean, std), shape, record
+    return preprocess(image, size, mean, std), shape, record, notes
 
 
 def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int, transform_used: bool = False) -> Batch:
     """A Batch from one stretch's load results (failures keep their input order)."""
-    tensors, paths, sizes, failures, records = [], [], [], [], []
+    tensors, paths, sizes, failures, records, notes = [], [], [], [], [], []
     for path, result in zip(chunk, results):
         if isinstance(result, str):
             log.debug("could not load %s", result)
@@ -93,9 +95,10 @@ def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int, transf
             paths.append(path)
             sizes.append(result[1])
             records.append(result[2])
+            notes.append(result[3])
     images = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
     return Batch(images=images, paths=paths, sizes=sizes, failures=failures,
-                 transforms=records if transform_used else [])
+                 transforms=records if transform_used else [], notes=notes)
 
 
 def iter_batches(

@@ -210,6 +210,24 @@ class Detector(ABC):
         with torch.inference_mode():
             return self._training_scores().float().numpy()
 
+    def training_map_maxima(self) -> np.ndarray:
+        """Largest anomaly-map value of held-out training images (T',), for the pixel threshold.
+
+        Maps, unlike image scores, are on the scale overlays are drawn on; each value is taken
+        from a map computed as if the image had not been in the training set.
+        """
+        self._check_fitted()
+        with torch.inference_mode():
+            return self._training_map_maxima().float().numpy()
+
+    def _training_map_maxima(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not give held-out map maxima")
+
+    def training_score_images(self) -> np.ndarray:
+        """(T,) position, in fit order, of the training image each of :meth:`training_scores` belongs to."""
+        self._check_fitted()
+        return np.arange(len(self._training_scores()))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Learned state as named CPU tensors (what the model file stores)."""
         self._check_fitted()

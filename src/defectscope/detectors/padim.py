@@ -28,6 +28,7 @@ from ..components.feature_store import FeatureStore
 from ..components.gaussian import fit_gaussians, fit_scratch_bytes, mahalanobis
 from ..errors import DefectscopeError, ModelFileError
 from ..normalization import DEFAULT_NORMALIZATION
+from ..progress import progress_bar
 from .base import DEFAULT_BACKBONE, Detector
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,19 @@ def default_d_reduced(backbone: str, total_channels: int) -> int:
     is dropped: on MVTec AD bottle, 100 random channels gave image/pixel AUROC 0.996/0.981
     (seeds 0, 1, 2) and all 176 gave 0.998/0.984.
     """
-    name = backbone.lower()
-    if name == "resnet18":
+    arch = architecture(backbone)
+    if arch == "resnet18":
         return min(100, total_channels)
-    if name == "wide_resnet50_2":
+    if arch == "wide_resnet50_2":
         return min(550, total_channels)
     return total_channels
+
+
+def architecture(backbone: str) -> str:
+    """The architecture part of a timm name: ``hf-hub:timm/wide_resnet50_2.tv_in1k`` -> ``wide_resnet50_2``
+    (the pretrained tag after the dot and any hub prefix dropped, lower case)."""
+    name = backbone.lower().rsplit("/", 1)[-1].split(":")[-1]
+    return name.split(".", 1)[0]
 
 
 def _chunk_positions(positions: int, d: int, n_images: int) -> int:
@@ -160,12 +168,14 @@ class PaDiM(Detector):
             inv_cov = torch.empty(positions, d, d, dtype=torch.float32)
             loo = torch.empty(n, positions, dtype=torch.float32)
             chunk = _chunk_positions(positions, d, n)
-            for lo in range(0, positions, chunk):
-                hi = min(lo + chunk, positions)
-                x = store.read_runs([i * positions + lo for i in range(n)], hi - lo)  # (N, p, d)
-                # eq. 1 (mean, Sigma^-1) and exact leave-one-image-out distances (eq. 2 without image i)
-                mean[lo:hi], inv_cov[lo:hi], loo[:, lo:hi] = fit_gaussians(x, self.epsilon)
-                del x
+            with progress_bar(positions, "gaussians", self._show_progress, unit="position") as bar:
+                for lo in range(0, positions, chunk):
+                    hi = min(lo + chunk, positions)
+                    x = store.read_runs([i * positions + lo for i in range(n)], hi - lo)  # (N, p, d)
+                    # eq. 1 (mean, Sigma^-1) and exact leave-one-image-out distances (eq. 2 without image i)
+                    mean[lo:hi], inv_cov[lo:hi], loo[:, lo:hi] = fit_gaussians(x, self.epsilon)
+                    del x
+                    bar.update(hi - lo)
         training_scores = torch.cat(  # image score = max of the finished map, as in predict
             [self._finish_maps(part.view(-1, *size)).amax(dim=(1, 2)) for part in loo.split(32)]
         )
@@ -209,6 +219,9 @@ class PaDiM(Detector):
 
     def _training_scores(self) -> torch.Tensor:
         return self.training_scores_
+
+    def _training_map_maxima(self) -> torch.Tensor:
+        return self.training_scores_  # PaDiM's image score is the maximum of its (leave-one-out) map
 
     # ----------------------------------------------------------------- state
     def _state_tensors(self) -> dict[str, torch.Tensor]:

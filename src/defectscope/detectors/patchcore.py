@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -111,8 +112,8 @@ class PatchCore(Detector):
         super()._validate_params()
         if not 0 < self.coreset_ratio <= 1:
             raise DefectscopeError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.coreset_eps is not None and not 0 < self.coreset_eps < 1.5:
-            raise DefectscopeError(f"coreset_eps must be in (0, 1.5), got {self.coreset_eps}")
+        if self.coreset_eps is not None and not 0 < self.coreset_eps < 1:  # jl_dim's range
+            raise DefectscopeError(f"coreset_eps must be in (0, 1), got {self.coreset_eps}")
         if self.max_bank_size is not None and self.max_bank_size < 1:
             raise DefectscopeError(f"max_bank_size must be a positive integer or None, got {self.max_bank_size}")
         if self.coreset not in CORESETS:
@@ -219,6 +220,7 @@ class PatchCore(Detector):
         self.training_scores_ = self._held_out_scores(store, per_image, folds, scored, selection)
         self.fit_timings_["threshold_s"] = time.perf_counter() - t0
         self.fit_details_["n_threshold_images"] = int(scored.numel())
+        self.threshold_image_index_ = scored
 
     def _image_folds(self, n: int) -> torch.Tensor:
         """(n,) fold of each training image: a seeded shuffle dealt into min(folds, n) folds."""
@@ -248,8 +250,6 @@ class PatchCore(Detector):
         which entries the other folds chose, so the bank without a fold's entries is a bank
         fitted without those images: that is what the threshold's held-out scores use.
         """
-        n = folds.numel()
-        n_patches = n * per_image
         chunks: list[torch.Tensor] = []
         for f in range(int(folds.max()) + 1):
             images = (folds == f).nonzero().squeeze(1)
@@ -298,6 +298,7 @@ class PatchCore(Detector):
         from these scores is not optimistic.
         """
         scores = torch.empty(scored.numel(), dtype=torch.float32)
+        map_max = torch.empty(scored.numel(), dtype=torch.float32)
         with progress_bar(scored.numel(), "threshold", self._show_progress) as bar:
             for fold in range(int(folds.max()) + 1):
                 mine = (folds[scored] == fold).nonzero().squeeze(1)
@@ -313,7 +314,9 @@ class PatchCore(Detector):
                     dist, nn_idx = index.search(patches[0], 1)
                     scores[pos] = self._image_scores(patches, dist[:, 0].unsqueeze(0), nn_idx[:, 0].unsqueeze(0),
                                                      bank, index)[0]
+                    map_max[pos] = self._finish_maps(dist[:, 0].reshape(1, *self.grid_)).max()
                     bar.update(1)
+        self.training_map_max_ = map_max
         return scores
 
     # ------------------------------------------------------------------ predict
@@ -371,9 +374,21 @@ class PatchCore(Detector):
     def _training_scores(self) -> torch.Tensor:
         return self.training_scores_
 
+    def _training_map_maxima(self) -> torch.Tensor:
+        if getattr(self, "training_map_max_", None) is None:
+            raise NotImplementedError("this PatchCore model was fitted before held-out map maxima were kept")
+        return self.training_map_max_
+
+    def training_score_images(self) -> np.ndarray:
+        index = getattr(self, "threshold_image_index_", None)
+        if index is None:  # a loaded model: the images are not known any more, only their number
+            return super().training_score_images()
+        return index.numpy()
+
     # ------------------------------------------------------------------ state
     def _state_tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        extra = {} if self.training_map_max_ is None else {"training_map_max": self.training_map_max_}
+        return extra | {
             "memory_bank": self.memory_bank_,
             "bank_image": self.bank_image_,
             "grid": torch.tensor(self.grid_, dtype=torch.int64),
@@ -387,6 +402,7 @@ class PatchCore(Detector):
         self.grid_ = tuple(int(v) for v in tensors["grid"])
         self.training_scores_ = tensors["training_scores"].float()  # (T,) held-out scores
         self.n_train_ = int(tensors["n_train"])
+        self.training_map_max_ = tensors["training_map_max"].float() if "training_map_max" in tensors else None
         self._index = None
 
 

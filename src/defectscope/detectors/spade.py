@@ -34,6 +34,7 @@ from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.knn import NearestNeighbors
 from ..errors import DefectscopeError, ModelFileError
 from ..normalization import DEFAULT_NORMALIZATION
+from ..progress import progress_bar
 from .base import DEFAULT_BACKBONE, Detector
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,24 @@ class SPADE(Detector):
             dist, _ = index.search(self.train_global_[i : i + 1], k, exclude_group=i)
             scores[i] = dist.mean()
         return scores
+
+    def _training_map_maxima(self, max_images: int = 100) -> torch.Tensor:
+        """Map maximum of up to ``max_images`` training images (a seeded sample), each matched
+        against the top_k nearest OTHER training images (its own maps left out of the gallery)."""
+        n = self.n_train_
+        chosen = torch.arange(n)
+        if n > max_images:
+            chosen = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:max_images].sort().values
+        top_k = min(self.top_k, n - 1)
+        h, w, c = self.train_maps_.shape[1:]
+        out = torch.empty(chosen.numel(), dtype=torch.float32)
+        with progress_bar(chosen.numel(), "pixel threshold", self._show_progress) as bar:
+            for j, i in enumerate(chosen.tolist()):
+                _, gallery = self.global_index.search(self.train_global_[i : i + 1], top_k, exclude_group=i)
+                query = self.train_maps_[i : i + 1].reshape(1, h * w, c).to(torch.float32)
+                out[j] = self._finish_maps(self._nearest_patch_distances(query, gallery).view(1, h, w)).max()
+                bar.update(1)
+        return out
 
     # ----------------------------------------------------------------- state
     def _state_tensors(self) -> dict[str, torch.Tensor]:
