@@ -203,6 +203,10 @@ def test_every_pillow_raster_format_is_found_and_other_files_are_named(tmp_path,
         found = find_images(tmp_path)
     assert len(found) == 8
     assert "1 file(s) are not images and were skipped" in caplog.text and "notes.txt" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert find_images(tmp_path, recursive=False) == found  # the dataset layouts' one-folder search
+    assert "1 file(s) are not images" in caplog.text and "part.png" not in caplog.text
 
 
 # ------------------------------------------------------------------ content only partly used

@@ -59,7 +59,7 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
         return []
     if not recursive:
         files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-        _note_not_images(folder, files)
+        _note_not_images(folder, [p for p in files if not _is_image(p)])
         return sorted(p for p in files if _is_image(p))
     found: list[Path] = []
     others: list[Path] = []
