@@ -400,3 +400,12 @@ def test_missing_and_unmatched_masks_are_named(synthetic_category, tmp_path, cap
     assert "1 of 10 defective image(s) have no ground-truth mask" in caplog.text
     assert first.name.replace("_mask", "") in caplog.text
     assert "1 mask file(s) match no test image" in caplog.text and "nothing_matches_mask.png" in caplog.text
+
+
+def test_json_lines_follow_argument_order_missing_paths_included(model, synthetic_category, tmp_path, capsys):
+    good = sorted((synthetic_category / "test" / "good").iterdir())
+    code, out, _ = run(capsys, "predict", model, good[0], tmp_path / "missing.png", good[1], "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 1
+    assert [Path(r["path"]).name for r in rows] == [good[0].name, "missing.png", good[1].name]
+    assert rows[1]["error"] and rows[0]["error"] is None

@@ -7,6 +7,7 @@ could not run (bad arguments, unreadable model, malformed data).
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import logging
 import os
@@ -324,7 +325,7 @@ def _print_suspects(training: dict[str, Any]) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .data.images import load_image
-    from .data.layouts import expand_paths
+    from .data.layouts import expand_in_order
     from .files import check_output_dir
     from .io import load_model_with_extras
     from .report.heatmaps import Verdict, heatmap_name, overlay, save_png
@@ -338,15 +339,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     pix = pixel_threshold(meta) if args.heatmaps is not None else None
     if args.normalized and not threshold > 0:
         raise DefectscopeError(f"--normalized needs a positive threshold, got {threshold}; run `defectscope calibrate`")
-    paths, missing = expand_paths(args.paths)
+    # an argument that gave no image is reported in its place among the results (argument order)
+    paths: list[Path] = []
+    missing: collections.deque = collections.deque()  # (number of images before it, (arg, message))
+    for entry in expand_in_order(args.paths):
+        if isinstance(entry, Path):
+            paths.append(entry)
+        else:
+            missing.append((len(paths), entry))
     failures = 0
-    for arg, message in missing:
-        failures += 1
-        _report_failure(args, arg, message, threshold)
+
+    def report_missing(upto: int) -> None:
+        nonlocal failures
+        while missing and missing[0][0] <= upto:
+            arg, message = missing.popleft()[1]
+            failures += 1
+            _report_failure(args, arg, message, threshold)
+
     writer = csv.writer(sys.stdout, lineterminator="\n")
     results = score_paths(detector, paths, threshold, batch_size=args.batch_size,
                           keep_maps=args.heatmaps is not None, progress=not args.no_progress, aligner=aligner)
+    had_missing = bool(missing)
     for index, result in enumerate(results):
+        report_missing(index)
         if not result.ok:
             failures += 1
             _report_failure(args, str(result.path), result.error or "", threshold)
@@ -386,7 +401,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             writer.writerow([str(result.path), f"{shown:.6f}", result.judgement])
             sys.stdout.flush()
-    if not paths and not missing:
+    report_missing(len(paths))
+    if not paths and not had_missing:
         print("defectscope: error: no images to score", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_SOME_FAILED if failures else EXIT_OK

@@ -124,15 +124,21 @@ def expand_paths(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]
     (compared by resolved path). Returns ``(paths, errors)``, where ``errors`` lists
     ``(arg, message)`` for a missing path or a folder/glob without images.
     """
-    paths: list[Path] = []
-    errors: list[tuple[str, str]] = []
+    entries = expand_in_order(args)
+    return ([e for e in entries if isinstance(e, Path)], [e for e in entries if not isinstance(e, Path)])
+
+
+def expand_in_order(args: Sequence[str]) -> list[Path | tuple[str, str]]:
+    """:func:`expand_paths` as one list in argument order: each image path, or ``(arg, message)``
+    where an argument gave no image, so that a front end can report it in its place."""
+    out: list[Path | tuple[str, str]] = []
     seen: set[Path] = set()
 
     def add(path: Path) -> None:
         key = path.resolve()
         if key not in seen:
             seen.add(key)
-            paths.append(path)
+            out.append(path)
 
     for arg in args:
         path = Path(os.path.expanduser(arg))
@@ -141,7 +147,7 @@ def expand_paths(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]
         elif path.is_dir():
             images = find_images(path)
             if not images:
-                errors.append((arg, f"folder contains no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+                out.append((arg, f"folder contains no image files ({', '.join(IMAGE_EXTENSIONS)})"))
             for image in images:
                 add(image)
         elif any(c in arg for c in _GLOB_CHARS):
@@ -153,12 +159,12 @@ def expand_paths(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]
                 elif hit.is_file() and _is_image(hit):
                     images.append(hit)
             if not images:
-                errors.append((arg, "pattern matched no image files"))
+                out.append((arg, "pattern matched no image files"))
             for image in images:
                 add(image)
         else:
-            errors.append((arg, "no such file or folder"))
-    return paths, errors
+            out.append((arg, "no such file or folder"))
+    return out
 
 
 def _is_mvtec_category(folder: Path) -> bool:
