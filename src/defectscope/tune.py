@@ -349,7 +349,8 @@ def tune_layers(
 def _fit_cached(method: str, params: dict[str, Any], cache: FeatureCache, layers: Sequence[str],
                 train_rows: list[int], batch_size: int) -> Detector:
     """A detector of ``method`` with ``layers`` fitted from the cache."""
-    detector = make_detector(method, **dict(params, layers=list(layers)))
+    extra = {"global_layer": "maps"} if method == "spade" else {}  # the cache holds the searched stages only
+    detector = make_detector(method, **dict(params, layers=list(layers), **extra))
     detector.set_extractor(CachedFeatures(cache, layers))  # type: ignore[arg-type]
     return detector.fit(tokens(train_rows, batch_size))
 

@@ -140,9 +140,17 @@ class Detector(ABC):
         if self._extractor is None:
             if self.layers is None:
                 self.layers = self._default_layers()
-            self._extractor = FeatureExtractor(self.backbone, self.layers, weights=self.weights)
-            self.layers = list(self._extractor.layers)
+            self._extractor = FeatureExtractor(self.backbone, self._extractor_layers(), weights=self.weights)
+            self.layers = self._layers_used(self._extractor)
         return self._extractor
+
+    def _extractor_layers(self) -> list[str] | None:
+        """Layers the extractor must give (None: the backbone's default); see :meth:`_layers_used`."""
+        return self.layers
+
+    def _layers_used(self, extractor: FeatureExtractor) -> list[str]:
+        """The layers recorded as the model's ``layers`` once ``extractor`` is built."""
+        return list(extractor.layers)
 
     def set_extractor(self, extractor: FeatureExtractor) -> None:
         """Use an already built extractor (shares one backbone between detectors)."""
