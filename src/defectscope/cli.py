@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="write a self-contained HTML report (DIR/index.html, figures, overlays)")
     p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
+    p.add_argument("--protocol", choices=["native", "mvtec"], default="native",
+                   help="native: maps and masks compared at the model's input size; mvtec: maps upsampled to each "
+                        "mask's own resolution (the literature's protocol), plus the image AUROC from each map's "
+                        "maximum (default native)")
     _add_align_options(p, fit=False)
     _add_common(p)
 
@@ -436,7 +440,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_detector(detector, split, threshold, batch_size=args.batch_size,
                                progress=not args.no_progress, heatmap_dir=args.heatmaps,
                                overlay_dir=args.report / "overlays" if args.report is not None else None,
-                               aligner=aligner, pixel_threshold=pixel_threshold(meta) if drawn else None)
+                               aligner=aligner, pixel_threshold=pixel_threshold(meta) if drawn else None,
+                               protocol=args.protocol)
     result["model"] = str(args.model)
     result["data"] = str(args.data)
     if args.report is not None:

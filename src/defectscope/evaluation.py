@@ -31,6 +31,8 @@ CURVE_POINTS = 512
 """Curves stored in the result are thinned to about this many points (plots only need that many)."""
 
 OVERLAY_MAX_SIDE = 320
+#: evaluation protocols (see :func:`evaluate_detector`)
+PROTOCOLS = ("native", "mvtec")
 """Longest side, in pixels, of the per-image overlays written for a report."""
 
 
@@ -46,6 +48,7 @@ def evaluate_detector(
     overlay_max_side: int = OVERLAY_MAX_SIDE,
     aligner: Any | None = None,
     pixel_threshold: float | None = None,
+    protocol: str = "native",
 ) -> dict[str, Any]:
     """Score every test sample of ``split`` and compute the metrics.
 
@@ -57,6 +60,10 @@ def evaluate_detector(
     by side, with a legend); each image record then holds ``"heatmap"``, the PNG's path.
     pixel_threshold: what overlays colour and outline against (see :mod:`defectscope.report.heatmaps`);
     None uses ``threshold``.
+    protocol: "native" compares maps and masks at the model's input size (S x S); "mvtec" follows the
+    literature: each map is upsampled (bilinear) to its mask's own resolution and compared there, and
+    ``image_auroc_map_max`` (the classification AUROC from each map's maximum) is reported beside
+    the method's own image score.
     overlay_dir: small overlays for a report (longest side ``overlay_max_side``); each image
     record then holds ``"overlay"``, the PNG's path relative to ``overlay_dir``.
     aligner: a :class:`defectscope.align.Aligner`; images are warped into its reference frame
@@ -64,8 +71,10 @@ def evaluate_detector(
     metrics and overlays, so maps and masks are compared in the photo's frame. Each image
     record then holds ``"aligned"``; the result holds ``"alignment"`` (mode, unaligned paths).
     """
-    from .report.heatmaps import Verdict
+    from .report.heatmaps import Verdict, resize_map
 
+    if protocol not in PROTOCOLS:
+        raise DefectscopeError(f"unknown evaluation protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     pix = threshold if pixel_threshold is None else pixel_threshold
     samples = split.test
     if not samples:
@@ -80,7 +89,8 @@ def evaluate_detector(
         log.info("%s: no ground-truth masks; pixel metrics are skipped", split.name)
     size = detector.image_size
     pixel = metrics.PixelMetrics() if has_masks else None
-    keep_maps = pixel is not None or heatmap_dir is not None or overlay_dir is not None
+    keep_maps = pixel is not None or heatmap_dir is not None or overlay_dir is not None or protocol == "mvtec"
+    full_res = protocol == "mvtec"
 
     records: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
@@ -95,9 +105,10 @@ def evaluate_detector(
             continue
         mask = None
         if pixel is not None and result.map is not None:
+            shape = result.size if full_res else (size, size)
             try:
-                mask = (load_mask(sample.mask_path, size=(size, size), image=sample.path, image_shape=result.size)
-                        if sample.mask_path is not None else np.zeros((size, size), dtype=bool))
+                mask = (load_mask(sample.mask_path, size=shape, image=sample.path, image_shape=result.size)
+                        if sample.mask_path is not None else np.zeros(shape, dtype=bool))
             except DefectscopeError as exc:  # a mask that does not fit its image: this image is not counted
                 failed.append({"path": str(sample.path), "error": str(exc)})
                 continue
@@ -121,8 +132,11 @@ def evaluate_detector(
         records.append(record)
         if result.map is None:
             continue
+        if full_res:
+            record["map_max"] = float(result.map.max())
         if mask is not None:
-            pixel.add(result.map[None], mask[None])
+            amap = resize_map(result.map, mask.shape) if full_res else result.map
+            pixel.add(amap[None], mask[None])
         verdict = Verdict(score=float(result.score), threshold=threshold, judgement=int(result.judgement))
         if heatmap_dir is not None:
             record["heatmap"] = _write_heatmap(heatmap_dir, sample, result.map, pix, verdict, len(records) - 1)
@@ -142,7 +156,10 @@ def evaluate_detector(
         "image_size": size,
         "started": started,
     }
+    out["protocol"] = protocol
     out.update(image_metrics(labels, scores, types, threshold))
+    if full_res:
+        out["image_auroc_map_max"] = metrics.image_auroc(labels, np.array([r["map_max"] for r in records]))
     out.update(pixel_metrics(pixel))
     out.update(
         {
@@ -314,6 +331,8 @@ def format_summary(result: dict[str, Any]) -> str:
         f"dataset           {result['dataset']}",
         f"method            {result['method']} ({result['backbone']}, {','.join(result['layers'])})",
         f"image_auroc       {_fmt(result['image_auroc'])}",
+        *([f"image_auroc_map  {_fmt(result['image_auroc_map_max'])} (from each map's maximum, --protocol mvtec)"]
+          if "image_auroc_map_max" in result else []),
         f"pixel_auroc       {_fmt(result['pixel_auroc'])}",
         f"aupro             {_fmt(result.get('aupro'))}",
         f"n_good            {result['n_good']}",
