@@ -24,14 +24,14 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    from defectscope.io import read_model_file, tensor_checksum
+    from defectscope.io import model_checksum, read_model_file
 
     print(hardware_line())
     bank = {"memory_bank": torch.randn(21402, 152)}
     padim = {"inv_cov": torch.randn(4096, 176, 176)}
-    s = timed(lambda: tensor_checksum(bank))
+    s = timed(lambda: model_checksum(bank, {}))
     print(f"checksum, PatchCore bank 21402 x 152 ({bank['memory_bank'].numel() * 4 / 1e6:.0f} MB): {1000 * s:.1f} ms")
-    s = timed(lambda: tensor_checksum(padim))
+    s = timed(lambda: model_checksum(padim, {}))
     print(f"checksum, PaDiM inverse covariances (508 MB): {1000 * s:.0f} ms ({0.508 / s:.2f} GB/s)")
     for path in sys.argv[1:]:
         print(f"read_model_file({path}) with verification: {1000 * timed(lambda: read_model_file(path)):.1f} ms")

@@ -243,7 +243,7 @@ def test_damaged_tensor_bytes_are_refused_on_load(model, tmp_path, capsys):
         load_model(damaged)
     code, _, err = run(capsys, "predict", damaged, tmp_path)
     assert code == 2 and "damaged" in err
-    assert len(read_metadata(model)["tensor_sha256"]) == 64
+    assert len(read_metadata(model)["sha256"]) == 64
     t0 = time.perf_counter()
     load_model(model)
     assert time.perf_counter() - t0 < 5  # (the checksum itself: see the README's measured cost)
@@ -385,7 +385,7 @@ def test_a_mask_of_another_shape_is_an_error_naming_both_files(synthetic_categor
     code, out, err = run(capsys, "evaluate", model, category)
     image = mask.name.replace("_mask", "")
     assert code == 1 and str(mask) in err and image in err and "shape" in err
-    assert "n_failed          1" in out
+    assert "n_failed          0" in out and "n_defective       10" in out  # still judged, only not in pixel metrics
 
 
 def test_missing_and_unmatched_masks_are_named(synthetic_category, tmp_path, caplog):
@@ -409,3 +409,79 @@ def test_json_lines_follow_argument_order_missing_paths_included(model, syntheti
     assert code == 1
     assert [Path(r["path"]).name for r in rows] == [good[0].name, "missing.png", good[1].name]
     assert rows[1]["error"] and rows[0]["error"] is None
+
+
+# ------------------------------------------------------------------ found in review
+def test_outputs_never_overwrite_inputs_or_files_of_another_kind(model, synthetic_category, tmp_path, capsys, no_fit):
+    image = tmp_path / "part.png"
+    shutil.copy(next((synthetic_category / "train" / "good").iterdir()), image)
+    before = image.read_bytes()
+    code, _, err = run(capsys, "fit", synthetic_category, "-o", image)
+    assert code == 2 and "not a defectscope model" in _one_error_line(err) and image.read_bytes() == before
+    copy = tmp_path / "m.dsmodel"
+    shutil.copy(model, copy)
+    code, _, err = run(capsys, "evaluate", copy, synthetic_category, "--json", copy)
+    assert code == 2 and "input of this command" in _one_error_line(err)
+    code, _, err = run(capsys, "evaluate", copy, synthetic_category, "--json", image)
+    assert code == 2 and "not a JSON file" in _one_error_line(err) and image.read_bytes() == before
+    code, _, err = run(capsys, "calibrate", copy, synthetic_category / "test", "--f1", "-o", image)
+    assert code == 2 and image.read_bytes() == before
+
+
+def test_a_hand_edited_header_is_refused(model, tmp_path):
+    from defectscope.errors import ModelFileError
+    from defectscope.io import load_model
+
+    data = bytearray(model.read_bytes())
+    at = data.find(b'"threshold": ') + len(b'"threshold": ')
+    data[at] = ord("9") if data[at] != ord("9") else ord("8")  # one digit of the threshold, same size
+    edited = tmp_path / "edited.dsmodel"
+    edited.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="edited"):
+        load_model(edited)
+
+
+def test_heatmaps_of_tiny_images_do_not_stop_the_run(model, tmp_path, capsys):
+    for name, size in (("a_1x1.png", (1, 1)), ("b_2x2.png", (2, 2)), ("c_1x900.png", (1, 900)), ("d_ok.png", (64, 64))):
+        Image.new("RGB", size, (100, 100, 100)).save(tmp_path / name)
+    code, out, err = run(capsys, "predict", model, tmp_path, "--heatmaps", tmp_path / "hm")
+    assert code == 0 and len(out.splitlines()) == 4 and "Traceback" not in err
+    assert len(list((tmp_path / "hm").glob("*.png"))) == 4
+    code, out, err = run(capsys, "predict", model, tmp_path, "--heatmaps", tmp_path / "hm")  # again: hm/ not scored
+    assert len(out.splitlines()) == 4 and "were not scored" in err
+
+
+def test_a_file_named_twice_is_scored_twice(model, synthetic_category, capsys):
+    image = next((synthetic_category / "test" / "good").iterdir())
+    code, out, _ = run(capsys, "predict", model, image, image)
+    assert code == 0 and len(out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("argv", [["fit", "D", "-o", "m", "--seed", "99999999999999999999999"],
+                                  ["predict", "M", "x", "--threads", "99999999999999999999999"],
+                                  ["fit", "D", "-o", "m", "--batch-size", "100000"]])
+def test_huge_integers_are_refused_while_parsing(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and "out of range" in capsys.readouterr()[1]
+
+
+def test_a_bank_cap_below_the_folds_is_refused_before_the_work():
+    import torch
+
+    from defectscope.detectors.patchcore import PatchCore
+    from defectscope.errors import DefectscopeError
+
+    with pytest.raises(DefectscopeError, match="max_bank_size=1 is below folds=5"):
+        PatchCore(image_size=64, max_bank_size=1).fit(torch.rand(3, 3, 64, 64))
+    tiny = PatchCore(image_size=64, coreset_ratio=1e-9).fit(torch.rand(6, 3, 64, 64))  # one entry per fold
+    assert tiny.memory_bank_.shape[0] == 5 and tiny.training_scores().shape == (6,)
+
+
+def test_dataset_roots_and_mask_folders_are_not_good_images(synthetic_category, tmp_path, capsys, no_fit):
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_category, root / "synthetic")
+    code, _, err = run(capsys, "fit", root, "-o", tmp_path / "m.dsmodel")
+    assert code == 2 and "holds dataset categories" in err
+    code, _, err = run(capsys, "fit", root / "synthetic" / "ground_truth", "-o", tmp_path / "m.dsmodel")
+    assert code == 2 and "masks" in err

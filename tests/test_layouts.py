@@ -71,7 +71,8 @@ def test_expand_paths_files_folders_globs_missing(tmp_path: Path, monkeypatch: p
     monkeypatch.chdir(tmp_path)
     args = ["b.jpg", str(tmp_path / "dir"), "*.png", "weird.dat", "missing.png", "empty", "*.gif", "a.png", "**/d.png"]
     paths, errors = expand_paths(args)
-    assert [p.resolve() for p in paths] == [b, c, d, a, odd]  # given order, de-duplicated
+    # given order; folders and globs add each image once, a file named as an argument is always listed
+    assert [p.resolve() for p in paths] == [b, c, d, a, odd, a]
     assert [arg for arg, _ in errors] == ["missing.png", "empty", "*.gif"]
     messages = dict(errors)
     assert "no such file" in messages["missing.png"]

@@ -101,11 +101,15 @@ def calibrate_threshold(
         threshold = threshold_for_fpr(good, target)
         info = {"rule": "target false-reject rate on good validation images", "target_fpr": target}
         needed = math.ceil(1.0 / target) if target > 0 else None
-        if needed is None or good.size < needed:
+        if needed is None:
+            warnings.append(
+                f"a 0 % target rejects none of the {good.size} good validation images: the threshold is just above "
+                "the highest good score, and a good part scoring higher later is rejected"
+            )
+        elif good.size < needed:
             warnings.append(
                 f"threshold rests on only {good.size} good images: a {target:.2%} false-reject rate needs at least "
-                f"{needed if needed else 'infinitely many'} to resolve, so it is just above the highest good "
-                "score(s); calibrate on more good images"
+                f"{needed} to resolve, so it is just above the highest good score(s); calibrate on more good images"
             )
     rejected = int((good >= threshold).sum())
     info.update(
@@ -139,6 +143,9 @@ def calibration_samples(data: Path, split: str | None = None) -> tuple[list[Path
     data = Path(data)
     if not data.is_dir():
         raise DataLayoutError(f"{data}: folder not found")
+    if split is not None and not is_category(data):
+        raise DataLayoutError(f"--split {split} is for a dataset category (MVTec AD, VisA); {data} is not one: "
+                              "leave --split out")
     if is_category(data):
         if split != "test":
             raise DataLayoutError(
@@ -185,7 +192,7 @@ def calibrate_model(
     from .scoring import score_paths
 
     target = Path(output) if output is not None else Path(model)
-    check_output_file(target, "calibrated model file")
+    check_output_file(target, "calibrated model file", replaces="model")
     detector, meta = load_model(model)
     paths, labels, source = calibration_samples(data, split)
     log.info("calibrating on %s: %d good and %d defective images", source, int((labels == 0).sum()),

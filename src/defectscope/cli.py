@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cli_types import finite_float, number, positive_int, probability_open
+from .cli_types import finite_float, number, positive_int, probability_open, seed_int
 from .errors import DefectscopeError
 from .jsonout import dumps
 from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
@@ -32,8 +32,8 @@ def _layers(text: str) -> list[str]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--batch-size", type=number(int, 1, 4096), default=16, help="images per forward pass (default 16)")
+    p.add_argument("--threads", type=number(int, 1, 1024), default=None, help="CPU threads for torch (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
 
@@ -56,7 +56,7 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
                    help="per-channel input statistics: ImageNet's mean/std or the ones the backbone weights were "
                         f"trained with (default {DEFAULT_NORMALIZATION}; see the README)")
-    g.add_argument("--seed", type=number(int, 0), default=None, help="seed for every random choice (default 0)")
+    g.add_argument("--seed", type=seed_int, default=None, help="seed for every random choice (default 0)")
     g.add_argument("--threshold-quantile", type=probability_open, default=0.99,
                    help="threshold = this quantile of held-out scores of the good training images (default 0.99)")
     pc = p.add_argument_group("patchcore")
@@ -69,7 +69,7 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
                          "number of images; default) or exact (one greedy over all patches, as in the paper)")
     pc.add_argument("--max-bank-size", type=positive_int, default=None, metavar="M",
                     help="most memory-bank entries whatever the training set's size (default 32768)")
-    pc.add_argument("--folds", type=number(int, 2), default=None, help="folds of the selection and the k-fold threshold (default 5)")
+    pc.add_argument("--folds", type=number(int, 2, 1000), default=None, help="folds of the selection and the k-fold threshold (default 5)")
     pc.add_argument("--threshold-images", type=positive_int, default=None, metavar="N",
                     help="most training images scored for the threshold (default 500)")
     pc.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default=None,
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the model, metrics and heatmaps (default ./defectscope-demo)")
     p.add_argument("--n-train", type=number(int, 2), default=200, help="good cells to learn from (default 200)")
     p.add_argument("--coreset-ratio", type=number(float, 0, 1, lo_open=True), default=0.1, help="PatchCore coreset ratio (default 0.1)")
-    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the split and the coreset (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the split and the coreset (default 0)")
     _add_common(p)
 
     from .data.download import add_download_command
@@ -279,7 +279,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .files import check_output_file
     from .io import save_model
 
-    check_output_file(args.output, "model file")
+    check_output_file(args.output, "model file", replaces="model")
     detector = make_detector(args.method, **_model_params(args))
     paths = good_images(args.data)
     aligner = None
@@ -346,11 +346,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # an argument that gave no image is reported in its place among the results (argument order)
     paths: list[Path] = []
     missing: collections.deque = collections.deque()  # (number of images before it, (arg, message))
+    output = args.heatmaps.resolve() if args.heatmaps is not None else None
+    earlier = 0
     for entry in expand_in_order(args.paths):
         if isinstance(entry, Path):
+            if output is not None and output in entry.resolve().parents:
+                earlier += 1  # a heatmap of an earlier run, not a photo of a part
+                continue
             paths.append(entry)
         else:
             missing.append((len(paths), entry))
+    if earlier:
+        print(f"defectscope: warning: {earlier} image(s) under the --heatmaps folder {args.heatmaps} were not scored "
+              "(output of an earlier run)", file=sys.stderr)
     failures = 0
 
     def report_missing(upto: int) -> None:
@@ -377,7 +385,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 heatmap = args.heatmaps / heatmap_name(result.path, index)
                 verdict = Verdict(score=float(result.score), threshold=threshold, judgement=int(result.judgement))
                 save_png(heatmap, overlay(image, result.map, pix, verdict=verdict, side_by_side=True))
-            except (DefectscopeError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a picture that fails never costs the other results
                 print(f"defectscope: error: heatmap for {result.path}: {exc}", file=sys.stderr)
                 heatmap = None
                 failures += 1
@@ -428,7 +436,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .scoring import pixel_threshold
 
     if args.json is not None:
-        check_output_file(args.json, "JSON results file")
+        check_output_file(args.json, "JSON results file", replaces="json", inputs=(args.model,))
     for folder, what in ((args.heatmaps, "heatmap folder"), (args.report, "report folder")):
         if folder is not None:
             check_output_dir(folder, what)
@@ -456,7 +464,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             tmp.write_text(dumps(result, indent=2))
     for item in result["failed"]:
         print(f"defectscope: error: {item['error']}", file=sys.stderr)
-    return EXIT_SOME_FAILED if result["failed"] else EXIT_OK
+    for item in result["mask_errors"]:
+        print(f"defectscope: error: {item['error']} (image kept in the image-level results, left out of the pixel "
+              "metrics)", file=sys.stderr)
+    return EXIT_SOME_FAILED if result["failed"] or result["mask_errors"] else EXIT_OK
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -496,7 +507,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.fit_best and args.output is None:
         raise DefectscopeError("--fit-best needs -o MODEL, the model file to write")
     if args.fit_best:
-        check_output_file(args.output, "model file")
+        check_output_file(args.output, "model file", replaces="model")
     if args.out is not None:
         check_output_dir(args.out, "--out folder")
     params = _model_params(args)

@@ -36,7 +36,8 @@ def number(
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}") from None
         if isinstance(value, float) and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; give a value {allowed}")
+            wanted_text = "give a finite number" if lo is None and hi is None else f"give a value {allowed}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; {wanted_text}")
         too_low = lo is not None and (value <= lo if lo_open else value < lo)
         too_high = hi is not None and (value >= hi if hi_open else value > hi)
         if too_low or too_high:
@@ -47,6 +48,7 @@ def number(
     return convert
 
 
-positive_int = number(int, 1)
+positive_int = number(int, 1, 2**31 - 1)
+seed_int = number(int, 0, 2**32 - 1)
 finite_float = number(float)
 probability_open = number(float, 0.0, 1.0, lo_open=True, hi_open=True)

@@ -82,9 +82,9 @@ def evaluate_detector(
     n_defective = sum(s.label == 1 for s in samples)
     n_masked = sum(s.mask_path is not None for s in samples if s.label == 1)
     has_masks = 0 < n_defective == n_masked
-    if not has_masks and n_masked:
-        log.warning("%s: %d of %d defective images have no mask; pixel metrics are skipped", split.name,
-                    n_defective - n_masked, n_defective)
+    if not has_masks and n_masked:  # the layout already named the images without a mask
+        log.info("%s: %d of %d defective images have no mask; pixel metrics are skipped", split.name,
+                 n_defective - n_masked, n_defective)
     elif not has_masks:
         log.info("%s: no ground-truth masks; pixel metrics are skipped", split.name)
     size = detector.image_size
@@ -94,6 +94,7 @@ def evaluate_detector(
 
     records: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
+    mask_errors: list[dict[str, str]] = []
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
     n_scored = 0
@@ -109,9 +110,11 @@ def evaluate_detector(
             try:
                 mask = (load_mask(sample.mask_path, size=shape, image=sample.path, image_shape=result.size)
                         if sample.mask_path is not None else np.zeros(shape, dtype=bool))
-            except DefectscopeError as exc:  # a mask that does not fit its image: this image is not counted
-                failed.append({"path": str(sample.path), "error": str(exc)})
-                continue
+            except DefectscopeError as exc:  # a mask that does not fit its image: left out of the pixel metrics
+                mask_errors.append({"path": str(sample.path), "mask": str(sample.mask_path), "error": str(exc)})
+            if mask is not None and sample.label == 1 and not mask.any():
+                log.warning("%s: the mask of this defective image (%s) marks no pixel at the %dx%d resolution the maps "
+                            "are compared at", sample.path, sample.mask_path, shape[1], shape[0])
         n_scored += 1
         record: dict[str, Any] = {
             "path": str(sample.path),
@@ -167,6 +170,7 @@ def evaluate_detector(
             "n_defective": int((labels == 1).sum()),
             "n_failed": len(failed),
             "failed": failed,
+            "mask_errors": mask_errors,
             "threshold": threshold,
             "seconds": round(seconds, 3),
             "images_per_second": round(n_scored / seconds, 3) if seconds > 0 else None,
@@ -281,14 +285,19 @@ def _thin(values: np.ndarray, n: int = CURVE_POINTS) -> list[float]:
 
 
 def _write_heatmap(folder: Path, sample: Sample, amap: np.ndarray, pixel_threshold: float, verdict: Any,
-                   index: int) -> str:
+                   index: int) -> str | None:
+    """The full-size picture (photo | overlay, legend) of one test image; its path, or None if it failed."""
     from .data.images import load_image
     from .report.heatmaps import heatmap_name, overlay, save_png
 
-    image = load_image(sample.path)
-    gt = load_mask(sample.mask_path) if sample.mask_path is not None else None
     path = folder / sample.defect_type / heatmap_name(Path(sample.path), index)
-    save_png(path, overlay(image, amap, pixel_threshold, verdict=verdict, gt_mask=gt, side_by_side=True))
+    try:
+        image = load_image(sample.path)
+        gt = load_mask(sample.mask_path) if sample.mask_path is not None else None
+        save_png(path, overlay(image, amap, pixel_threshold, verdict=verdict, gt_mask=gt, side_by_side=True))
+    except Exception as exc:  # noqa: BLE001 - a picture that fails never costs the evaluation
+        log.warning("no heatmap for %s: %s", sample.path, exc)
+        return None
     return str(path)
 
 
@@ -315,7 +324,7 @@ def _write_overlay(folder: Path, sample: Sample, amap: np.ndarray, pixel_thresho
         picture = overlay(_fit_within(image, max(max_side, 320)), amap, pixel_threshold, verdict=verdict, gt_mask=gt)
         rel = Path(sample.defect_type) / heatmap_name(Path(sample.path), index)
         save_png(folder / rel, _fit_within(picture, max_side))
-    except (DefectscopeError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a picture that fails never costs the evaluation
         log.warning("no overlay for %s: %s", sample.path, exc)
         return None
     return rel.as_posix()

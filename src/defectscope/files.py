@@ -10,6 +10,7 @@ replaced, or the mode any new file of the user's gets (0666 minus the umask).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -51,17 +52,48 @@ def _check_folder_writable(folder: Path, target: Path, what: str) -> None:
     os.unlink(probe)
 
 
-def check_output_file(path: str | Path, what: str = "output file") -> Path:
-    """Fail now, with a message naming ``path``, if a file cannot be written there later.
+def check_output_file(
+    path: str | Path, what: str = "output file", *, replaces: str | None = None,
+    inputs: tuple[str | Path, ...] = (),
+) -> Path:
+    """Fail now, with a message naming ``path``, if a file cannot (or must not) be written there later.
 
-    Checks that ``path`` is not a folder and that its folder exists or can be created and
-    accepts new files. Raises :class:`OutputError`. Use before long work whose result goes there.
+    Checks that ``path`` is not a folder, that its folder exists or can be created and accepts new
+    files, that it is none of ``inputs`` (a result never overwrites what it is computed from), and,
+    when a file is already there, that it is of the kind about to be written: ``replaces`` is
+    "model" (a defectscope model file) or "json" (a JSON document); anything else already there
+    (an image, say) is refused. Raises :class:`OutputError`. Use before the long work.
     """
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{path}: is a folder; give a file name for the {what} (e.g. {path / 'model.dsmodel'})")
+        example = "results.json" if replaces == "json" else "model.dsmodel"
+        raise OutputError(f"{path}: is a folder; give a file name for the {what} (e.g. {path / example})")
+    for source in inputs:
+        if path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise OutputError(f"{path}: is also an input of this command; write the {what} somewhere else")
+    if path.is_file() and replaces is not None and not _is_kind(path, replaces):
+        raise OutputError(f"{path}: exists and is not a {'defectscope model' if replaces == 'model' else 'JSON'} "
+                          f"file; refusing to overwrite it with the {what} (remove it or choose another name)")
     _check_folder_writable(path.parent, path, what)
     return path
+
+
+def _is_kind(path: Path, kind: str) -> bool:
+    """Whether the existing file at ``path`` is a defectscope model ("model") or a JSON document ("json")."""
+    if kind == "model":
+        from .io import read_metadata
+
+        try:
+            read_metadata(path)
+        except DefectscopeError:
+            return False
+        return True
+    try:
+        with open(path, encoding="utf-8") as fh:
+            json.load(fh)
+    except (OSError, ValueError):
+        return path.stat().st_size == 0
+    return True
 
 
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:

@@ -73,6 +73,8 @@ def threshold_from_scores(
 #: 5, clean bottle / pill / ELPV mono flag 2 / 0 / 2, while a defective bottle image planted among
 #: 55 good ones scored 11-23 and a pill scratch 6.3 (README, "The threshold")
 OUTLIER_Z = 5.0
+#: fewer held-out scores than this cannot tell an outlier from the spread (a robust z of 5 scores is noise)
+MIN_OUTLIER_IMAGES = 20
 #: a training image whose shorter side is below image_size / this is "far smaller than the model input"
 TINY_FACTOR = 4
 
@@ -81,8 +83,10 @@ def score_outliers(scores: np.ndarray, z: float = OUTLIER_Z) -> tuple[np.ndarray
     """Positions of high outliers among held-out training scores (N,), and the score above which
     they lie: median + z x MAD / 0.6745 (a robust z-score, so the outliers do not hide themselves
     by inflating the spread). Only high scores count: an image too unlike the rest. With MAD = 0
-    (half the scores equal) nothing is flagged."""
+    (half the scores equal) or fewer than 20 scores nothing is flagged."""
     scores = np.asarray(scores, dtype=np.float64)
+    if scores.size < MIN_OUTLIER_IMAGES:
+        return np.zeros(0, dtype=np.int64), float("inf")
     median = float(np.median(scores))
     mad = float(np.median(np.abs(scores - median)))
     if mad == 0.0:
@@ -197,6 +201,7 @@ def fit_detector(
                             threshold_quantile=threshold_quantile, progress=progress, data_name=data_name,
                             aligner=aligner)
         meta["training"]["excluded"] = suspects + meta["training"].get("excluded", [])
+        meta["training"]["fit_seconds"] = round(time.perf_counter() - start, 3)  # both fits
         return meta
     threshold = threshold_from_scores(detector.training_scores(), threshold_quantile, detector.training_scores_kind)
     pixel = pixel_threshold_from_maxima(detector.training_map_maxima(), threshold_quantile)

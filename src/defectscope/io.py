@@ -66,11 +66,17 @@ def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any],
     return path
 
 
-def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order (hex digest).
+#: metadata key of the checksum over the whole file's content (tensors and the rest of the metadata)
+CHECKSUM_KEY = "sha256"
 
-    Stored in the metadata as ``tensor_sha256`` and verified on load, so a model whose tensor
-    bytes were damaged (same size, zeroed or flipped) is refused instead of judging wrongly.
+
+def model_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """sha256 (hex) over every tensor's name, dtype, shape and bytes, in name order, then the metadata
+    (without this checksum) as canonical JSON.
+
+    Stored in the metadata under ``sha256`` and verified on load: a model whose tensor bytes or
+    header were damaged or edited by hand (a threshold, a parameter) is refused instead of judging
+    wrongly. Tools that change the metadata (``calibrate``) write a new checksum.
     """
     digest = hashlib.sha256()
     for name in sorted(tensors):
@@ -78,14 +84,17 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    rest = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+    digest.update(json.dumps(rest, sort_keys=True).encode())
     return digest.hexdigest()
 
 
 def write_model_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Atomically write tensors + metadata (temporary file, fsync, rename; see :mod:`defectscope.files`).
 
-    ``meta["tensor_sha256"]`` is set to :func:`tensor_checksum` of ``tensors``."""
-    meta = dict(meta, tensor_sha256=tensor_checksum(tensors))
+    ``meta["sha256"]`` is set to :func:`model_checksum` of the tensors and the rest of ``meta``."""
+    meta = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+    meta[CHECKSUM_KEY] = model_checksum(tensors, meta)
     try:
         with replacing(path) as tmp:
             save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
@@ -110,11 +119,12 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path}: model file is truncated or corrupt ({exc}); re-create it with `defectscope fit`") from exc
-    stored = meta.get("tensor_sha256")
-    if stored is not None and tensor_checksum(tensors) != stored:
+    stored = meta.get(CHECKSUM_KEY)
+    if stored is not None and model_checksum(tensors, meta) != stored:
         raise ModelFileError(
-            f"{path}: model file is damaged: its tensor data does not match the checksum written with it "
-            "(a copy error or a failing disk); restore it from a backup or re-create it with `defectscope fit`"
+            f"{path}: model file is damaged or was edited: its content does not match the checksum written with "
+            "it (a copy error, a failing disk, or a hand edit of its header); restore it from a backup, re-create "
+            "it with `defectscope fit`, or change its threshold with `defectscope calibrate`"
         )
     return tensors, meta
 

@@ -82,15 +82,14 @@ def score_paths(
     reference frame before scoring and its map is warped back: ``map`` is then the (S, S) map
     over the original image (resized to S x S like the input), not over the warped one.
     """
-    order = {Path(p): i for i, p in enumerate(paths)}
-    pending: dict[int, ImageResult] = {}
-    next_index = 0
+    paths = [Path(p) for p in paths]
+    start = 0
     mean, std = detector.input_stats
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
-        for batch in iter_batches(list(paths), detector.image_size, mean, std, batch_size=batch_size,
-                                  transform=aligner):
-            for path, message in batch.failures:
-                pending[order[Path(path)]] = ImageResult(Path(path), error=message)
+        for batch in iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner):
+            chunk = paths[start : start + batch_size]  # each batch is the next stretch of paths, in order
+            start += len(chunk)
+            scored: list[ImageResult] = []
             if len(batch.paths):
                 pred = detector.predict(batch.images)
                 for j, path in enumerate(batch.paths):
@@ -99,18 +98,23 @@ def score_paths(
                     amap = pred.maps[j] if keep_maps else None
                     if amap is not None and record is not None:
                         amap = aligner.map_to_original(amap, record)
-                    pending[order[Path(path)]] = ImageResult(
-                        Path(path),
+                    scored.append(ImageResult(
+                        path,
                         score=score,
                         judgement=judge(score, threshold),
                         map=amap,
                         alignment=record.as_dict() if record is not None else None,
                         notes=batch.notes[j] if batch.notes else [],
                         size=batch.sizes[j],
-                    )
+                    ))
             bar.update(len(batch.paths) + len(batch.failures))
-            while next_index in pending:
-                yield pending.pop(next_index)
-                next_index += 1
-    for index in sorted(pending):
-        yield pending.pop(index)
+            # loaded and failed files each keep input order: merge them back by walking the stretch
+            loaded, failed = iter(scored), iter(batch.failures)
+            next_loaded = next(loaded, None)
+            for path in chunk:
+                if next_loaded is not None and next_loaded.path == path:
+                    yield next_loaded
+                    next_loaded = next(loaded, None)
+                else:
+                    failed_path, message = next(failed)
+                    yield ImageResult(Path(failed_path), error=message)

@@ -120,8 +120,10 @@ def expand_paths(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]
     A file is returned as given (whatever its extension: the loader reports undecodable
     files); a folder is searched recursively for images; a glob (``*.png``, ``**/*.jpg``,
     ``~`` expanded) gives its matching image files, sorted, and the images inside any
-    folder it matches. Paths keep the order of ``args`` and each file appears once
-    (compared by resolved path). Returns ``(paths, errors)``, where ``errors`` lists
+    folder it matches. Paths keep the order of ``args``. A file named as an argument is always
+    listed, once per time it is named (a script feeding N file names gets N results); an image
+    found through a folder or glob is listed once, and not again if already listed (compared by
+    resolved path, so a link to a listed file is not scored twice). Returns ``(paths, errors)``, where ``errors`` lists
     ``(arg, message)`` for a missing path or a folder/glob without images.
     """
     entries = expand_in_order(args)
@@ -142,8 +144,9 @@ def expand_in_order(args: Sequence[str]) -> list[Path | tuple[str, str]]:
 
     for arg in args:
         path = Path(os.path.expanduser(arg))
-        if path.is_file():
-            add(path)
+        if path.is_file():  # named explicitly: always listed
+            seen.add(path.resolve())
+            out.append(path)
         elif path.is_dir():
             images = find_images(path)
             if not images:
@@ -197,13 +200,34 @@ def good_images(data_dir: Path, min_images: int = 1) -> list[Path]:
             )
     else:
         source = data_dir
+        _refuse_dataset_root(data_dir)
     images = find_images(source)
+    if source == data_dir:
+        masks = [p for p in images if {"ground_truth", "masks"} & set(p.relative_to(data_dir).parts[:-1])]
+        if masks:
+            raise DataLayoutError(
+                f"{data_dir}: {len(masks)} of its images lie under ground_truth/ or masks/ folders ({_some(masks, 3)}): "
+                "those are defect masks, not good parts; point at a folder of good images only"
+            )
     if len(images) < min_images:
         raise DataLayoutError(
             f"{source}: found {len(images)} good image(s), need at least {min_images} "
             f"({', '.join(IMAGE_EXTENSIONS)})"
         )
     return images
+
+
+def _refuse_dataset_root(folder: Path) -> None:
+    """A folder holding dataset categories (MVTec AD, VisA) is not a folder of good images: say which to use."""
+    if folder.name in ("ground_truth", "masks"):
+        raise DataLayoutError(f"{folder}: a folder of defect masks, not of good parts; point at the good images")
+    inside = [p for p in _subfolders(folder) if _is_mvtec_category(p) or is_visa_simple(p)]
+    if inside:
+        names = ", ".join(p.name for p in inside[:5]) + (" ..." if len(inside) > 5 else "")
+        raise DataLayoutError(
+            f"{folder}: holds dataset categories ({names}), whose test images include defects; give one category "
+            f"(e.g. {inside[0]}) to learn from its good training images"
+        )
 
 
 def _child_dir(parent: Path, name: str) -> Path:

@@ -120,6 +120,9 @@ class PatchCore(Detector):
             raise DefectscopeError(f"coreset must be one of {', '.join(CORESETS)}, got {self.coreset!r}")
         if self.folds < 2:
             raise DefectscopeError(f"folds must be >= 2 (the threshold holds one fold out), got {self.folds}")
+        if self.coreset == "folds" and self.max_bank_size is not None and self.max_bank_size < self.folds:
+            raise DefectscopeError(f"max_bank_size={self.max_bank_size} is below folds={self.folds}: every fold needs "
+                                   "at least one memory-bank entry; raise max_bank_size or lower folds")
         if self.threshold_images < 1:
             raise DefectscopeError(f"threshold_images must be >= 1, got {self.threshold_images}")
         if self.num_neighbors < 1:
@@ -223,7 +226,8 @@ class PatchCore(Detector):
         self.threshold_image_index_ = scored
 
     def _image_folds(self, n: int) -> torch.Tensor:
-        """(n,) fold of each training image: a seeded shuffle dealt into min(folds, n) folds."""
+        """(n,) fold of each training image: a seeded shuffle dealt into min(folds, n) folds
+        (fewer images than folds: one image per fold; ``training.details.n_folds`` records it)."""
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         folds = torch.empty(n, dtype=torch.int64)
         folds[order] = torch.arange(n) % min(self.folds, n)
@@ -255,6 +259,9 @@ class PatchCore(Detector):
             images = (folds == f).nonzero().squeeze(1)
             n_parts = max(1, math.ceil(images.numel() * per_image / CHUNK_PATCHES))
             chunks += [part for part in torch.tensor_split(images, n_parts) if part.numel()]
+        if n_select < len(chunks):  # a tiny ratio or cap: every chunk (and so every fold) keeps one entry
+            log.info("PatchCore: bank raised from %d to %d entries, one per chunk", n_select, len(chunks))
+            n_select = len(chunks)
         banks, owners, radius, projected = [], [], 0.0, False
         for images, k in zip(chunks, _shares(n_select, [c.numel() * per_image for c in chunks])):
             if k == 0:

@@ -17,6 +17,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+#: pictures whose longest side is below this are enlarged (nearest neighbour) for display
+MIN_SIDE = 128
+#: the legend strip is at least this wide (pixels); narrower pictures get a white margin
+LEGEND_WIDTH = 480
 #: share of the map's maximum that bounds the "most anomalous region" drawn when nothing passes the pixel threshold
 PEAK_SHARE = 0.9
 _WHITE, _YELLOW, _MAGENTA = (255, 255, 255), (255, 220, 0), (255, 0, 255)
@@ -59,6 +63,12 @@ def overlay(
     strip below with the verdict and the colour scale.
     """
     h, w = image.shape[:2]
+    if max(h, w) < MIN_SIDE:  # a thumbnail or a 1x1 file: enlarge the picture (not the data) to see it
+        scale = MIN_SIDE / max(h, w)
+        h, w = max(1, round(h * scale)), max(1, round(w * scale))
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST)
+        if gt_mask is not None:
+            gt_mask = cv2.resize(gt_mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
     full = resize_map(amap, (h, w))
     scale = 2.0 * pixel_threshold if pixel_threshold > 0 else max(float(full.max()), 1e-12)
     level = np.clip(full / scale, 0.0, 1.0)
@@ -77,8 +87,11 @@ def overlay(
         gap = np.full((h, max(2, w // 100), 3), 255, np.uint8)
         out = np.concatenate([image.astype(np.uint8), gap, out], axis=1)
     if legend:
+        if out.shape[1] < LEGEND_WIDTH:  # a narrow picture: white margin so the legend fits beside nothing
+            margin = np.full((out.shape[0], LEGEND_WIDTH - out.shape[1], 3), 255, np.uint8)
+            out = np.concatenate([out, margin], axis=1)
         out = np.concatenate([out, _legend(out.shape[1], pixel_threshold, verdict, region is not None
-                                           and colour_of_region == _YELLOW)], axis=0)
+                                           and colour_of_region == _YELLOW, gt_mask is not None)], axis=0)
     return out
 
 
@@ -96,7 +109,8 @@ def regions(full: np.ndarray, pixel_threshold: float, judgement: int | None) -> 
     return labels == labels[y, x], _YELLOW
 
 
-def _legend(width: int, pixel_threshold: float, verdict: Verdict | None, peak_only: bool) -> np.ndarray:
+def _legend(width: int, pixel_threshold: float, verdict: Verdict | None, peak_only: bool,
+            ground_truth: bool = False) -> np.ndarray:
     """A white strip: verdict line, colour bar from 0 to 2x the pixel threshold, what the outlines mean."""
     font = cv2.FONT_HERSHEY_SIMPLEX
     size = max(0.35, min(1.2, width / 900))
@@ -126,6 +140,8 @@ def _legend(width: int, pixel_threshold: float, verdict: Verdict | None, peak_on
         note = "yellow: most anomalous region (no pixel above the pixel threshold)"
     else:
         note = "white: above the pixel threshold"
+    if ground_truth:
+        note += "; magenta: ground truth"
     cv2.putText(strip, note, (6, line * 3 + 2), font, small, (0, 0, 0), 1, cv2.LINE_AA)
     return strip
 
