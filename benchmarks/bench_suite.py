@@ -89,12 +89,15 @@ def load_set(name: str, cache: Path) -> Any:
 
 
 # ----------------------------------------------------------------------------------------- cells
-def cell_path(out: Path, method: str, params: dict[str, Any], name: str) -> Path:
-    key = hashlib.sha256(json.dumps({"m": method, "p": params, "s": name}, sort_keys=True).encode()).hexdigest()[:12]
+def cell_path(out: Path, method: str, params: dict[str, Any], name: str, align: str = "none") -> Path:
+    spec = {"m": method, "p": params, "s": name, **({"a": align} if align != "none" else {})}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return out / f"{method}-{name}-{key}.json"
 
 
-def run_cell(method: str, params: dict[str, Any], name: str, cache: Path) -> dict[str, Any]:
+def run_cell(method: str, params: dict[str, Any], name: str, cache: Path, align: str = "none") -> dict[str, Any]:
+    from defectscope.align import make_aligner
+    from defectscope.data.images import load_image
     from defectscope.detectors import make_detector
     from defectscope.evaluation import evaluate_detector
     from defectscope.fitting import fit_detector
@@ -103,9 +106,10 @@ def run_cell(method: str, params: dict[str, Any], name: str, cache: Path) -> dic
     detector = make_detector(method, **params)
     detector.extractor  # backbone built before the clock starts
     t0 = time.perf_counter()
-    meta = fit_detector(detector, split.train)
+    aligner = make_aligner(align, load_image(split.train[0]), reference=str(split.train[0]))
+    meta = fit_detector(detector, split.train, aligner=aligner)
     fit_s = time.perf_counter() - t0
-    result = evaluate_detector(detector, split, float(meta["threshold"]))
+    result = evaluate_detector(detector, split, float(meta["threshold"]), aligner=aligner)
     return {"method": method, "params": params, "set": name, "image_auroc": result["image_auroc"],
             "pixel_auroc": result["pixel_auroc"], "aupro": result["aupro"], "fit_seconds": fit_s,
             "images_per_second": result["images_per_second"], "n_train": len(split.train),
@@ -130,6 +134,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--params", default="{}", help="parameters for every method given, as JSON")
+    p.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default="none",
+                   help="align every image to the first training image (as fit --align)")
     p.add_argument("--out", type=Path, default=HERE / ".suite-results")
     p.add_argument("--data-cache", type=Path, default=HERE / ".suite-data")
     p.add_argument("--force", action="store_true", help="recompute cells already stored")
@@ -142,15 +148,16 @@ def main() -> None:
     for method in args.methods:
         cells = []
         for name in args.sets:
-            path = cell_path(args.out, method, params, name)
+            path = cell_path(args.out, method, params, name, args.align)
             if path.is_file() and not args.force:
                 cell = json.loads(path.read_text())
             else:
-                cell = run_cell(method, params, name, args.data_cache)
+                cell = run_cell(method, params, name, args.data_cache, args.align)
                 path.write_text(json.dumps(cell, indent=1))
             print(f"  {method} {name}: image {cell['image_auroc']:.4f} ({cell['fit_seconds']:.0f} s fit)", flush=True)
             cells.append(cell)
         label = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
+        label += f", --align {args.align}" if args.align != "none" else ""
         print(f"\n{method} ({label}; layers {','.join(cells[0]['layers'])})\n\n{table(cells)}\n", flush=True)
 
 

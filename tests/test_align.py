@@ -219,3 +219,43 @@ def test_cli_fit_and_predict_flag_unaligned_images(rotated: Path, tmp_path: Path
     capsys.readouterr()
     assert main(["predict", str(plain), str(photo), "--align", "rigid", "--no-progress"]) == 2
     assert "fitted without alignment" in capsys.readouterr()[1]
+
+
+# ------------------------------------------------------------------ silhouette alignment (no keypoints)
+@pytest.mark.parametrize("angle", [0.0, 37.0, 123.0, 200.0, 311.0])
+def test_silhouette_alignment_recovers_any_angle_and_shift(angle: float) -> None:
+    """The L-shaped part turned and shifted: the silhouette pose puts it back onto the reference
+    (the reference's outline and the aligned image's outline overlap almost entirely)."""
+    import cv2
+
+    from defectscope.align import make_aligner
+
+    rng = np.random.default_rng(1)
+    part, silhouette = part_template(0)
+    reference, _, _ = photograph(part, silhouette, 0.0, (0.0, 0.0), 192, rng)
+    photo, _, _ = photograph(part, silhouette, angle, (5.0, -4.0), 192, rng)
+    aligner = make_aligner("silhouette", reference)
+    warped, result = aligner(photo)
+    assert result.aligned
+    # cv2 turns counter-clockwise as displayed; result.angle is in pixel coordinates (y down): the same number mod 360
+    assert abs((result.angle - angle + 180) % 360 - 180) < 3.0
+
+    def outline(image: np.ndarray) -> np.ndarray:
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        return cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1] > 0
+
+    a, b = outline(reference), outline(warped)
+    assert (a & b).sum() / (a | b).sum() > 0.9
+
+
+def test_silhouette_alignment_is_stored_and_refuses_an_empty_reference(tmp_path: Path) -> None:
+    from defectscope.align import Aligner, make_aligner
+
+    rng = np.random.default_rng(2)
+    part, silhouette = part_template(0)
+    reference, _, _ = photograph(part, silhouette, 0.0, (0.0, 0.0), 160, rng)
+    aligner = make_aligner("silhouette", reference)
+    again = Aligner.from_model(aligner.config(), aligner.tensors())
+    assert again is not None and again.pose == pytest.approx(aligner.pose)
+    with pytest.raises(DefectscopeError, match="no part found"):
+        make_aligner("silhouette", np.full((64, 64, 3), 90, np.uint8))

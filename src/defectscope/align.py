@@ -16,6 +16,14 @@ everywhere. An :class:`Aligner` holds ORB keypoints and descriptors of one refer
 
 3. warps the image into the reference frame (reference width x height).
 
+``silhouette`` needs no keypoints, for parts with little texture or a near-symmetric outline,
+where ORB matching fails quietly (screws): the part is separated from a uniform background
+(Otsu's threshold on the grey image, the polarity taken from the image border, the largest
+connected component), and its pose is read from the image moments: the centroid and the
+principal axis (theta = atan2(2 mu11, mu20 - mu02) / 2); the 180-degree ambiguity of an axis is
+resolved by the sign of the third moment of the mass along it (which end is heavier). The image
+is turned about its centroid onto the reference's axis and shifted onto its centroid.
+
 An image with fewer than ``min_inliers`` agreeing matches is not warped: it is scored as
 given and flagged (``AlignResult.aligned`` False), never silently.
 
@@ -39,7 +47,7 @@ from .errors import DefectscopeError, ModelFileError
 
 log = logging.getLogger(__name__)
 
-ALIGN_MODES: tuple[str, ...] = ("none", "rot90", "rigid")
+ALIGN_MODES: tuple[str, ...] = ("none", "rot90", "rigid", "silhouette")
 TENSOR_PREFIX = "align."
 """Model-file tensors of the reference: ``align.keypoints`` (K, 2) float32, ``align.descriptors`` (K, 32) uint8."""
 
@@ -98,7 +106,7 @@ class Aligner:
         reference: str | None = None,
     ) -> None:
         if mode not in ALIGN_MODES or mode == "none":
-            raise DefectscopeError(f"alignment mode must be one of rot90, rigid, got {mode!r}")
+            raise DefectscopeError(f"alignment mode must be one of rot90, rigid, silhouette, got {mode!r}")
         if not 0 < ratio < 1:
             raise DefectscopeError(f"alignment ratio must be in (0, 1), got {ratio}")
         self.mode = mode
@@ -111,12 +119,20 @@ class Aligner:
         self.allow_scale = bool(allow_scale)
         self.inlier_tol = float(inlier_tol)
         self.reference = reference
+        self.pose: tuple[float, float, float] | None = None  # silhouette mode: reference (cx, cy, theta)
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_image(cls, mode: str, image: np.ndarray, reference: str | None = None, **options: Any) -> "Aligner":
-        """Build from a reference (H, W, 3) uint8 image; fails when it has too few keypoints."""
+        """Build from a reference (H, W, 3) uint8 image; fails when it has too few keypoints (or no silhouette)."""
         probe = cls(mode, np.zeros((0, 2)), np.zeros((0, 32)), image.shape[:2], reference=reference, **options)
+        if mode == "silhouette":
+            pose = silhouette_pose(image)
+            if pose is None:
+                raise DefectscopeError(f"alignment reference {reference or 'image'}: no part found against the "
+                                       "background (--align silhouette needs a part on a uniform background)")
+            probe.pose = pose
+            return probe
         pts, desc = probe._detect(image)
         if len(pts) < probe.min_inliers:
             raise DefectscopeError(
@@ -132,6 +148,7 @@ class Aligner:
             "mode": self.mode, "ref_size": list(self.ref_size), "n_features": self.n_features, "ratio": self.ratio,
             "min_inliers": self.min_inliers, "allow_scale": self.allow_scale, "inlier_tol": self.inlier_tol,
             "reference": self.reference, "n_keypoints": int(len(self.keypoints)),
+            **({"pose": list(self.pose)} if self.pose is not None else {}),
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -153,6 +170,16 @@ class Aligner:
             return None
         if not config or config.get("mode", "none") == "none":
             raise DefectscopeError(f"--align {mode}: this model was fitted without alignment; refit it with --align {mode}")
+        if mode == "silhouette" or config.get("mode") == "silhouette":
+            if "pose" not in config:
+                raise DefectscopeError(f"--align {mode}: this model's reference has no silhouette pose; refit it "
+                                       "with --align silhouette")
+            aligner = cls("silhouette", np.zeros((0, 2)), np.zeros((0, 32)), tuple(config["ref_size"]),
+                          reference=config.get("reference"))
+            aligner.pose = tuple(float(v) for v in config["pose"])  # type: ignore[assignment]
+            if mode != "silhouette":
+                raise DefectscopeError(f"--align {mode}: this model was fitted with --align silhouette")
+            return aligner
         try:
             kp = tensors[f"{TENSOR_PREFIX}keypoints"].numpy()
             desc = tensors[f"{TENSOR_PREFIX}descriptors"].numpy()
@@ -189,6 +216,8 @@ class Aligner:
     def estimate(self, image: np.ndarray) -> AlignResult:
         """The transform of an (H, W, 3) uint8 image into the reference frame."""
         size = (int(image.shape[0]), int(image.shape[1]))
+        if self.mode == "silhouette":
+            return self._silhouette(image, size)
         src, dst = self._matches(image)
         if self.mode == "rot90":
             matrix, inliers, angle = self._rot90(src, dst, size)
@@ -197,6 +226,18 @@ class Aligner:
         if matrix is None or inliers < self.min_inliers:
             return AlignResult(None, False, int(inliers), 0.0, size)
         return AlignResult(matrix, True, int(inliers), float(angle), size)
+
+    def _silhouette(self, image: np.ndarray, size: tuple[int, int]) -> AlignResult:
+        """Turn the part about its centroid onto the reference's principal axis, centroid onto centroid."""
+        pose = silhouette_pose(image)
+        if pose is None or self.pose is None:
+            return AlignResult(None, False, 0, 0.0, size)
+        cx, cy, theta = pose
+        rx, ry, rtheta = self.pose
+        rot = _rotation_rad(rtheta - theta)
+        t = np.array([rx, ry]) - rot @ np.array([cx, cy])
+        matrix = np.hstack([rot, t[:, None]])
+        return AlignResult(matrix, True, 1, float(np.degrees(rtheta - theta)), size)
 
     def _rot90(self, src: np.ndarray, dst: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, int, float]:
         """Best quarter turn about the image centre, by matches agreeing on one translation."""
@@ -285,6 +326,39 @@ class Aligner:
         m = (ref_to_s @ full @ s_to_orig)[:2]  # original S-grid -> reference S-grid
         return cv2.warpAffine(amap.astype(np.float32), m, (s_w, s_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                               borderMode=cv2.BORDER_REPLICATE)
+
+
+def silhouette_pose(image: np.ndarray) -> tuple[float, float, float] | None:
+    """(cx, cy, theta) of the part in an (H, W, 3) uint8 photo: centroid and the angle (radians, pixel
+    coordinates) of its principal axis, pointing to the end where the third moment of the part's grey
+    levels along the axis says the mass lies (a 180-degree turn changes theta by pi). None when no part stands out from the background."""
+    import cv2
+
+    gray = _gray(image)
+    _, fg = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    border = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
+    if border.mean() > 127:  # the background came out white: the part is the dark side
+        fg = 255 - fg
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    if n < 2:
+        return None
+    part = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    if part.sum() < 0.001 * part.size:
+        return None
+    m = cv2.moments(part, binaryImage=True)
+    cx, cy = m["m10"] / m["m00"], m["m01"] / m["m00"]
+    theta = 0.5 * np.arctan2(2.0 * m["mu11"], m["mu20"] - m["mu02"])
+    ys, xs = np.nonzero(part)
+    along = (xs - cx) * np.cos(theta) + (ys - cy) * np.sin(theta)
+    # which end is heavier: the third moment of the part's grey levels along the axis (a symmetric
+    # outline such as a capsule is told apart by what is printed on it), else of its outline
+    weights = gray[ys, xs].astype(np.float64)
+    skew = float((weights * along**3).sum() / max(weights.sum(), 1e-9))
+    if abs(skew) < 1e-6 * float(np.abs(along).max() ** 3 + 1e-12):
+        skew = float((along**3).mean())
+    if skew < 0:  # point the axis to the heavier end
+        theta += np.pi
+    return float(cx), float(cy), float(theta)
 
 
 def _rotation(degrees: float) -> np.ndarray:

@@ -86,14 +86,15 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
 def _add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
     g = p.add_argument_group("alignment")
     if fit:
-        g.add_argument("--align", choices=["none", "rot90", "rigid"], default="none",
+        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default="none",
                        help="warp every image into a reference image's frame before feature extraction: rot90 "
-                            "(best quarter turn) or rigid (any angle + shift, RANSAC on ORB matches); stored in "
-                            "the model (default none)")
+                            "(best quarter turn) or rigid (any angle + shift, RANSAC on ORB matches), or "
+                            "silhouette (the part's outline against a uniform background: centroid and principal "
+                            "axis; for parts with little texture); stored in the model (default none)")
         g.add_argument("--align-ref", type=Path, default=None, metavar="FILE",
                        help="reference image for --align (default: the first training image)")
     else:
-        g.add_argument("--align", choices=["none", "rot90", "rigid"], default=None,
+        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default=None,
                        help="override the model's alignment (default: as fitted); images that cannot be aligned "
                             "are scored unaligned and flagged")
 
