@@ -12,6 +12,7 @@ from synthetic import make_mvtec_category
 
 SHARED_DATA = Path(os.environ.get("DEFECTSCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
+PILL = SHARED_DATA / "mvtec_ad" / "pill"
 
 torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
@@ -29,3 +30,11 @@ def bottle() -> Path:
     if not (BOTTLE / "train" / "good").is_dir():
         pytest.skip(f"real data not found at {BOTTLE}")
     return BOTTLE
+
+
+@pytest.fixture(scope="session")
+def pill() -> Path:
+    """The real MVTec AD pill category (400 x 400); the test is skipped when it is absent."""
+    if not (PILL / "train" / "good").is_dir():
+        pytest.skip(f"real data not found at {PILL}")
+    return PILL

@@ -1,7 +1,10 @@
-"""Real data: each method with its defaults (backbone tf_efficientnet_lite0) on MVTec AD bottle.
+"""Real data: each method with its defaults (backbone tf_efficientnet_lite0) on MVTec AD bottle and pill.
 
-Floors are those of the reference implementations on bottle (anomalib: PatchCore image AUROC
-1.000); PatchCore keeps 1 % of the patches, as in the comparison the floors come from.
+Bottle floors: the reference implementations' (anomalib: PatchCore image AUROC 1.000), PatchCore at
+1 % of the patches for speed; PatchCore's pixel floor follows its default normalisation (the
+weights' own statistics, decided on the development suite: 0.9834 at 1 %, against 0.9873 with
+ImageNet's). Pill floors: this revision's development-suite figures (README, "Accuracy beyond
+bottle") less about 0.005, so that a default that slips on a second kind of part fails here too.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 # method -> (parameters, image AUROC floor, pixel AUROC floor)
 FLOORS = {
-    "patchcore": ({"coreset_ratio": 0.01}, 0.999, 0.987),
+    "patchcore": ({"coreset_ratio": 0.01}, 0.999, 0.982),
     "padim": ({}, 0.998, 0.982),
     "spade": ({}, 0.97, 0.96),
 }
+#: pill: (image AUROC floor, pixel AUROC floor) at each method's defaults (measured 0.9321 / 0.9747,
+#: 0.8252 / 0.9227, 0.7310 / 0.9465)
+PILL_FLOORS = {"patchcore": (0.925, 0.970), "padim": (0.820, 0.918), "spade": (0.725, 0.940)}
 
 
 @pytest.mark.parametrize("method", sorted(FLOORS))
@@ -34,6 +40,19 @@ def test_method_defaults_on_bottle(method: str, bottle: Path) -> None:
     meta = fit_detector(detector, split.train)
     result = evaluate_detector(detector, split, float(meta["threshold"]))
     assert result["n_good"] == 20 and result["n_defective"] == 63 and result["n_failed"] == 0
+    summary = f"{method}: image AUROC {result['image_auroc']:.4f}, pixel AUROC {result['pixel_auroc']:.4f}"
+    assert result["image_auroc"] >= image_floor, summary
+    assert result["pixel_auroc"] >= pixel_floor, summary
+
+
+@pytest.mark.parametrize("method", sorted(PILL_FLOORS))
+def test_method_defaults_on_pill(method: str, pill: Path) -> None:
+    image_floor, pixel_floor = PILL_FLOORS[method]
+    split = mvtec_category(pill)
+    detector = make_detector(method)
+    meta = fit_detector(detector, split.train)
+    result = evaluate_detector(detector, split, float(meta["threshold"]))
+    assert result["n_good"] == 26 and result["n_defective"] == 141 and result["n_failed"] == 0
     summary = f"{method}: image AUROC {result['image_auroc']:.4f}, pixel AUROC {result['pixel_auroc']:.4f}"
     assert result["image_auroc"] >= image_floor, summary
     assert result["pixel_auroc"] >= pixel_floor, summary

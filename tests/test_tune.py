@@ -90,7 +90,9 @@ def test_cached_fit_equals_a_real_fit(lite_cache) -> None:
     """A detector fitted from the cache learns exactly what it learns from images."""
     cache, train = lite_cache
     assert cache.passes == 3  # one backbone pass per batch of images, for all layers together
-    for method, params in (("padim", {"d_reduced": 20}), ("patchcore", {"coreset_ratio": 0.5})):
+    # the cache holds features of ImageNet-normalised images: both detectors use that normalisation
+    for method, params in (("padim", {"d_reduced": 20, "normalization": "imagenet"}),
+                           ("patchcore", {"coreset_ratio": 0.5, "normalization": "imagenet"})):
         real = make_detector(method, image_size=64, layers=["blocks.1.0", "blocks.2"], **params)
         from defectscope.fitting import fit_detector
 

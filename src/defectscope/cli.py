@@ -55,7 +55,8 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--image-size", type=number(int, 32, 2048), default=None, help="images are resized to N x N (default 256)")
     g.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
                    help="per-channel input statistics: ImageNet's mean/std or the ones the backbone weights were "
-                        f"trained with (default {DEFAULT_NORMALIZATION}; see the README)")
+                        f"trained with (default: weights for patchcore, {DEFAULT_NORMALIZATION} for padim and spade; "
+                        "see the README)")
     g.add_argument("--seed", type=seed_int, default=None, help="seed for every random choice (default 0)")
     g.add_argument("--threshold-quantile", type=probability_open, default=0.99,
                    help="threshold = this quantile of held-out scores of the good training images (default 0.99)")

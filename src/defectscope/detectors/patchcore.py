@@ -23,7 +23,7 @@ from ..components.embedding import concat_layers
 from ..components.feature_store import FeatureStore
 from ..components.knn import BACKENDS, INDEXES, NearestNeighbors
 from ..errors import DefectscopeError
-from ..normalization import DEFAULT_NORMALIZATION
+from ..normalization import PATCHCORE_NORMALIZATION
 from ..progress import progress_bar
 from .base import Detector
 
@@ -80,7 +80,7 @@ class PatchCore(Detector):
         weights: str | None = None,
         seed: int = 0,
         blur_sigma: float = 4.0,
-        normalization: str = DEFAULT_NORMALIZATION,
+        normalization: str = PATCHCORE_NORMALIZATION,
         coreset_ratio: float = 0.1,
         coreset_eps: float | None = 0.9,
         projection_dim: int | None = None,
