@@ -20,7 +20,7 @@ import numpy as np
 #: pictures whose longest side is below this are enlarged (nearest neighbour) for display
 MIN_SIDE = 128
 #: the legend strip is at least this wide (pixels); narrower pictures get a white margin
-LEGEND_WIDTH = 480
+LEGEND_WIDTH = 240
 #: share of the map's maximum that bounds the "most anomalous region" drawn when nothing passes the pixel threshold
 PEAK_SHARE = 0.9
 _WHITE, _YELLOW, _MAGENTA = (255, 255, 255), (255, 220, 0), (255, 0, 255)

@@ -216,8 +216,10 @@ def _galleries(result: dict[str, Any], overlays: str) -> list[str]:
     good = sorted((r for r in images if r["label"] == 0), key=lambda r: -r["score"])[:GALLERY_SIZE]
     bad = sorted((r for r in images if r["label"] == 1), key=lambda r: r["score"])[:GALLERY_SIZE]
     out = ["<h2>Worst cases</h2>",
-           "<p class='muted'>Overlays: colour = anomaly score (green at the threshold, red at twice it); white outline = "
-           "predicted defect region, magenta outline = ground truth. Red frame = wrong judgement.</p>"]
+           "<p class='muted'>Overlays: colour = anomaly map (green at the model's pixel threshold, red at twice it); "
+           "on images judged defective, white outline = pixels above the pixel threshold (yellow: the most anomalous "
+           "region when none is above it); images judged good are not outlined; magenta outline = ground truth. "
+           "Red frame = wrong judgement. Each overlay's strip gives its verdict, score and threshold.</p>"]
     n_fp = sum(1 for r in images if r["label"] == 0 and r["judgement"] == 1)
     n_fn = sum(1 for r in images if r["label"] == 1 and r["judgement"] == 0)
     out.append(f"<h3>Highest-scoring good images ({n_fp} false positives in all)</h3>")
