@@ -259,3 +259,17 @@ def test_silhouette_alignment_is_stored_and_refuses_an_empty_reference(tmp_path:
     assert again is not None and again.pose == pytest.approx(aligner.pose)
     with pytest.raises(DefectscopeError, match="no part found"):
         make_aligner("silhouette", np.full((64, 64, 3), 90, np.uint8))
+
+
+def test_align_auto_picks_the_candidate_that_aligns_best_and_says_so(rotated: Path, tmp_path: Path, capsys) -> None:
+    from defectscope.io import read_metadata
+
+    model = tmp_path / "auto.dsmodel"
+    assert main(["fit", str(rotated), "-o", str(model), "--method", "padim", "--image-size", "64", "--d-reduced", "20",
+                 "--align", "auto", "--no-progress"]) == 0
+    err = capsys.readouterr()[1]
+    auto = read_metadata(model)["align"]["auto"]
+    scores = {m: c["ncc"] for m, c in auto["candidates"].items() if "ncc" in c}
+    assert set(auto["candidates"]) == {"silhouette", "rigid"} and auto["chosen"] == max(scores, key=scores.get)
+    assert read_metadata(model)["align"]["mode"] == auto["chosen"]
+    assert f"--align auto: chose {auto['chosen']}" in err

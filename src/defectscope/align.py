@@ -48,6 +48,10 @@ from .errors import DefectscopeError, ModelFileError
 log = logging.getLogger(__name__)
 
 ALIGN_MODES: tuple[str, ...] = ("none", "rot90", "rigid", "silhouette")
+#: what ``--align auto`` chooses among
+AUTO_CANDIDATES: tuple[str, ...] = ("silhouette", "rigid")
+#: training images ``--align auto`` tries each candidate on
+AUTO_IMAGES = 20
 TENSOR_PREFIX = "align."
 """Model-file tensors of the reference: ``align.keypoints`` (K, 2) float32, ``align.descriptors`` (K, 32) uint8."""
 
@@ -382,3 +386,42 @@ def make_aligner(mode: str, reference_image: np.ndarray | None, reference: str |
     if reference_image is None:
         raise DefectscopeError(f"--align {mode} needs a reference image")
     return Aligner.from_image(mode, reference_image, reference=reference, **options)
+
+
+def alignment_quality(aligner: Aligner, reference: np.ndarray, images: list[np.ndarray]) -> float:
+    """Mean normalised cross-correlation (-1..1) between the reference's grey image and each image
+    as ``aligner`` warps it (an image it cannot align counts as it is, unwarped)."""
+    ref = _gray(reference).astype(np.float64)
+    ref = (ref - ref.mean()) / (ref.std() + 1e-9)
+    scores = []
+    for image in images:
+        warped, result = aligner(image)
+        if warped.shape[:2] != reference.shape[:2]:  # not aligned and of another size: no evidence for it
+            scores.append(-1.0)
+            continue
+        g = _gray(warped).astype(np.float64)
+        scores.append(float((ref * (g - g.mean()) / (g.std() + 1e-9)).mean()))
+    return float(np.mean(scores)) if scores else -1.0
+
+
+def choose_aligner(reference_image: np.ndarray, images: list[np.ndarray], reference: str | None = None
+                   ) -> tuple[Aligner, dict[str, Any]]:
+    """``--align auto``: the candidate (silhouette, rigid) that aligns the training ``images`` best to the
+    reference, by :func:`alignment_quality`; returns it and a record of every candidate's quality."""
+    tried: dict[str, Any] = {}
+    best: tuple[float, Aligner] | None = None
+    for mode in AUTO_CANDIDATES:
+        try:
+            aligner = Aligner.from_image(mode, reference_image, reference=reference)
+        except DefectscopeError as exc:
+            tried[mode] = {"error": str(exc)}
+            continue
+        quality = alignment_quality(aligner, reference_image, images)
+        tried[mode] = {"ncc": round(quality, 4)}
+        if best is None or quality > best[0]:
+            best = (quality, aligner)
+    if best is None:
+        raise DefectscopeError(f"--align auto: no alignment works on this reference ({tried})")
+    log.info("--align auto chose %s: %s", best[1].mode, tried)
+    return best[1], {"chosen": best[1].mode, "candidates": tried, "n_images": len(images),
+                     "rule": "highest mean normalised cross-correlation with the reference after alignment"}

@@ -87,11 +87,13 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
 def _add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
     g = p.add_argument_group("alignment")
     if fit:
-        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default="none",
+        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette", "auto"], default="none",
                        help="warp every image into a reference image's frame before feature extraction: rot90 "
                             "(best quarter turn) or rigid (any angle + shift, RANSAC on ORB matches), or "
                             "silhouette (the part's outline against a uniform background: centroid and principal "
-                            "axis; for parts with little texture); stored in the model (default none)")
+                            "axis; for parts with little texture), or auto (silhouette or rigid, whichever aligns "
+                            "the training images best to the reference, and says so); stored in the model "
+                            "(default none)")
         g.add_argument("--align-ref", type=Path, default=None, metavar="FILE",
                        help="reference image for --align (default: the first training image)")
     else:
@@ -285,19 +287,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
     detector = make_detector(args.method, **_model_params(args))
     paths = good_images(args.data)
     aligner = None
+    auto = None
     if args.align != "none":
-        from .align import make_aligner
+        from .align import AUTO_IMAGES, choose_aligner, make_aligner
         from .data.images import load_image
 
         ref = args.align_ref if args.align_ref is not None else (paths[0] if paths else None)
-        aligner = make_aligner(args.align, load_image(ref) if ref is not None else None, reference=str(ref))
+        if args.align == "auto" and ref is not None:
+            sample = [load_image(p) for p in paths[1 : 1 + AUTO_IMAGES]]
+            aligner, auto = choose_aligner(load_image(ref), sample, reference=str(ref))
+            scores = ", ".join(f"{m} {c.get('ncc', 'failed')}" for m, c in auto["candidates"].items())
+            print(f"--align auto: chose {aligner.mode} (mean correlation with the reference after alignment on "
+                  f"{len(sample)} training images: {scores})", file=sys.stderr)
+        else:
+            aligner = make_aligner(args.align, load_image(ref) if ref is not None else None, reference=str(ref))
     meta = fit_detector(
         detector, paths, batch_size=args.batch_size, threshold_quantile=args.threshold_quantile,
         progress=not args.no_progress, data_name=str(args.data), aligner=aligner,
         exclude_outliers=args.exclude_outliers,
     )
     if aligner is not None:
-        meta["align"] = aligner.config()
+        meta["align"] = aligner.config() | ({"auto": auto} if auto is not None else {})
         for path in meta["training"]["alignment"]["unaligned"]:
             print(f"defectscope: warning: {path}: could not be aligned, used unaligned", file=sys.stderr)
     save_model(args.output, detector, meta, extra_tensors=aligner.tensors() if aligner is not None else None)
