@@ -16,7 +16,8 @@ Sets (defaults are decided on the mean over all of them, never on one):
 
 Each (method, parameters, set) cell is fitted from scratch and evaluated (image AUROC, pixel AUROC,
 AUPRO, fit seconds, predict images/s as ``evaluate`` measures it) and stored as JSON under
-``--out`` (default benchmarks/.suite-results); a later run reuses finished cells unless ``--force``.
+``--out`` (default benchmarks/.suite-results), keyed by the detector's full parameters (defaults
+included); a later run reuses finished cells unless ``--force``.
 Prints one Markdown table per method and configuration, with the mean row. Asserts nothing.
 """
 
@@ -90,7 +91,12 @@ def load_set(name: str, cache: Path) -> Any:
 
 # ----------------------------------------------------------------------------------------- cells
 def cell_path(out: Path, method: str, params: dict[str, Any], name: str, align: str = "none") -> Path:
-    spec = {"m": method, "p": params, "s": name, **({"a": align} if align != "none" else {})}
+    """The cell's file: keyed by the detector's full parameters (defaults included, so a changed default
+    never reuses an old cell), the set and the alignment."""
+    from defectscope.detectors import make_detector
+
+    full = make_detector(method, **params).get_params()
+    spec = {"m": method, "p": full, "s": name, **({"a": align} if align != "none" else {})}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return out / f"{method}-{name}-{key}.json"
 
