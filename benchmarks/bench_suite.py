@@ -142,13 +142,18 @@ def main() -> None:
     p.add_argument("--params", default="{}", help="parameters for every method given, as JSON")
     p.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default="none",
                    help="align every image to the first training image (as fit --align)")
-    p.add_argument("--out", type=Path, default=HERE / ".suite-results")
-    p.add_argument("--data-cache", type=Path, default=HERE / ".suite-data")
+    p.add_argument("--out", type=Path, default=HERE / ".suite-results", help="where finished cells are kept")
+    p.add_argument("--data-cache", type=Path, default=HERE / ".suite-data", help="where the rotated pill set is built")
     p.add_argument("--force", action="store_true", help="recompute cells already stored")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    params = json.loads(args.params)
+    try:
+        params = json.loads(args.params)
+    except ValueError as exc:
+        p.error(f"--params must be a JSON object such as '{{\"coreset_ratio\": 0.01}}': {exc}")
+    if not isinstance(params, dict):
+        p.error(f"--params must be a JSON object, got {args.params}")
     args.out.mkdir(parents=True, exist_ok=True)
     print(hardware_line(), flush=True)
     for method in args.methods:

@@ -257,7 +257,7 @@ def test_silhouette_alignment_is_stored_and_refuses_an_empty_reference(tmp_path:
     aligner = make_aligner("silhouette", reference)
     again = Aligner.from_model(aligner.config(), aligner.tensors())
     assert again is not None and again.pose == pytest.approx(aligner.pose)
-    with pytest.raises(DefectscopeError, match="no part found"):
+    with pytest.raises(DefectscopeError, match="no elongated part found"):
         make_aligner("silhouette", np.full((64, 64, 3), 90, np.uint8))
 
 
@@ -273,3 +273,39 @@ def test_align_auto_picks_the_candidate_that_aligns_best_and_says_so(rotated: Pa
     assert set(auto["candidates"]) == {"silhouette", "rigid"} and auto["chosen"] == max(scores, key=scores.get)
     assert read_metadata(model)["align"]["mode"] == auto["chosen"]
     assert f"--align auto: chose {auto['chosen']}" in err
+
+
+def test_silhouette_refuses_round_parts_and_noise_and_scales_other_resolutions() -> None:
+    """A disc has no axis and noise is no part: not aligned (flagged), never turned at random. A photo at
+    twice the resolution is scaled onto the reference's part."""
+    import cv2
+
+    from defectscope.align import make_aligner, silhouette_pose
+
+    disc = np.full((160, 160, 3), 60, np.uint8)
+    cv2.circle(disc, (80, 80), 40, (200, 200, 200), -1)
+    assert silhouette_pose(disc) is None
+    noise = np.random.default_rng(0).integers(80, 100, (160, 160, 3)).astype(np.uint8)
+    assert silhouette_pose(noise) is None
+    rng = np.random.default_rng(3)
+    part, silhouette = part_template(0)
+    reference, _, _ = photograph(part, silhouette, 0.0, (0.0, 0.0), 192, rng)
+    aligner = make_aligner("silhouette", reference)
+    assert not aligner(disc[:, :, :])[1].aligned
+    big = cv2.resize(photograph(part, silhouette, 70.0, (0.0, 0.0), 192, rng)[0], (384, 384))
+    warped, result = aligner(big)
+    assert result.aligned and warped.shape == reference.shape
+    a = silhouette_pose(reference)
+    b = silhouette_pose(warped)
+    assert b is not None and abs(b[3] / a[3] - 1) < 0.05  # same part size after alignment
+
+
+def test_align_auto_counts_failures_against_a_candidate() -> None:
+    from defectscope.align import Aligner, alignment_quality
+
+    rng = np.random.default_rng(4)
+    part, silhouette = part_template(0)
+    reference, _, _ = photograph(part, silhouette, 0.0, (0.0, 0.0), 192, rng)
+    aligner = Aligner.from_image("silhouette", reference)
+    blank = [np.full((192, 192, 3), 70, np.uint8)] * 3  # cannot be aligned: no part
+    assert alignment_quality(aligner, reference, blank) == 0.0

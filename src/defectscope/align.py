@@ -48,6 +48,8 @@ from .errors import DefectscopeError, ModelFileError
 log = logging.getLogger(__name__)
 
 ALIGN_MODES: tuple[str, ...] = ("none", "rot90", "rigid", "silhouette")
+#: silhouette alignment needs a part whose principal axes differ by at least this ratio (lengths)
+MIN_ELONGATION = 1.15
 #: what ``--align auto`` chooses among
 AUTO_CANDIDATES: tuple[str, ...] = ("silhouette", "rigid")
 #: training images ``--align auto`` tries each candidate on
@@ -123,7 +125,7 @@ class Aligner:
         self.allow_scale = bool(allow_scale)
         self.inlier_tol = float(inlier_tol)
         self.reference = reference
-        self.pose: tuple[float, float, float] | None = None  # silhouette mode: reference (cx, cy, theta)
+        self.pose: tuple[float, ...] | None = None  # silhouette mode: reference (cx, cy, theta, area)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -133,8 +135,9 @@ class Aligner:
         if mode == "silhouette":
             pose = silhouette_pose(image)
             if pose is None:
-                raise DefectscopeError(f"alignment reference {reference or 'image'}: no part found against the "
-                                       "background (--align silhouette needs a part on a uniform background)")
+                raise DefectscopeError(f"alignment reference {reference or 'image'}: no elongated part found against "
+                                       "the background (--align silhouette needs a part with a clear long axis on a "
+                                       "uniform background; round parts have none: use --align rigid or none)")
             probe.pose = pose
             return probe
         pts, desc = probe._detect(image)
@@ -180,9 +183,10 @@ class Aligner:
                                        "with --align silhouette")
             aligner = cls("silhouette", np.zeros((0, 2)), np.zeros((0, 32)), tuple(config["ref_size"]),
                           reference=config.get("reference"))
-            aligner.pose = tuple(float(v) for v in config["pose"])  # type: ignore[assignment]
+            aligner.pose = tuple(float(v) for v in config["pose"])
             if mode != "silhouette":
-                raise DefectscopeError(f"--align {mode}: this model was fitted with --align silhouette")
+                raise DefectscopeError(f"--align {mode}: this model was fitted with --align silhouette; use "
+                                       "--align silhouette or --align none")
             return aligner
         try:
             kp = tensors[f"{TENSOR_PREFIX}keypoints"].numpy()
@@ -236,9 +240,12 @@ class Aligner:
         pose = silhouette_pose(image)
         if pose is None or self.pose is None:
             return AlignResult(None, False, 0, 0.0, size)
-        cx, cy, theta = pose
-        rx, ry, rtheta = self.pose
-        rot = _rotation_rad(rtheta - theta)
+        cx, cy, theta, _area = pose
+        rx, ry, rtheta = self.pose[:3]
+        # a photo at another resolution is scaled by the ratio of the image sizes (a similarity transform)
+        rh, rw = self.ref_size
+        scale = float(np.sqrt((rh * rw) / (size[0] * size[1])))
+        rot = scale * _rotation_rad(rtheta - theta)
         t = np.array([rx, ry]) - rot @ np.array([cx, cy])
         matrix = np.hstack([rot, t[:, None]])
         return AlignResult(matrix, True, 1, float(np.degrees(rtheta - theta)), size)
@@ -332,10 +339,13 @@ class Aligner:
                               borderMode=cv2.BORDER_REPLICATE)
 
 
-def silhouette_pose(image: np.ndarray) -> tuple[float, float, float] | None:
-    """(cx, cy, theta) of the part in an (H, W, 3) uint8 photo: centroid and the angle (radians, pixel
+def silhouette_pose(image: np.ndarray) -> tuple[float, float, float, float] | None:
+    """(cx, cy, theta, area) of the part in an (H, W, 3) uint8 photo: centroid, the angle (radians, pixel
     coordinates) of its principal axis, pointing to the end where the third moment of the part's grey
-    levels along the axis says the mass lies (a 180-degree turn changes theta by pi). None when no part stands out from the background."""
+    levels along the axis says the mass lies (a 180-degree turn changes theta by pi), and its area in
+    pixels. None when no part stands out from a background (nothing found, or a region filling the
+    frame or touching three of its sides), or when the outline has no clear axis (its principal axes
+    differ by less than MIN_ELONGATION: a round part)."""
     import cv2
 
     gray = _gray(image)
@@ -346,11 +356,19 @@ def silhouette_pose(image: np.ndarray) -> tuple[float, float, float] | None:
     n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     if n < 2:
         return None
-    part = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
-    if part.sum() < 0.001 * part.size:
-        return None
+    biggest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    part = (labels == biggest).astype(np.uint8)
+    x, y, bw, bh = (int(v) for v in stats[biggest, :4])
+    h_img, w_img = part.shape
+    touches = (x == 0) + (y == 0) + (x + bw == w_img) + (y + bh == h_img)
+    if part.sum() < 0.001 * part.size or part.sum() > 0.8 * part.size or touches >= 3:
+        return None  # nothing, or noise / a surface filling the frame rather than a part on a background
     m = cv2.moments(part, binaryImage=True)
     cx, cy = m["m10"] / m["m00"], m["m01"] / m["m00"]
+    spread = np.sqrt((m["mu20"] - m["mu02"]) ** 2 + 4 * m["mu11"] ** 2)
+    major, minor = m["mu20"] + m["mu02"] + spread, m["mu20"] + m["mu02"] - spread
+    if minor <= 0 or major / minor < MIN_ELONGATION**2:
+        return None  # round (or square-ish) outline: no principal axis to turn it by
     theta = 0.5 * np.arctan2(2.0 * m["mu11"], m["mu20"] - m["mu02"])
     ys, xs = np.nonzero(part)
     along = (xs - cx) * np.cos(theta) + (ys - cy) * np.sin(theta)
@@ -362,7 +380,7 @@ def silhouette_pose(image: np.ndarray) -> tuple[float, float, float] | None:
         skew = float((along**3).mean())
     if skew < 0:  # point the axis to the heavier end
         theta += np.pi
-    return float(cx), float(cy), float(theta)
+    return float(cx), float(cy), float(theta), float(m["m00"])
 
 
 def _rotation(degrees: float) -> np.ndarray:
@@ -390,14 +408,14 @@ def make_aligner(mode: str, reference_image: np.ndarray | None, reference: str |
 
 def alignment_quality(aligner: Aligner, reference: np.ndarray, images: list[np.ndarray]) -> float:
     """Mean normalised cross-correlation (-1..1) between the reference's grey image and each image
-    as ``aligner`` warps it (an image it cannot align counts as it is, unwarped)."""
+    as ``aligner`` warps it; an image it cannot align counts 0 (no evidence for the candidate)."""
     ref = _gray(reference).astype(np.float64)
     ref = (ref - ref.mean()) / (ref.std() + 1e-9)
     scores = []
     for image in images:
         warped, result = aligner(image)
-        if warped.shape[:2] != reference.shape[:2]:  # not aligned and of another size: no evidence for it
-            scores.append(-1.0)
+        if not result.aligned:  # a failure counts against the candidate, however alike the unwarped image
+            scores.append(0.0)
             continue
         g = _gray(warped).astype(np.float64)
         scores.append(float((ref * (g - g.mean()) / (g.std() + 1e-9)).mean()))
@@ -417,11 +435,13 @@ def choose_aligner(reference_image: np.ndarray, images: list[np.ndarray], refere
             tried[mode] = {"error": str(exc)}
             continue
         quality = alignment_quality(aligner, reference_image, images)
-        tried[mode] = {"ncc": round(quality, 4)}
+        failed = sum(not aligner.estimate(image).aligned for image in images)
+        tried[mode] = {"ncc": round(quality, 4), "unaligned": failed}
         if best is None or quality > best[0]:
             best = (quality, aligner)
     if best is None:
-        raise DefectscopeError(f"--align auto: no alignment works on this reference ({tried})")
+        why = "; ".join(f"{mode}: {info['error']}" for mode, info in tried.items())
+        raise DefectscopeError(f"--align auto: no alignment works on this reference ({why})")
     log.info("--align auto chose %s: %s", best[1].mode, tried)
     return best[1], {"chosen": best[1].mode, "candidates": tried, "n_images": len(images),
                      "rule": "highest mean normalised cross-correlation with the reference after alignment"}

@@ -293,10 +293,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from .data.images import load_image
 
         ref = args.align_ref if args.align_ref is not None else (paths[0] if paths else None)
+        if len(paths) < detector.min_train_images:  # say that first, before any alignment work
+            raise DefectscopeError(f"{args.data}: found {len(paths)} image(s), {detector.method} needs at least "
+                                   f"{detector.min_train_images}")
         if args.align == "auto" and ref is not None:
             sample = [load_image(p) for p in paths[1 : 1 + AUTO_IMAGES]]
             aligner, auto = choose_aligner(load_image(ref), sample, reference=str(ref))
-            scores = ", ".join(f"{m} {c.get('ncc', 'failed')}" for m, c in auto["candidates"].items())
+            scores = ", ".join(f"{m} {c['ncc']} ({c['unaligned']} not aligned)" if "ncc" in c else f"{m} failed"
+                               for m, c in auto["candidates"].items())
             print(f"--align auto: chose {aligner.mode} (mean correlation with the reference after alignment on "
                   f"{len(sample)} training images: {scores})", file=sys.stderr)
         else:

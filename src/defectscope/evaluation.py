@@ -340,7 +340,7 @@ def format_summary(result: dict[str, Any]) -> str:
         f"dataset           {result['dataset']}",
         f"method            {result['method']} ({result['backbone']}, {','.join(result['layers'])})",
         f"image_auroc       {_fmt(result['image_auroc'])}",
-        *([f"image_auroc_map  {_fmt(result['image_auroc_map_max'])} (from each map's maximum, --protocol mvtec)"]
+        *([f"image_auroc_map   {_fmt(result['image_auroc_map_max'])} (from each map's maximum, --protocol mvtec)"]
           if "image_auroc_map_max" in result else []),
         f"pixel_auroc       {_fmt(result['pixel_auroc'])}",
         f"aupro             {_fmt(result.get('aupro'))}",
