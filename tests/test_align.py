@@ -308,4 +308,4 @@ def test_align_auto_counts_failures_against_a_candidate() -> None:
     reference, _, _ = photograph(part, silhouette, 0.0, (0.0, 0.0), 192, rng)
     aligner = Aligner.from_image("silhouette", reference)
     blank = [np.full((192, 192, 3), 70, np.uint8)] * 3  # cannot be aligned: no part
-    assert alignment_quality(aligner, reference, blank) == 0.0
+    assert alignment_quality(aligner, reference, blank) == (0.0, 3)

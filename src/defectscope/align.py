@@ -406,20 +406,22 @@ def make_aligner(mode: str, reference_image: np.ndarray | None, reference: str |
     return Aligner.from_image(mode, reference_image, reference=reference, **options)
 
 
-def alignment_quality(aligner: Aligner, reference: np.ndarray, images: list[np.ndarray]) -> float:
-    """Mean normalised cross-correlation (-1..1) between the reference's grey image and each image
-    as ``aligner`` warps it; an image it cannot align counts 0 (no evidence for the candidate)."""
+def alignment_quality(aligner: Aligner, reference: np.ndarray, images: list[np.ndarray]) -> tuple[float, int]:
+    """(mean normalised cross-correlation (-1..1) between the reference's grey image and each image as
+    ``aligner`` warps it, number of images it could not align); an image it cannot align counts 0 (no
+    evidence for the candidate, however alike the unwarped image)."""
     ref = _gray(reference).astype(np.float64)
     ref = (ref - ref.mean()) / (ref.std() + 1e-9)
-    scores = []
+    scores, failed = [], 0
     for image in images:
         warped, result = aligner(image)
-        if not result.aligned:  # a failure counts against the candidate, however alike the unwarped image
+        if not result.aligned:
             scores.append(0.0)
+            failed += 1
             continue
         g = _gray(warped).astype(np.float64)
         scores.append(float((ref * (g - g.mean()) / (g.std() + 1e-9)).mean()))
-    return float(np.mean(scores)) if scores else -1.0
+    return (float(np.mean(scores)) if scores else -1.0), failed
 
 
 def choose_aligner(reference_image: np.ndarray, images: list[np.ndarray], reference: str | None = None
@@ -434,8 +436,7 @@ def choose_aligner(reference_image: np.ndarray, images: list[np.ndarray], refere
         except DefectscopeError as exc:
             tried[mode] = {"error": str(exc)}
             continue
-        quality = alignment_quality(aligner, reference_image, images)
-        failed = sum(not aligner.estimate(image).aligned for image in images)
+        quality, failed = alignment_quality(aligner, reference_image, images)
         tried[mode] = {"ncc": round(quality, 4), "unaligned": failed}
         if best is None or quality > best[0]:
             best = (quality, aligner)
