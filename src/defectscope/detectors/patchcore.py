@@ -240,7 +240,7 @@ class PatchCore(Detector):
         gen = torch.Generator().manual_seed(self.seed + 1)
         return torch.randperm(n, generator=gen)[: self.threshold_images].sort().values
 
-    def _select(self, pool: torch.Tensor, k: int, bar: Any) -> KCenterResult:
+    def _select(self, pool: torch.Tensor, k: int, bar: Any | None) -> KCenterResult:
         return kcenter(pool, k, eps=self.coreset_eps, projection_dim=self.projection_dim, seed=self.seed, bar=bar)
 
     def _fold_selection(
@@ -292,7 +292,7 @@ class PatchCore(Detector):
         # exact selection: select again over the other folds' patches, at the same bank-size rule
         others = (folds != fold).nonzero().squeeze(1)
         pool = store.read_runs((others * per_image).tolist(), per_image).reshape(-1, store.dim)
-        result = self._select(pool, min(self.bank_size_for(pool.shape[0]), pool.shape[0]), _NoBar())
+        result = self._select(pool, min(self.bank_size_for(pool.shape[0]), pool.shape[0]), None)
         return pool[result.indices].contiguous()
 
     def _held_out_scores(
@@ -440,8 +440,3 @@ def _shares(total: int, sizes: list[int]) -> list[int]:
     for i in by_remainder[: total - sum(shares)]:
         shares[i] += 1
     return shares
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
