@@ -15,7 +15,8 @@ Sets (defaults are decided on the mean over all of them, never on one):
   Built once into ``--data-cache`` (default benchmarks/.suite-data, ignored by git).
 
 Each (method, parameters, set) cell is fitted from scratch and evaluated (image AUROC, pixel AUROC,
-AUPRO, fit seconds, predict images/s as ``evaluate`` measures it) and stored as JSON under
+AUPRO, fit seconds, predict images/s as ``evaluate`` measures it, and every test image's score
+with the threshold, so score ensembles can be computed from stored cells) and stored as JSON under
 ``--out`` (default benchmarks/.suite-results), keyed by the detector's full parameters (defaults
 included); a later run reuses finished cells unless ``--force``.
 Prints one Markdown table per method and configuration, with the mean row. Asserts nothing.
@@ -119,7 +120,8 @@ def run_cell(method: str, params: dict[str, Any], name: str, cache: Path, align:
     return {"method": method, "params": params, "set": name, "image_auroc": result["image_auroc"],
             "pixel_auroc": result["pixel_auroc"], "aupro": result["aupro"], "fit_seconds": fit_s,
             "images_per_second": result["images_per_second"], "n_train": len(split.train),
-            "layers": list(detector.layers or [])}
+            "layers": list(detector.layers or []), "threshold": float(meta["threshold"]),
+            "scores": [[r["path"], r["label"], r["score"]] for r in result["images"]]}
 
 
 def table(cells: list[dict[str, Any]]) -> str:
