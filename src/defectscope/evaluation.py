@@ -20,7 +20,7 @@ from .data.images import load_mask
 from .data.samples import Sample, Split
 from .detectors.base import Detector
 from .errors import DefectscopeError
-from .scoring import score_paths
+from .scoring import normalized_score, score_paths
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +182,6 @@ def evaluate_detector(
         out["alignment"] = {"mode": aligner.mode, "n_unaligned": len(unaligned), "unaligned": unaligned}
     out["curves"] = {"image_roc": out.pop("_image_roc"), "pixel_roc": out.pop("_pixel_roc"), "pro": out.pop("_pro")}
     return out
-
-
-def normalized_score(score: float | None, threshold: float) -> float | None:
-    """score / threshold, so that 1.0 is the decision boundary; None when undefined (threshold <= 0)."""
-    if score is None or not threshold > 0 or not np.isfinite(threshold):
-        return None
-    return float(score) / float(threshold)
 
 
 def image_metrics(labels: np.ndarray, scores: np.ndarray, types: list[str], threshold: float) -> dict[str, Any]:

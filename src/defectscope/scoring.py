@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .data.loader import iter_batches
+from .data.loader import ArrayImage, Source, iter_batches
 from .detectors.base import Detector
 from .progress import progress_bar
 
@@ -29,7 +29,7 @@ class ImageResult:
     image that could not be aligned was scored as given and has ``aligned`` False.
     """
 
-    path: Path
+    path: Source
     score: float | None = None
     judgement: int | None = None
     error: str | None = None
@@ -55,6 +55,13 @@ def pixel_threshold(meta: dict[str, Any]) -> float:
     return float(value)
 
 
+def normalized_score(score: float | None, threshold: float) -> float | None:
+    """score / threshold, so that 1.0 is the decision boundary; None when undefined (threshold <= 0)."""
+    if score is None or not threshold > 0 or not np.isfinite(threshold):
+        return None
+    return float(score) / float(threshold)
+
+
 def judge(score: float, threshold: float) -> int:
     """1 (defective) when the score is at or above the threshold, else 0 (good).
 
@@ -65,7 +72,7 @@ def judge(score: float, threshold: float) -> int:
 
 def score_paths(
     detector: Detector,
-    paths: Sequence[Path],
+    paths: Sequence[Source],
     threshold: float,
     *,
     batch_size: int = 16,
@@ -82,7 +89,7 @@ def score_paths(
     reference frame before scoring and its map is warped back: ``map`` is then the (S, S) map
     over the original image (resized to S x S like the input), not over the warped one.
     """
-    paths = [Path(p) for p in paths]
+    paths = [p if isinstance(p, ArrayImage) else Path(p) for p in paths]
     start = 0
     mean, std = detector.input_stats
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
@@ -117,4 +124,4 @@ def score_paths(
                     next_loaded = next(loaded, None)
                 else:
                     failed_path, message = next(failed)
-                    yield ImageResult(Path(failed_path), error=message)
+                    yield ImageResult(failed_path, error=message)

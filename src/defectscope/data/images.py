@@ -179,6 +179,52 @@ def load_image_noting(path: str | Path) -> tuple[np.ndarray, list[str]]:
     return _to_rgb_uint8(_open(path), path, notes), notes
 
 
+def to_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
+    """An in-memory image as an (H, W, 3) uint8 RGB array, by the same rules as image files.
+
+    Accepts a PIL image (any mode) or a numpy array (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4)
+    RGBA, of dtype bool, uint8, uint16 (scaled by 65535), another integer type (scaled by its
+    smallest common bit depth that holds the data) or float ([0, 1] scaled by 255, any other range
+    min-max stretched, NaN -> 0). Raises ImageLoadError ``"<name>: <problem>"`` for anything else.
+    """
+    if isinstance(image, Image.Image):
+        try:
+            image.load()
+        except (OSError, ValueError) as exc:
+            raise ImageLoadError(f"{name}: image data is truncated or corrupt: {_first_line(exc)}") from None
+        return _to_rgb_uint8(image, name)
+    if not isinstance(image, np.ndarray):
+        raise ImageLoadError(f"{name}: expected a file path, a PIL image or a numpy array, got {type(image).__name__}")
+    arr = image
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ImageLoadError(f"{name}: expected an array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+                             f"got {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageLoadError(f"{name}: the array is empty ({arr.shape})")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype.kind == "f":
+        out = _float_to_uint8(arr.astype(np.float64))
+    elif arr.dtype.kind in "ui":
+        if arr.dtype == np.uint8:
+            out = arr
+        else:
+            peak = int(arr.max())
+            bits = 16 if arr.dtype in (np.uint16, np.int16) else next(b for b in (8, 16, 32, 64) if peak < 2**b)
+            out = np.clip(np.rint(np.clip(arr.astype(np.float64), 0, None) * (255.0 / (2**bits - 1))), 0, 255)
+            out = out.astype(np.uint8)
+    else:
+        raise ImageLoadError(f"{name}: unsupported array dtype {arr.dtype} (use uint8, uint16 or float)")
+    if out.ndim == 2:
+        return _gray_to_rgb(out)
+    if out.shape[2] == 4:  # composite over black, as for files with transparency
+        alpha = out[..., 3:4].astype(np.float32) / 255.0
+        return np.clip(np.rint(out[..., :3].astype(np.float32) * alpha), 0, 255).astype(np.uint8)
+    return np.array(out[..., :3], dtype=np.uint8, order="C")  # a copy: the caller's array is never shared
+
+
 def load_mask(
     path: str | Path, size: tuple[int, int] | None = None, *, image: str | Path | None = None,
     image_shape: tuple[int, int] | None = None,

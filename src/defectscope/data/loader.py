@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import DefectscopeError, ImageLoadError
-from .images import load_image_noting, preprocess
+from .images import load_image_noting, preprocess, to_rgb_uint8
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,33 @@ class Batch:
         return len(self.paths)
 
 
+@dataclass(eq=False)
+class ArrayImage:
+    """An in-memory image among the inputs: its name (for messages and results), the (H, W, 3)
+    uint8 RGB array, or the one-line reason it could not be converted (then ``image`` is None).
+    Compared by identity, so two equal arrays stay two inputs."""
+
+    name: str
+    image: np.ndarray | None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, obj: object, name: str) -> "ArrayImage":
+        """Convert a PIL image or numpy array (see :func:`defectscope.data.images.to_rgb_uint8`); a
+        conversion problem is kept as ``error``, not raised."""
+        try:
+            return cls(name, to_rgb_uint8(obj, name))
+        except ImageLoadError as exc:
+            return cls(name, None, str(exc))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: one input of :func:`iter_batches`: an image file or an in-memory image
+Source = Path | ArrayImage
+
+
 @dataclass
 class _Raised:
     """Carries an unexpected exception from the producer thread to the caller."""
@@ -69,13 +96,18 @@ _Loaded = tuple[torch.Tensor, tuple[int, int], Any, list[str]]
 ImageTransform = Callable[[np.ndarray], tuple[np.ndarray, Any]]
 
 
-def _load_one(path: Path, size: int, mean: Sequence[float], std: Sequence[float],
+def _load_one(path: Source, size: int, mean: Sequence[float], std: Sequence[float],
               transform: ImageTransform | None = None) -> _Loaded | str:
     """((3, S, S) tensor, original (H, W), transform record or None, notes), or the ImageLoadError message."""
-    try:
-        image, notes = load_image_noting(path)
-    except ImageLoadError as exc:
-        return str(exc)
+    if isinstance(path, ArrayImage):
+        if path.image is None:
+            return path.error or f"{path.name}: not an image"
+        image, notes = path.image, []
+    else:
+        try:
+            image, notes = load_image_noting(path)
+        except ImageLoadError as exc:
+            return str(exc)
     shape = (int(image.shape[0]), int(image.shape[1]))
     record = None
     if transform is not None:
@@ -102,7 +134,7 @@ def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int, transf
 
 
 def iter_batches(
-    paths: Sequence[Path],
+    paths: Sequence[Source],
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
@@ -113,6 +145,7 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Yield :class:`Batch` es of preprocessed images, decoded ahead in background thread(s).
 
+    ``paths`` are image files or :class:`ArrayImage` s (in-memory images, used as given).
     Every stretch of ``batch_size`` paths gives one batch (possibly with B=0 images and
     only failures). Exceptions other than ImageLoadError are re-raised in the caller.
     Closing the generator early stops the background thread(s).
@@ -125,7 +158,7 @@ def iter_batches(
         raise DefectscopeError(
             f"batch_size, workers and prefetch must be at least 1, got {batch_size}, {workers}, {prefetch}"
         )
-    paths = [Path(p) for p in paths]
+    paths = [p if isinstance(p, ArrayImage) else Path(p) for p in paths]
     mean, std = list(mean), list(std)
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     out: queue.Queue = queue.Queue(maxsize=prefetch)
