@@ -250,17 +250,19 @@ class Model:
         return self.path
 
 
-def load(path: str | Path) -> Model:
+def load(path: str | Path, *, align: str | None = None) -> Model:
     """Load a model file written by ``defectscope fit`` or :meth:`Model.save`.
 
     Nothing is unpickled; the file's checksum is verified. Raises ModelFileError naming the file
-    when it is missing, damaged, edited by hand, or not a defectscope model.
+    when it is missing, damaged, edited by hand, or not a defectscope model. ``align`` overrides the
+    alignment the model was fitted with ("none" scores without it; another mode must be one the
+    model's reference supports).
     """
     from .align import Aligner
     from .io import load_model_with_extras
 
     detector, meta, extras = load_model_with_extras(path)
-    aligner = Aligner.from_model(meta.get("align"), extras)
+    aligner = Aligner.from_model(meta.get("align"), extras, align)
     return Model(detector, meta, aligner, Path(path))
 
 
@@ -274,6 +276,7 @@ def fit(
     exclude_outliers: bool = False,
     batch_size: int = 16,
     progress: bool = False,
+    data_name: str | None = None,
     **params: Any,
 ) -> Model:
     """Learn a model from good images only.
@@ -286,6 +289,8 @@ def fit(
     threshold_quantile: the quantile of held-out good scores that becomes the threshold (default
         :data:`defectscope.fitting.DEFAULT_THRESHOLD_QUANTILE`).
     exclude_outliers: fit again without training images whose held-out score is an outlier.
+    data_name: how the training data is named in the model's metadata (default: the folder, or
+        "N image files").
     params: the method's parameters (backbone, layers, image_size, coreset_ratio, ...; see the
         detector classes in :mod:`defectscope.detectors`).
     Returns the fitted :class:`Model` (not saved: call :meth:`Model.save`). Raises DefectscopeError
@@ -298,10 +303,11 @@ def fit(
     detector = make_detector(method, **params)
     detector._validate_params()
     if isinstance(images, (str, Path)):
-        data_name, paths = str(images), good_images(Path(images))
+        paths = good_images(Path(images))
+        data_name = data_name or str(images)
     else:
         paths = [Path(p) for p in images]
-        data_name = f"{len(paths)} image files"
+        data_name = data_name or f"{len(paths)} image files"
     aligner, auto = _fit_aligner(align, align_ref, paths, detector)
     meta = fit_detector(
         detector, paths, batch_size=batch_size,

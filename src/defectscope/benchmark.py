@@ -14,7 +14,6 @@ Outputs in ``OUT``: ``benchmark.md`` (also returned for printing), ``benchmark.c
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import html
@@ -95,18 +94,17 @@ def run_cell(
     model_path: Path | None = None,
 ) -> dict[str, Any]:
     """Fit ``method`` on the category's train images and evaluate it; returns the cell record."""
-    from .evaluation import evaluate_detector
-    from .fitting import fit_detector
+    from .api import fit
 
     split = category.load()
     if not split.train:
         raise DataLayoutError(f"{category.path}: no good training images (a plain folder needs train/)")
-    detector = make_detector(method, **params)
-    meta = fit_detector(detector, split.train, batch_size=batch_size, threshold_quantile=threshold_quantile,
-                        progress=progress, data_name=str(category.path))
+    model = fit(split.train, method=method, batch_size=batch_size, threshold_quantile=threshold_quantile,
+                progress=progress, data_name=str(category.path), **params)
+    detector, meta = model.detector, model.meta
     report_dir = out_dir / _safe(method) / _safe(category.name) if report else None
-    result = evaluate_detector(detector, split, float(meta["threshold"]), batch_size=batch_size, progress=progress,
-                               overlay_dir=report_dir / "overlays" if report_dir is not None else None)
+    result = model.evaluate(split, batch_size=batch_size, progress=progress,
+                            overlay_dir=report_dir / "overlays" if report_dir is not None else None)
     record: dict[str, Any] = {
         "status": "ok",
         "image_auroc": result["image_auroc"],
@@ -129,9 +127,7 @@ def run_cell(
         write_report(result, report_dir, meta=meta)
         record["report"] = os.path.relpath(report_dir, out_dir)
     if model_path is not None:
-        from .io import save_model
-
-        save_model(model_path, detector, meta)
+        model.save(model_path)
         record["model"] = os.path.relpath(model_path, out_dir)
     return record
 
@@ -309,52 +305,3 @@ def _write_html(cells: Sequence[dict[str, Any]], out_dir: Path) -> None:
             "<p>Tables: <a href='benchmark.md'>Markdown</a>, <a href='benchmark.csv'>CSV</a>, "
             "<a href='benchmark.json'>JSON</a>.</p></body></html>\n")
     _atomic_write_text(out_dir / "index.html", page)
-
-
-# --------------------------------------------------------------------------- command line
-def add_benchmark_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``benchmark`` on the CLI's subparsers (model options named as in ``fit``)."""
-    from .cli import _add_common, _add_model_options
-    from .detectors import METHODS
-
-    p = subparsers.add_parser(
-        "benchmark", help="fit + evaluate methods on every category of a dataset; tables of the results",
-        description="For each method and category: fit on the category's good training images, evaluate on its "
-                    "test images. ROOT is an MVTec AD root or category, a VisA root or object folder, or a plain "
-                    "folder (good/ + defect folders + train/). Finished cells are kept in OUT/cells and skipped "
-                    "when run again with the same settings. Exit code 1 if any cell failed.")
-    p.add_argument("root", type=Path, metavar="ROOT")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
-                   help=f"methods to run (default: all: {' '.join(METHODS)})")
-    p.add_argument("--categories", nargs="+", default=None, metavar="NAME", help="only these categories / objects")
-    p.add_argument("-o", "--output", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                   help=f"folder for cells, tables and reports (default ./{DEFAULT_OUT})")
-    p.add_argument("--force", action="store_true", help="recompute cells that are already done")
-    p.add_argument("--report", action="store_true",
-                   help="also write an HTML report per method and category (for the cells computed in this run)")
-    p.add_argument("--save-models", action="store_true", help="keep each fitted model in DIR/models")
-    _add_model_options(p, method=False)  # each method takes the options that apply to it
-    _add_common(p)
-    return p
-
-
-def run_benchmark_command(args: argparse.Namespace) -> int:
-    """Run ``benchmark`` from parsed arguments: progress on stderr, the Markdown table on stdout."""
-    import sys
-
-    from .cli import _model_params
-
-    def notify(message: str) -> None:
-        print(f"defectscope: {message}", file=sys.stderr, flush=True)
-
-    cells = run_benchmark(
-        args.root, args.methods, categories=args.categories, params=_model_params(args), out_dir=args.output,
-        batch_size=args.batch_size, threshold_quantile=args.threshold_quantile, force=args.force,
-        report=args.report, save_models=args.save_models, progress=not args.no_progress, notify=notify,
-    )
-    print(format_markdown(cells), end="")
-    print(f"wrote {args.output / 'benchmark.md'}, benchmark.csv, benchmark.json, index.html")
-    failed = [c for c in cells if c.get("status") != "ok"]
-    for c in failed:
-        print(f"defectscope: error: {c['method']} / {c['category']}: {c['error']}", file=sys.stderr)
-    return 1 if failed else 0

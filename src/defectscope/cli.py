@@ -16,108 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_options import add_align_options, add_common, add_model_options, model_params
 from .cli_types import finite_float, number, positive_int, probability_open, seed_int
 from .errors import DefectscopeError
 from .jsonout import dumps
-from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
 
 log = logging.getLogger("defectscope")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+#: the methods, named here so that building the parser imports no detector (and no torch)
+METHOD_NAMES = ("patchcore", "padim", "spade")
 
 
 # --------------------------------------------------------------------------- arguments
-def _layers(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=number(int, 1, 4096), default=16, help="images per forward pass (default 16)")
-    p.add_argument("--threads", type=number(int, 1, 1024), default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
-
-
-def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
-    """Model options: --method (unless ``method`` is False), common parameters, each method's own."""
-    g = p.add_argument_group("model")
-    if method:
-        g.add_argument("--method", default="patchcore", choices=["patchcore", "padim", "spade"],
-                       help="detection method (default patchcore)")
-    g.add_argument("--backbone", default=None,
-                   help="timm model name (default tf_efficientnet_lite0, ImageNet weights that ship offline)")
-    g.add_argument("--weights", default=None, metavar="FILE",
-                   help="local state dict for the backbone (.safetensors or .pth; timm or torchvision key names); "
-                        "'none' for random weights")
-    g.add_argument("--layers", type=_layers, default=None,
-                   help="comma-separated feature layers, e.g. blocks.2,blocks.4 (EfficientNet) or layer2,layer3 "
-                        "(ResNet); default depends on method and backbone")
-    g.add_argument("--image-size", type=number(int, 32, 2048), default=None, help="images are resized to N x N (default 256)")
-    g.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
-                   help="per-channel input statistics: ImageNet's mean/std or the ones the backbone weights were "
-                        f"trained with (default: weights for patchcore, {DEFAULT_NORMALIZATION} for padim and spade; "
-                        "see the README)")
-    g.add_argument("--seed", type=seed_int, default=None, help="seed for every random choice (default 0)")
-    g.add_argument("--threshold-quantile", type=probability_open, default=0.99,
-                   help="threshold = this quantile of held-out scores of the good training images (default 0.99)")
-    pc = p.add_argument_group("patchcore")
-    pc.add_argument("--coreset-ratio", type=number(float, 0, 1, lo_open=True), default=None, help="fraction of patches kept (default 0.1)")
-    pc.add_argument("--coreset-eps", type=probability_open, default=None,
-                    help="Johnson-Lindenstrauss eps setting the projection used for coreset selection (default 0.9)")
-    pc.add_argument("--projection-dim", type=positive_int, default=None, help="explicit projection dimension for the coreset")
-    pc.add_argument("--coreset", choices=["folds", "exact"], default=None,
-                    help="coreset selection: folds (greedy k-center per fold and chunk of images, linear in the "
-                         "number of images; default) or exact (one greedy over all patches, as in the paper)")
-    pc.add_argument("--max-bank-size", type=positive_int, default=None, metavar="M",
-                    help="most memory-bank entries whatever the training set's size (default 32768)")
-    pc.add_argument("--folds", type=number(int, 2, 1000), default=None, help="folds of the selection and the k-fold threshold (default 5)")
-    pc.add_argument("--threshold-images", type=positive_int, default=None, metavar="N",
-                    help="most training images scored for the threshold (default 500)")
-    pc.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default=None,
-                    help="nearest-neighbour index: flat (exact, default), ivf or hnsw (approximate, for large "
-                         "memory banks; see the README for measured recall)")
-    pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
-    pd = p.add_argument_group("padim")
-    pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
-    sp = p.add_argument_group("spade")
-    sp.add_argument("--k", type=positive_int, default=None, help="image-level nearest neighbours (default 50)")
-    sp.add_argument("--top-k", type=positive_int, default=None, help="training images used for pixel matching (default 5)")
-
-
-def _add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
-    g = p.add_argument_group("alignment")
-    if fit:
-        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette", "auto"], default="none",
-                       help="warp every image into a reference image's frame before feature extraction: rot90 "
-                            "(best quarter turn) or rigid (any angle + shift, RANSAC on ORB matches), or "
-                            "silhouette (the part's outline against a uniform background: centroid and principal "
-                            "axis; for parts with little texture), or auto (silhouette or rigid, whichever aligns "
-                            "the training images best to the reference, and says so); stored in the model "
-                            "(default none)")
-        g.add_argument("--align-ref", type=Path, default=None, metavar="FILE",
-                       help="reference image for --align (default: the first training image)")
-    else:
-        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default=None,
-                       help="override the model's alignment (default: as fitted); images that cannot be aligned "
-                            "are scored unaligned and flagged")
-
-
-def _model_aligner(meta: dict[str, Any], extras: dict[str, Any], mode: str | None) -> Any:
-    from .align import Aligner
-
-    return Aligner.from_model(meta.get("align"), extras, mode)
-
-
-_PARAM_OPTIONS = {
-    "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
-    "normalization": "normalization",
-    "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
-    "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
-    "threshold_images": "threshold_images", "knn_index": "knn_index",
-    "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
-}
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, with errors as one line: ``defectscope fit: error: ...`` and a pointer to --help."""
 
@@ -142,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-outliers", action="store_true",
                    help="fit again without the training images that look unlike the rest (held-out score outliers "
                         "and images far smaller than the model input; fit names them either way)")
-    _add_model_options(p)
-    _add_align_options(p, fit=True)
-    _add_common(p)
+    add_model_options(p)
+    add_align_options(p, fit=True)
+    add_common(p)
 
     p = sub.add_parser("predict", help="score images: prints path,score,judgement",
                        description="Score images with a model. Prints one line per image: path,score,judgement "
@@ -158,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object per line: path, score, judgement, threshold, error")
     p.add_argument("--normalized", action="store_true",
                    help="print score / threshold (1.0 = the threshold); --json then adds raw_score")
-    _add_align_options(p, fit=False)
-    _add_common(p)
+    add_align_options(p, fit=False)
+    add_common(p)
 
     p = sub.add_parser("evaluate", help="image/pixel AUROC on labelled test data",
                        description="Evaluate a model on an MVTec AD-layout category (test/<type>/..., "
@@ -176,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native: maps and masks compared at the model's input size; mvtec: maps upsampled to each "
                         "mask's own resolution (the literature's protocol), plus the image AUROC from each map's "
                         "maximum (default native)")
-    _add_align_options(p, fit=False)
-    _add_common(p)
+    add_align_options(p, fit=False)
+    add_common(p)
 
     p = sub.add_parser("tune", help="choose feature layers (block per stage, stage combination) on validation data",
                        description="Search which block of each backbone stage, and which combination of stages, gives "
@@ -198,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/tune.md (the table), DIR/tune.csv (one row per candidate) and DIR/tune.json (everything)")
     p.add_argument("--fit-best", action="store_true", help="fit the winning layers on all of train/ and write -o MODEL")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="MODEL", help="model file for --fit-best")
-    _add_model_options(p)
-    _add_common(p)
+    add_model_options(p)
+    add_common(p)
 
     p = sub.add_parser("calibrate", help="set the model's threshold from validation images",
                        description="Score validation images and write a new threshold into the model file (the old "
@@ -217,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluate reports on; refused unless asked for)")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="NEW_MODEL",
                    help="write the calibrated model here instead of replacing MODEL")
-    _add_common(p)
+    add_common(p)
 
     p = sub.add_parser("demo", help="fit and evaluate PatchCore on real solar-cell images (ELPV)",
                        description="Fit PatchCore on good monocrystalline ELPV solar cells and evaluate on held-out "
@@ -227,15 +138,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=number(int, 2), default=200, help="good cells to learn from (default 200)")
     p.add_argument("--coreset-ratio", type=number(float, 0, 1, lo_open=True), default=0.1, help="PatchCore coreset ratio (default 0.1)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the split and the coreset (default 0)")
-    _add_common(p)
+    add_common(p)
 
     from .data.download import add_download_command
 
     add_download_command(sub)
-    from .benchmark import add_benchmark_command
-
-    add_benchmark_command(sub)
+    _add_benchmark_command(sub)
     return parser
+
+def _add_benchmark_command(sub: argparse._SubParsersAction) -> None:
+    """``benchmark``: model options named as in ``fit`` (each method takes the ones that apply to it)."""
+    p = sub.add_parser(
+        "benchmark", help="fit + evaluate methods on every category of a dataset; tables of the results",
+        description="For each method and category: fit on the category's good training images, evaluate on its "
+                    "test images. ROOT is an MVTec AD root or category, a VisA root or object folder, or a plain "
+                    "folder (good/ + defect folders + train/). Finished cells are kept in OUT/cells and skipped "
+                    "when run again with the same settings. Exit code 1 if any cell failed.")
+    p.add_argument("root", type=Path, metavar="ROOT")
+    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES), metavar="METHOD",
+                   help=f"methods to run (default: all: {' '.join(METHOD_NAMES)})")
+    p.add_argument("--categories", nargs="+", default=None, metavar="NAME", help="only these categories / objects")
+    p.add_argument("-o", "--output", type=Path, default=Path("benchmark-results"), metavar="DIR",
+                   help="folder for cells, tables and reports (default ./benchmark-results)")
+    p.add_argument("--force", action="store_true", help="recompute cells that are already done")
+    p.add_argument("--report", action="store_true",
+                   help="also write an HTML report per method and category (for the cells computed in this run)")
+    p.add_argument("--save-models", action="store_true", help="keep each fitted model in DIR/models")
+    add_model_options(p, method=False)
+    add_common(p)
+
 
 
 # --------------------------------------------------------------------------- commands
@@ -267,54 +198,24 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _model_params(args: argparse.Namespace) -> dict[str, Any]:
-    params = {}
-    for option, name in _PARAM_OPTIONS.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            params[name] = value
-    return params
-
-
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .data.layouts import good_images
-    from .detectors import make_detector
-    from .fitting import fit_detector
+    from .api import fit
     from .files import check_output_file
-    from .io import save_model
 
     check_output_file(args.output, "model file", replaces="model")
-    detector = make_detector(args.method, **_model_params(args))
-    paths = good_images(args.data)
-    aligner = None
-    auto = None
-    if args.align != "none":
-        from .align import AUTO_IMAGES, choose_aligner, make_aligner
-        from .data.images import load_image
-
-        ref = args.align_ref if args.align_ref is not None else (paths[0] if paths else None)
-        if len(paths) < detector.min_train_images:  # say that first, before any alignment work
-            raise DefectscopeError(f"{args.data}: found {len(paths)} image(s), {detector.method} needs at least "
-                                   f"{detector.min_train_images}")
-        if args.align == "auto" and ref is not None:
-            sample = [load_image(p) for p in paths[1 : 1 + AUTO_IMAGES]]
-            aligner, auto = choose_aligner(load_image(ref), sample, reference=str(ref))
-            scores = ", ".join(f"{m} {c['ncc']} ({c['unaligned']} not aligned)" if "ncc" in c else f"{m} failed"
-                               for m, c in auto["candidates"].items())
-            print(f"--align auto: chose {aligner.mode} (mean correlation with the reference after alignment on "
-                  f"{len(sample)} training images: {scores})", file=sys.stderr)
-        else:
-            aligner = make_aligner(args.align, load_image(ref) if ref is not None else None, reference=str(ref))
-    meta = fit_detector(
-        detector, paths, batch_size=args.batch_size, threshold_quantile=args.threshold_quantile,
-        progress=not args.no_progress, data_name=str(args.data), aligner=aligner,
-        exclude_outliers=args.exclude_outliers,
-    )
-    if aligner is not None:
-        meta["align"] = aligner.config() | ({"auto": auto} if auto is not None else {})
-        for path in meta["training"]["alignment"]["unaligned"]:
-            print(f"defectscope: warning: {path}: could not be aligned, used unaligned", file=sys.stderr)
-    save_model(args.output, detector, meta, extra_tensors=aligner.tensors() if aligner is not None else None)
+    model = fit(args.data, method=args.method, align=args.align, align_ref=args.align_ref,
+                threshold_quantile=args.threshold_quantile, exclude_outliers=args.exclude_outliers,
+                batch_size=args.batch_size, progress=not args.no_progress, **model_params(args))
+    detector, meta = model.detector, model.meta
+    auto = (meta.get("align") or {}).get("auto")
+    if auto is not None:
+        scores = ", ".join(f"{m} {c['ncc']} ({c['unaligned']} not aligned)" if "ncc" in c else f"{m} failed"
+                           for m, c in auto["candidates"].items())
+        print(f"--align auto: chose {auto['chosen']} (mean correlation with the reference after alignment on "
+              f"{auto['n_images']} training images: {scores})", file=sys.stderr)
+    for path in meta["training"].get("alignment", {}).get("unaligned", []):
+        print(f"defectscope: warning: {path}: could not be aligned, used unaligned", file=sys.stderr)
+    model.save(args.output)
     skipped = meta["training"]["skipped"]
     print(
         f"wrote {args.output}: {detector.method} on {meta['training']['n_images']} images in "
@@ -344,19 +245,15 @@ def _print_suspects(training: dict[str, Any]) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data.images import load_image
+    from .api import load
     from .data.layouts import expand_in_order
     from .files import check_output_dir
-    from .io import load_model_with_extras
-    from .report.heatmaps import Verdict, heatmap_name, overlay, save_png
-    from .scoring import pixel_threshold, score_paths
+    from .report.heatmaps import heatmap_name, save_png
 
     if args.heatmaps is not None:
         check_output_dir(args.heatmaps, "heatmap folder")
-    detector, meta, extras = load_model_with_extras(args.model)
-    aligner = _model_aligner(meta, extras, args.align)
-    threshold = args.threshold if args.threshold is not None else float(meta["threshold"])
-    pix = pixel_threshold(meta) if args.heatmaps is not None else None
+    model = load(args.model, align=args.align)
+    threshold = args.threshold if args.threshold is not None else model.threshold
     if args.normalized and not threshold > 0:
         raise DefectscopeError(f"--normalized needs a positive threshold, got {threshold}; run `defectscope calibrate`")
     # an argument that gave no image is reported in its place among the results (argument order)
@@ -385,34 +282,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
             _report_failure(args, arg, message, threshold)
 
     writer = csv.writer(sys.stdout, lineterminator="\n")
-    results = score_paths(detector, paths, threshold, batch_size=args.batch_size,
-                          keep_maps=args.heatmaps is not None, progress=not args.no_progress, aligner=aligner)
+    results = model.iter_predict(paths, maps=args.heatmaps is not None, threshold=threshold,
+                                 batch_size=args.batch_size, progress=not args.no_progress)
     had_missing = bool(missing)
     for index, result in enumerate(results):
         report_missing(index)
         if not result.ok:
             failures += 1
-            _report_failure(args, str(result.path), result.error or "", threshold)
+            _report_failure(args, result.name, result.error or "", threshold)
             continue
         heatmap = None
-        if args.heatmaps is not None and result.map is not None:
+        if args.heatmaps is not None:
             try:
-                image = load_image(result.path)
-                heatmap = args.heatmaps / heatmap_name(result.path, index)
-                verdict = Verdict(score=float(result.score), threshold=threshold, judgement=int(result.judgement))
-                save_png(heatmap, overlay(image, result.map, pix, verdict=verdict, side_by_side=True))
+                heatmap = args.heatmaps / heatmap_name(Path(result.name), index)
+                save_png(heatmap, result.overlay(side_by_side=True))
             except Exception as exc:  # noqa: BLE001 - a picture that fails never costs the other results
-                print(f"defectscope: error: heatmap for {result.path}: {exc}", file=sys.stderr)
+                print(f"defectscope: error: heatmap for {result.name}: {exc}", file=sys.stderr)
                 heatmap = None
                 failures += 1
         for note in result.notes:
-            print(f"defectscope: warning: {result.path}: {note}", file=sys.stderr)
+            print(f"defectscope: warning: {result.name}: {note}", file=sys.stderr)
         if result.alignment is not None and not result.alignment["aligned"]:
-            print(f"defectscope: warning: {result.path}: could not be aligned "
+            print(f"defectscope: warning: {result.name}: could not be aligned "
                   f"({result.alignment['inliers']} matching keypoints), scored unaligned", file=sys.stderr)
         shown = result.score / threshold if args.normalized else result.score
         if args.json:
-            obj = {"path": str(result.path), "score": shown, "judgement": result.judgement,
+            obj = {"path": result.name, "score": shown, "judgement": result.judgement,
                    "threshold": threshold, "error": None}
             if args.normalized:
                 obj["raw_score"] = result.score
@@ -425,9 +320,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 obj["align_angle"] = result.alignment["angle"]
             print(dumps(obj), flush=True)
         elif result.alignment is not None:  # a 4th column: 1 aligned, 0 scored unaligned
-            writer.writerow([str(result.path), f"{shown:.6f}", result.judgement, int(result.alignment["aligned"])])
+            writer.writerow([result.name, f"{shown:.6f}", result.judgement, int(result.alignment["aligned"])])
         else:
-            writer.writerow([str(result.path), f"{shown:.6f}", result.judgement])
+            writer.writerow([result.name, f"{shown:.6f}", result.judgement])
             sys.stdout.flush()
     report_missing(len(paths))
     if not paths and not had_missing:
@@ -445,27 +340,23 @@ def _report_failure(args: argparse.Namespace, path: str, message: str, threshold
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data.layouts import load_category
-    from .evaluation import evaluate_detector, format_summary
+    from .api import load
+    from .evaluation import format_summary
     from .files import check_output_dir, check_output_file
-    from .io import load_model_with_extras
-    from .scoring import pixel_threshold
 
     if args.json is not None:
         check_output_file(args.json, "JSON results file", replaces="json", inputs=(args.model,))
     for folder, what in ((args.heatmaps, "heatmap folder"), (args.report, "report folder")):
         if folder is not None:
             check_output_dir(folder, what)
-    detector, meta, extras = load_model_with_extras(args.model)
-    aligner = _model_aligner(meta, extras, args.align)
-    threshold = args.threshold if args.threshold is not None else float(meta["threshold"])
-    split = load_category(args.data)
+    model = load(args.model, align=args.align)
+    meta = model.meta
+    threshold = args.threshold if args.threshold is not None else model.threshold
     drawn = args.heatmaps is not None or args.report is not None
-    result = evaluate_detector(detector, split, threshold, batch_size=args.batch_size,
-                               progress=not args.no_progress, heatmap_dir=args.heatmaps,
-                               overlay_dir=args.report / "overlays" if args.report is not None else None,
-                               aligner=aligner, pixel_threshold=pixel_threshold(meta) if drawn else None,
-                               protocol=args.protocol)
+    result = model.evaluate(args.data, threshold=threshold, batch_size=args.batch_size,
+                            progress=not args.no_progress, heatmap_dir=args.heatmaps,
+                            overlay_dir=args.report / "overlays" if args.report is not None else None,
+                            pixel_threshold=model.pixel_threshold if drawn else None, protocol=args.protocol)
     result["model"] = str(args.model)
     result["data"] = str(args.data)
     if args.report is not None:
@@ -526,7 +417,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         check_output_file(args.output, "model file", replaces="model")
     if args.out is not None:
         check_output_dir(args.out, "--out folder")
-    params = _model_params(args)
+    params = model_params(args)
     stages = params.pop("layers", None)
     split = load_category(args.data)
     train = good_images(args.data)
@@ -547,15 +438,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
         write_csv(result, args.out / "tune.csv")
         (args.out / "tune.json").write_text(dumps(result.as_dict(), indent=2))
     if args.fit_best:
-        from .detectors import make_detector
-        from .fitting import fit_detector
-        from .io import save_model
+        from .api import fit
 
-        detector = make_detector(args.method, **dict(params, layers=result.best))
-        meta = fit_detector(detector, train, batch_size=args.batch_size, threshold_quantile=args.threshold_quantile,
-                            progress=not args.no_progress, data_name=str(args.data))
-        meta["tune"] = {"best": result.best, "validation": result.validation, "held_out": result.held_out}
-        save_model(args.output, detector, meta)
+        model = fit(train, method=args.method, threshold_quantile=args.threshold_quantile, batch_size=args.batch_size,
+                    progress=not args.no_progress, data_name=str(args.data), **dict(params, layers=result.best))
+        model.meta["tune"] = {"best": result.best, "validation": result.validation, "held_out": result.held_out}
+        model.save(args.output)
         print(f"wrote {args.output}: {args.method} with layers {','.join(result.best)}")
     return EXIT_OK
 
@@ -567,9 +455,23 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import run_benchmark_command
+    """Progress on stderr, the Markdown table on stdout; exit code 1 if any cell failed."""
+    from .benchmark import format_markdown, run_benchmark
 
-    return run_benchmark_command(args)
+    def notify(message: str) -> None:
+        print(f"defectscope: {message}", file=sys.stderr, flush=True)
+
+    cells = run_benchmark(
+        args.root, args.methods, categories=args.categories, params=model_params(args), out_dir=args.output,
+        batch_size=args.batch_size, threshold_quantile=args.threshold_quantile, force=args.force,
+        report=args.report, save_models=args.save_models, progress=not args.no_progress, notify=notify,
+    )
+    print(format_markdown(cells), end="")
+    print(f"wrote {args.output / 'benchmark.md'}, benchmark.csv, benchmark.json, index.html")
+    failed = [c for c in cells if c.get("status") != "ok"]
+    for c in failed:
+        print(f"defectscope: error: {c['method']} / {c['category']}: {c['error']}", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo": cmd_demo,

@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .api import fit
 from .data.elpv import elpv_split
-from .detectors.patchcore import PatchCore
-from .evaluation import evaluate_detector
-from .fitting import fit_detector
-from .io import save_model
+from .evaluation import format_summary
 from .jsonout import dumps
 
 log = logging.getLogger(__name__)
@@ -31,22 +29,20 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Fit, save, evaluate and write heatmaps under ``output``; prints what it did and returns the metrics."""
-    from .evaluation import format_summary
-
     split = elpv_split("mono", n_train=n_train, seed=seed, test_good=100)
     n_def = sum(s.label for s in split.test)
     print(
         f"ELPV monocrystalline cells: learning from {len(split.train)} good cells; testing on "
         f"{len(split.test) - n_def} held-out good and {n_def} defective cells"
     )
-    detector = PatchCore(coreset_ratio=coreset_ratio, seed=seed)
-    meta = fit_detector(detector, split.train, batch_size=batch_size, progress=progress, data_name="elpv:mono")
-    model_path = save_model(output / "elpv_mono.dsmodel", detector, meta)
+    model = fit(split.train, method="patchcore", coreset_ratio=coreset_ratio, seed=seed, batch_size=batch_size,
+                progress=progress, data_name="elpv:mono")
+    meta = model.meta
+    model_path = model.save(output / "elpv_mono.dsmodel")
     print(f"model      {model_path} (fit {meta['training']['fit_seconds']:.1f} s, threshold {meta['threshold']:.4f})")
 
     heatmaps = output / "heatmaps"
-    result = evaluate_detector(detector, split, meta["threshold"], batch_size=batch_size, progress=progress,
-                               heatmap_dir=heatmaps, pixel_threshold=meta["pixel_threshold"])
+    result = model.evaluate(split, batch_size=batch_size, progress=progress, heatmap_dir=heatmaps)
     result["model"] = str(model_path)
     result["fit_seconds"] = meta["training"]["fit_seconds"]
     (output / "metrics.json").write_text(dumps(result, indent=2))

@@ -1,0 +1,110 @@
+"""The command line's shared option groups: model parameters, alignment, batch/threads/progress.
+
+Building blocks for the argparse front end (``cli.py``): nothing heavy is imported here, so
+building the parser and printing ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .cli_types import number, positive_int, probability_open, seed_int
+from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
+
+__all__ = ["PARAM_OPTIONS", "add_align_options", "add_common", "add_model_options", "model_params"]
+
+
+def layers_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=number(int, 1, 4096), default=16, help="images per forward pass (default 16)")
+    p.add_argument("--threads", type=number(int, 1, 1024), default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
+
+
+def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
+    """Model options: --method (unless ``method`` is False), common parameters, each method's own."""
+    g = p.add_argument_group("model")
+    if method:
+        g.add_argument("--method", default="patchcore", choices=["patchcore", "padim", "spade"],
+                       help="detection method (default patchcore)")
+    g.add_argument("--backbone", default=None,
+                   help="timm model name (default tf_efficientnet_lite0, ImageNet weights that ship offline)")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="local state dict for the backbone (.safetensors or .pth; timm or torchvision key names); "
+                        "'none' for random weights")
+    g.add_argument("--layers", type=layers_list, default=None,
+                   help="comma-separated feature layers, e.g. blocks.2,blocks.4 (EfficientNet) or layer2,layer3 "
+                        "(ResNet); default depends on method and backbone")
+    g.add_argument("--image-size", type=number(int, 32, 2048), default=None, help="images are resized to N x N (default 256)")
+    g.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
+                   help="per-channel input statistics: ImageNet's mean/std or the ones the backbone weights were "
+                        f"trained with (default: weights for patchcore, {DEFAULT_NORMALIZATION} for padim and spade; "
+                        "see the README)")
+    g.add_argument("--seed", type=seed_int, default=None, help="seed for every random choice (default 0)")
+    g.add_argument("--threshold-quantile", type=probability_open, default=0.99,
+                   help="threshold = this quantile of held-out scores of the good training images (default 0.99)")
+    pc = p.add_argument_group("patchcore")
+    pc.add_argument("--coreset-ratio", type=number(float, 0, 1, lo_open=True), default=None, help="fraction of patches kept (default 0.1)")
+    pc.add_argument("--coreset-eps", type=probability_open, default=None,
+                    help="Johnson-Lindenstrauss eps setting the projection used for coreset selection (default 0.9)")
+    pc.add_argument("--projection-dim", type=positive_int, default=None, help="explicit projection dimension for the coreset")
+    pc.add_argument("--coreset", choices=["folds", "exact"], default=None,
+                    help="coreset selection: folds (greedy k-center per fold and chunk of images, linear in the "
+                         "number of images; default) or exact (one greedy over all patches, as in the paper)")
+    pc.add_argument("--max-bank-size", type=positive_int, default=None, metavar="M",
+                    help="most memory-bank entries whatever the training set's size (default 32768)")
+    pc.add_argument("--folds", type=number(int, 2, 1000), default=None, help="folds of the selection and the k-fold threshold (default 5)")
+    pc.add_argument("--threshold-images", type=positive_int, default=None, metavar="N",
+                    help="most training images scored for the threshold (default 500)")
+    pc.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default=None,
+                    help="nearest-neighbour index: flat (exact, default), ivf or hnsw (approximate, for large "
+                         "memory banks; see the README for measured recall)")
+    pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
+    pd = p.add_argument_group("padim")
+    pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
+    sp = p.add_argument_group("spade")
+    sp.add_argument("--k", type=positive_int, default=None, help="image-level nearest neighbours (default 50)")
+    sp.add_argument("--top-k", type=positive_int, default=None, help="training images used for pixel matching (default 5)")
+
+
+def add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
+    g = p.add_argument_group("alignment")
+    if fit:
+        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette", "auto"], default="none",
+                       help="warp every image into a reference image's frame before feature extraction: rot90 "
+                            "(best quarter turn) or rigid (any angle + shift, RANSAC on ORB matches), or "
+                            "silhouette (the part's outline against a uniform background: centroid and principal "
+                            "axis; for parts with little texture), or auto (silhouette or rigid, whichever aligns "
+                            "the training images best to the reference, and says so); stored in the model "
+                            "(default none)")
+        g.add_argument("--align-ref", type=Path, default=None, metavar="FILE",
+                       help="reference image for --align (default: the first training image)")
+    else:
+        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default=None,
+                       help="override the model's alignment (default: as fitted); images that cannot be aligned "
+                            "are scored unaligned and flagged")
+
+
+PARAM_OPTIONS = {
+    "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
+    "normalization": "normalization",
+    "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
+    "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
+    "threshold_images": "threshold_images", "knn_index": "knn_index",
+    "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
+}
+
+
+def model_params(args: argparse.Namespace) -> dict[str, Any]:
+    params = {}
+    for option, name in PARAM_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            params[name] = value
+    return params
