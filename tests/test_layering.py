@@ -91,3 +91,10 @@ def test_method_names_of_the_parser_match_the_detectors():
     from defectscope.detectors import METHODS
 
     assert tuple(METHOD_NAMES) == tuple(METHODS)
+
+
+def test_dataset_names_of_the_parser_match_the_downloader():
+    from defectscope.cli import DATASETS
+    from defectscope.data.download import ARCHIVES
+
+    assert tuple(DATASETS) == tuple(ARCHIVES)

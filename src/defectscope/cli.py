@@ -7,7 +7,6 @@ could not run (bad arguments, unreadable model, malformed data).
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cli_options import add_align_options, add_common, add_model_options, model_params
+from .cli_options import add_align_options, add_common, add_model_options, model_params, show_progress
 from .cli_types import finite_float, number, positive_int, probability_open, seed_int
 from .errors import DefectscopeError
 from .jsonout import dumps
@@ -26,6 +25,8 @@ log = logging.getLogger("defectscope")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 #: the methods, named here so that building the parser imports no detector (and no torch)
 METHOD_NAMES = ("patchcore", "padim", "spade")
+#: the datasets ``download`` knows (defectscope.data.download.ARCHIVES), named here for the same reason
+DATASETS = ("mvtec_ad", "visa")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -62,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(judgement 0 = good, 1 = defective: score at or above the threshold). Images that "
                                    "cannot be read are reported on stderr and the exit code is 1.")
     p.add_argument("model", type=Path, metavar="MODEL")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders (recursive) or globs; - reads paths from standard input, one per line, "
+                        "each scored and printed as soon as it arrives")
+    p.add_argument("-0", "--null", action="store_true",
+                   help="with -: paths on standard input are separated by NUL characters (find -print0)")
     p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write a heatmap overlay PNG per image")
     p.add_argument("--json", action="store_true",
@@ -140,11 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the split and the coreset (default 0)")
     add_common(p)
 
-    from .data.download import add_download_command
-
-    add_download_command(sub)
+    _add_download_command(sub)
     _add_benchmark_command(sub)
     return parser
+
+def _add_download_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="download MVTec AD or VisA from the official URLs")
+    p.add_argument("dataset", choices=list(DATASETS), help="which dataset")
+    p.add_argument("--category", dest="categories", action="extend", nargs="+", metavar="NAME",
+                   help="categories / objects to fetch (repeatable or comma-separated; default: all)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("--base-url", default=None, help="fetch the archives from this mirror instead")
+    p.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives")
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    bars.add_argument("--no-progress", action="store_true", help="no progress bar")
+
 
 def _add_benchmark_command(sub: argparse._SubParsersAction) -> None:
     """``benchmark``: model options named as in ``fit`` (each method takes the ones that apply to it)."""
@@ -205,7 +221,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     check_output_file(args.output, "model file", replaces="model")
     model = fit(args.data, method=args.method, align=args.align, align_ref=args.align_ref,
                 threshold_quantile=args.threshold_quantile, exclude_outliers=args.exclude_outliers,
-                batch_size=args.batch_size, progress=not args.no_progress, **model_params(args))
+                batch_size=args.batch_size, progress=show_progress(args), **model_params(args))
     detector, meta = model.detector, model.meta
     auto = (meta.get("align") or {}).get("auto")
     if auto is not None:
@@ -246,51 +262,91 @@ def _print_suspects(training: dict[str, Any]) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .api import load
-    from .data.layouts import expand_in_order
     from .files import check_output_dir
-    from .report.heatmaps import heatmap_name, save_png
 
     if args.heatmaps is not None:
         check_output_dir(args.heatmaps, "heatmap folder")
+    stdin = [p for p in args.paths if p == "-"]
+    if args.null and not stdin:
+        raise DefectscopeError("-0 reads NUL-separated paths from standard input: give - as the PATH")
+    if stdin and len(args.paths) > 1:
+        raise DefectscopeError("- (paths from standard input) cannot be mixed with other PATH arguments")
     model = load(args.model, align=args.align)
     threshold = args.threshold if args.threshold is not None else model.threshold
     if args.normalized and not threshold > 0:
         raise DefectscopeError(f"--normalized needs a positive threshold, got {threshold}; run `defectscope calibrate`")
-    # an argument that gave no image is reported in its place among the results (argument order)
-    paths: list[Path] = []
-    missing: collections.deque = collections.deque()  # (number of images before it, (arg, message))
+    printer = _PredictPrinter(args, threshold)
+    if stdin:
+        from .stdin_paths import available_batches, read_paths
+
+        batches = available_batches(read_paths(sys.stdin.buffer, sep=b"\0" if args.null else b"\n"),
+                                    args.batch_size)
+        scored = any_input = False
+        for batch in batches:
+            any_input = True
+            scored |= printer.score(model, [Path(p) for p in batch])
+        if not any_input:
+            print("defectscope: error: no paths on standard input", file=sys.stderr)
+            return EXIT_ERROR
+    else:
+        scored = printer.score(model, _argument_entries(args), progress=show_progress(args))
+        if not scored:
+            print("defectscope: error: no images to score", file=sys.stderr)
+            return EXIT_ERROR
+    return EXIT_SOME_FAILED if printer.failures else EXIT_OK
+
+
+def _argument_entries(args: argparse.Namespace) -> list[Path | tuple[str, str]]:
+    """The PATH arguments expanded in order (files, folders, globs), without earlier heatmaps; an argument
+    that gave no image stays in its place as (argument, message)."""
+    from .data.layouts import expand_in_order
+
     output = args.heatmaps.resolve() if args.heatmaps is not None else None
+    entries: list[Path | tuple[str, str]] = []
     earlier = 0
     for entry in expand_in_order(args.paths):
-        if isinstance(entry, Path):
-            if output is not None and output in entry.resolve().parents:
-                earlier += 1  # a heatmap of an earlier run, not a photo of a part
-                continue
-            paths.append(entry)
-        else:
-            missing.append((len(paths), entry))
+        if isinstance(entry, Path) and output is not None and output in entry.resolve().parents:
+            earlier += 1  # a heatmap of an earlier run, not a photo of a part
+            continue
+        entries.append(entry)
     if earlier:
         print(f"defectscope: warning: {earlier} image(s) under the --heatmaps folder {args.heatmaps} were not scored "
               "(output of an earlier run)", file=sys.stderr)
-    failures = 0
+    return entries
 
-    def report_missing(upto: int) -> None:
-        nonlocal failures
-        while missing and missing[0][0] <= upto:
-            arg, message = missing.popleft()[1]
-            failures += 1
-            _report_failure(args, arg, message, threshold)
 
-    writer = csv.writer(sys.stdout, lineterminator="\n")
-    results = model.iter_predict(paths, maps=args.heatmaps is not None, threshold=threshold,
-                                 batch_size=args.batch_size, progress=not args.no_progress)
-    had_missing = bool(missing)
-    for index, result in enumerate(results):
-        report_missing(index)
+class _PredictPrinter:
+    """Scores entries and prints one line (CSV or JSON) per entry, in input order, flushed at once."""
+
+    def __init__(self, args: argparse.Namespace, threshold: float) -> None:
+        self.args = args
+        self.threshold = threshold
+        self.failures = 0
+        self.index = 0  # images scored so far: numbers the heatmap files
+        self.writer = csv.writer(sys.stdout, lineterminator="\n")
+
+    def score(self, model: Any, entries: list[Path | tuple[str, str]], progress: bool = False) -> bool:
+        """Score the paths among ``entries`` and print every entry's line; True if any entry was there."""
+        paths = [e for e in entries if isinstance(e, Path)]
+        results = iter(model.iter_predict(paths, maps=self.args.heatmaps is not None, threshold=self.threshold,
+                                          batch_size=self.args.batch_size, progress=progress))
+        for entry in entries:
+            if isinstance(entry, Path):
+                self._print(next(results))
+            else:
+                self.failures += 1
+                _report_failure(self.args, entry[0], entry[1], self.threshold)
+        return bool(entries)
+
+    def _print(self, result: Any) -> None:
+        from .report.heatmaps import heatmap_name, save_png
+
+        args, threshold = self.args, self.threshold
+        index, self.index = self.index, self.index + 1
         if not result.ok:
-            failures += 1
+            self.failures += 1
             _report_failure(args, result.name, result.error or "", threshold)
-            continue
+            return
         heatmap = None
         if args.heatmaps is not None:
             try:
@@ -299,7 +355,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             except Exception as exc:  # noqa: BLE001 - a picture that fails never costs the other results
                 print(f"defectscope: error: heatmap for {result.name}: {exc}", file=sys.stderr)
                 heatmap = None
-                failures += 1
+                self.failures += 1
         for note in result.notes:
             print(f"defectscope: warning: {result.name}: {note}", file=sys.stderr)
         if result.alignment is not None and not result.alignment["aligned"]:
@@ -318,17 +374,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if result.alignment is not None:
                 obj["aligned"] = result.alignment["aligned"]
                 obj["align_angle"] = result.alignment["angle"]
-            print(dumps(obj), flush=True)
+            print(dumps(obj))
         elif result.alignment is not None:  # a 4th column: 1 aligned, 0 scored unaligned
-            writer.writerow([result.name, f"{shown:.6f}", result.judgement, int(result.alignment["aligned"])])
+            self.writer.writerow([result.name, f"{shown:.6f}", result.judgement, int(result.alignment["aligned"])])
         else:
-            writer.writerow([result.name, f"{shown:.6f}", result.judgement])
-            sys.stdout.flush()
-    report_missing(len(paths))
-    if not paths and not had_missing:
-        print("defectscope: error: no images to score", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_SOME_FAILED if failures else EXIT_OK
+            self.writer.writerow([result.name, f"{shown:.6f}", result.judgement])
+        sys.stdout.flush()
 
 
 def _report_failure(args: argparse.Namespace, path: str, message: str, threshold: float) -> None:
@@ -354,7 +405,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     threshold = args.threshold if args.threshold is not None else model.threshold
     drawn = args.heatmaps is not None or args.report is not None
     result = model.evaluate(args.data, threshold=threshold, batch_size=args.batch_size,
-                            progress=not args.no_progress, heatmap_dir=args.heatmaps,
+                            progress=show_progress(args), heatmap_dir=args.heatmaps,
                             overlay_dir=args.report / "overlays" if args.report is not None else None,
                             pixel_threshold=model.pixel_threshold if drawn else None, protocol=args.protocol)
     result["model"] = str(args.model)
@@ -381,7 +432,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate_model
 
     info = calibrate_model(args.model, args.data, target_fpr=args.target_fpr, f1=args.f1,
-                           batch_size=args.batch_size, progress=not args.no_progress, split=args.split,
+                           batch_size=args.batch_size, progress=show_progress(args), split=args.split,
                            output=args.output)
     rate = "" if info["false_reject_rate"] is None else (
         f", false-reject rate {info['false_reject_rate']:.2%} here (95% upper bound {info['false_reject_upper95']:.2%})")
@@ -401,7 +452,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output, "demo folder")
     run_demo(args.output, n_train=args.n_train, coreset_ratio=args.coreset_ratio, seed=args.seed,
-             batch_size=args.batch_size, progress=not args.no_progress)
+             batch_size=args.batch_size, progress=show_progress(args))
     return EXIT_OK
 
 
@@ -441,7 +492,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         from .api import fit
 
         model = fit(train, method=args.method, threshold_quantile=args.threshold_quantile, batch_size=args.batch_size,
-                    progress=not args.no_progress, data_name=str(args.data), **dict(params, layers=result.best))
+                    progress=show_progress(args), data_name=str(args.data), **dict(params, layers=result.best))
         model.meta["tune"] = {"best": result.best, "validation": result.validation, "held_out": result.held_out}
         model.save(args.output)
         print(f"wrote {args.output}: {args.method} with layers {','.join(result.best)}")
@@ -449,9 +500,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .data.download import run_download_command
+    """Fetch the archives; print the folders it produced."""
+    from .data.download import download_dataset
 
-    return run_download_command(args)
+    cats = None
+    if args.categories:
+        cats = [c.strip() for item in args.categories for c in item.split(",") if c.strip()]
+    folders = download_dataset(args.dataset, args.out, cats, progress=show_progress(args), base_url=args.base_url,
+                               keep_archives=args.keep_archives)
+    for folder in folders:
+        print(folder)
+    return EXIT_OK
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -464,7 +523,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     cells = run_benchmark(
         args.root, args.methods, categories=args.categories, params=model_params(args), out_dir=args.output,
         batch_size=args.batch_size, threshold_quantile=args.threshold_quantile, force=args.force,
-        report=args.report, save_models=args.save_models, progress=not args.no_progress, notify=notify,
+        report=args.report, save_models=args.save_models, progress=show_progress(args), notify=notify,
     )
     print(format_markdown(cells), end="")
     print(f"wrote {args.output / 'benchmark.md'}, benchmark.csv, benchmark.json, index.html")

@@ -7,13 +7,14 @@ building the parser and printing ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from .cli_types import number, positive_int, probability_open, seed_int
 from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
 
-__all__ = ["PARAM_OPTIONS", "add_align_options", "add_common", "add_model_options", "model_params"]
+__all__ = ["PARAM_OPTIONS", "add_align_options", "add_common", "add_model_options", "model_params", "show_progress"]
 
 
 def layers_list(text: str) -> list[str]:
@@ -23,7 +24,10 @@ def layers_list(text: str) -> list[str]:
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=number(int, 1, 4096), default=16, help="images per forward pass (default 16)")
     p.add_argument("--threads", type=number(int, 1, 1024), default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument("--progress", action="store_true",
+                      help="show progress bars on stderr even when it is not a terminal (default: only on a terminal)")
+    bars.add_argument("--no-progress", action="store_true", help="never show progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
 
 
@@ -99,6 +103,16 @@ PARAM_OPTIONS = {
     "threshold_images": "threshold_images", "knn_index": "knn_index",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
 }
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars: when asked (--progress), never with --no-progress, else only when stderr is a
+    terminal, so a pipe or a log file never gets bars mixed into it."""
+    if getattr(args, "progress", False):
+        return True
+    if getattr(args, "no_progress", False):
+        return False
+    return sys.stderr.isatty()
 
 
 def model_params(args: argparse.Namespace) -> dict[str, Any]:

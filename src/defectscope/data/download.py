@@ -18,7 +18,6 @@ per-category archives: those are checked against the server's Content-Length onl
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import logging
@@ -521,56 +520,3 @@ def _extract_zip(archive: Path, root: str) -> None:
             zf.extractall(root)
     except (zipfile.BadZipFile, OSError) as err:
         raise DefectscopeError(f"{archive}: cannot extract ({err}); delete it and download again") from err
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_download_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``download`` on a CLI's subparsers; the parsed args carry ``func``."""
-    p = subparsers.add_parser("download", help="download MVTec AD or VisA from the official URLs")
-    _add_arguments(p)
-    return p
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", choices=sorted(ARCHIVES), help="which dataset")
-    p.add_argument(
-        "--category", dest="categories", action="extend", nargs="+", metavar="NAME",
-        help="categories / objects to fetch (repeatable or comma-separated; default: all)",
-    )  # fmt: skip
-    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
-    p.add_argument("--base-url", default=None, help="fetch the archives from this mirror instead")
-    p.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_download_command)
-
-
-def run_download_command(args: argparse.Namespace) -> int:
-    """Run the ``download`` command from parsed arguments; print the folders it produced."""
-    cats = None
-    if args.categories:
-        cats = [c.strip() for item in args.categories for c in item.split(",") if c.strip()]
-    folders = download_dataset(
-        args.dataset, args.out, cats, progress=not args.no_progress, base_url=args.base_url,
-        keep_archives=args.keep_archives,
-    )  # fmt: skip
-    for folder in folders:
-        print(folder)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m defectscope.data.download mvtec_ad --category bottle -o DIR``."""
-    parser = argparse.ArgumentParser(prog="defectscope download", description=__doc__.splitlines()[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return args.func(args)
-    except DefectscopeError as err:
-        parser.exit(1, f"error: {err}\n")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
