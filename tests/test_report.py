@@ -6,12 +6,13 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
 
 from defectscope.report import figures
-from defectscope.report.html import write_benchmark_index, write_report
+from defectscope.report.html import render_benchmark_summary, write_benchmark_index, write_report
 
 
 def make_result(folder: Path, *, n_good: int = 6, n_bad: int = 6, threshold: float = 1.0, seed: int = 0) -> dict[str, Any]:
@@ -174,6 +175,78 @@ def test_benchmark_index_links_and_means(tmp_path):
     assert "0.8000" in mean_row.split("</tr>")[0]  # image AUROC mean of 1.0, 0.9, 0.5
     assert "0.9800" in mean_row.split("</tr>")[0]  # pixel AUROC mean ignores the missing one
     assert "0.8500" in mean_row.split("</tr>")[0]
+
+
+HOSTILE = "crack\"'><script>alert(1)</script>&amp;"
+"""A defect type / name that would run script or break out of an attribute if it were not escaped."""
+HOSTILE_FILE = "x\"' onerror='alert(2)'><img src=y>.png"
+"""A file name (no slash) that would add an image with an ``onerror`` handler if it were not escaped."""
+
+
+class _Tags(HTMLParser):
+    """Every tag with its attributes, the page's text (entities decoded) and its title."""
+
+    def __init__(self, page: Path) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+        self.feed(page.read_text(encoding="utf-8"))
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def check_inert(self) -> None:
+        """No script element, no event-handler attribute, only the images the page itself puts there."""
+        assert "script" not in {tag for tag, _ in self.tags}
+        assert not [(tag, name) for tag, attrs in self.tags for name in attrs if name.startswith("on")]
+        srcs = [attrs["src"] for tag, attrs in self.tags if tag == "img"]
+        assert all(s.startswith(("figures/", "overlays/")) for s in srcs), srcs
+
+
+def test_hostile_strings_are_escaped(tmp_path):
+    result = make_result(tmp_path)
+    for record in result["images"]:
+        if record["defect_type"] == "hole":
+            record["defect_type"] = HOSTILE
+    result["per_type"][HOSTILE] = result["per_type"].pop("hole")
+    result["images"][0]["path"] = f"/data/test/good/{HOSTILE_FILE}"
+    result.update(dataset=HOSTILE, model=HOSTILE, data=HOSTILE, backbone=HOSTILE, layers=[HOSTILE],
+                  failed=[{"path": HOSTILE_FILE, "error": HOSTILE}],
+                  alignment={"mode": HOSTILE, "n_unaligned": 1, "unaligned": [HOSTILE_FILE]})
+    meta = {**META, "training": {"data": HOSTILE, "n_images": 24},
+            "threshold_info": {"rule": HOSTILE, "n_images": 24, "warning": HOSTILE}}
+    page = write_report(result, tmp_path, meta=meta)
+    tags = _Tags(page)
+    tags.check_inert()
+    text = "".join(tags.text)
+    assert "<script" not in page.read_text()
+    # the strings come through as text, unchanged once the browser decodes the entities
+    assert f"defectscope report: {HOSTILE} (patchcore)" in text
+    for needle in (f"Not scored: {HOSTILE}", f"Threshold: {HOSTILE}", f"({HOSTILE}; rests on 24 images)",
+                   f"Not aligned (scored as given): {HOSTILE_FILE}", f"{HOSTILE}/img9.png"):
+        assert needle in text, needle
+    assert text.count(HOSTILE) >= 10 + 3 * 2  # title, h1, run table, warnings, per-type row; 3 cards twice
+    alts = [attrs["alt"] for tag, attrs in tags.tags if tag == "img" and attrs["src"].startswith("overlays/good/00000")]
+    assert alts and set(alts) == {f"{HOSTILE_FILE} overlay"}
+
+
+def test_hostile_strings_are_escaped_in_benchmark_pages(tmp_path):
+    page = write_benchmark_index([{"dataset": HOSTILE, "method": HOSTILE, "backbone": HOSTILE, "image_auroc": 0.5,
+                                   "report": HOSTILE_FILE}], tmp_path)
+    tags = _Tags(page)
+    tags.check_inert()
+    assert [attrs["href"] for tag, attrs in tags.tags if tag == "a"] == [
+        quote(f"{HOSTILE_FILE}/index.html")]  # a relative URL, percent-encoded
+    assert "".join(tags.text).count(HOSTILE) == 3
+    top = tmp_path / "top.html"
+    top.write_text(render_benchmark_summary([{"name": HOSTILE, "href": "x/index.html", "image_auroc": 0.5,
+                                              "pixel_auroc": None, "n_ok": 1, "n_categories": 1}]))
+    tags = _Tags(top)
+    tags.check_inert()
+    assert f"{HOSTILE}: mean image AUROC 0.5000, pixel AUROC n/a over 1 of 1 categories" in "".join(tags.text)
 
 
 def test_evaluate_cli_writes_report(synthetic_category, tmp_path, capsys):

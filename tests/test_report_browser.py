@@ -101,6 +101,14 @@ def test_benchmark_index_renders(browser, tmp_path):
     found = check_page(browser, page, tmp_path / "bench.png")
     assert found["severe"] == [] and found["broken"] == []
     assert browser.find_element("link text", "bottle").get_attribute("href").endswith("/bottle/index.html")
+    from defectscope.report.html import render_benchmark_summary
+
+    top = tmp_path / "top.html"
+    top.write_text(render_benchmark_summary([{"name": "patchcore", "href": "index.html", "image_auroc": 1.0,
+                                              "pixel_auroc": None, "n_ok": 1, "n_categories": 1}]))
+    found = check_page(browser, top, tmp_path / "top.png")
+    assert found["severe"] == [] and found["broken"] == []
+    assert browser.find_element("link text", "patchcore").get_attribute("href").endswith("/index.html")
 
 
 if __name__ == "__main__":  # python tests/test_report_browser.py REPORT_DIR OUT.png [MAX_HEIGHT]

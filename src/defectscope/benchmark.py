@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import html
 import json
 import logging
 import math
@@ -282,9 +281,9 @@ def write_outputs(cells: Sequence[dict[str, Any]], out_dir: Path, *, data: str |
 
 def _write_html(cells: Sequence[dict[str, Any]], out_dir: Path) -> None:
     """``<method>/index.html`` per method (write_benchmark_index) and a top ``index.html`` linking them."""
-    from .report.html import write_benchmark_index
+    from .report.html import render_benchmark_summary, write_benchmark_index
 
-    links = []
+    methods = []
     for method, group in _by_method(cells).items():
         rows = []
         for c in group:
@@ -294,14 +293,8 @@ def _write_html(cells: Sequence[dict[str, Any]], out_dir: Path) -> None:
             rows.append(row)
         page = write_benchmark_index(rows, out_dir / _safe(method))
         m = method_means(group)
-        href = html.escape(os.path.relpath(page, out_dir).replace(os.sep, "/"))
-        links.append(
-            f'<li><a href="{href}">{html.escape(method)}</a>'
-            f": mean image AUROC {_fmt(m['image_auroc'], 4)}, pixel AUROC {_fmt(m['pixel_auroc'], 4)} "
-            f"over {m['n_ok']} of {m['n_categories']} categories</li>"
-        )
-    page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>defectscope benchmark</title></head>"
-            "<body><h1>defectscope benchmark</h1><ul>" + "".join(links) + "</ul>"
-            "<p>Tables: <a href='benchmark.md'>Markdown</a>, <a href='benchmark.csv'>CSV</a>, "
-            "<a href='benchmark.json'>JSON</a>.</p></body></html>\n")
-    _atomic_write_text(out_dir / "index.html", page)
+        methods.append({"name": method, "href": os.path.relpath(page, out_dir).replace(os.sep, "/"),
+                        "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],
+                        "n_ok": m["n_ok"], "n_categories": m["n_categories"]})
+    _atomic_write_text(out_dir / "index.html", render_benchmark_summary(methods))
+
