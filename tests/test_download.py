@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from defectscope.data import download as dl
-from defectscope.data.download import ARCHIVES, download_dataset, fetch, main, safe_extract
+from defectscope.cli import main
+from defectscope.data.download import ARCHIVES, download_dataset, fetch, safe_extract
 from defectscope.data.visa import visa_official
 from defectscope.errors import DefectscopeError
 
@@ -419,7 +420,7 @@ def test_download_unknown_dataset_and_category(tmp_path):
 
 def test_cli_main(server, tmp_path, capsys):
     server.files["grid.tar.xz"] = _tar(_mvtec_files("grid"))
-    rc = main(["mvtec_ad", "--category", "grid", "-o", str(tmp_path), "--base-url", server.url, "--no-progress"])
+    rc = main(["download", "mvtec_ad", "--category", "grid", "-o", str(tmp_path), "--base-url", server.url, "--no-progress"])
     assert rc == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "grid")
     _assert_mvtec_category(tmp_path / "grid")
