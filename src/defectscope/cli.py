@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cli_types import finite_float, number, positive_int, probability_open, seed_int
+from .cli_types import finite_float, image_size, number, positive_int, probability_open, seed_int
+from .data.geometry import RESIZE_MODES
 from .errors import DefectscopeError
 from .jsonout import dumps
 from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
@@ -52,7 +53,13 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--layers", type=_layers, default=None,
                    help="comma-separated feature layers, e.g. blocks.2,blocks.4 (EfficientNet) or layer2,layer3 "
                         "(ResNet); default depends on method and backbone")
-    g.add_argument("--image-size", type=number(int, 32, 2048), default=None, help="images are resized to N x N (default 256)")
+    g.add_argument("--image-size", type=image_size, default=None, metavar="N|H,W",
+                   help="model input: N x N, or H,W (height, width) for non-square parts; each side in [32, 2048] "
+                        "(default 256)")
+    g.add_argument("--resize", choices=list(RESIZE_MODES), default=None,
+                   help="how photos become the input: stretch (straight to the input size, default), keep-aspect "
+                        "(fit without distortion, pad the rest) or crop (resize each side to size / 0.875, then "
+                        "centre-crop, as the reference implementations); stored in the model")
     g.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
                    help="per-channel input statistics: ImageNet's mean/std or the ones the backbone weights were "
                         f"trained with (default: weights for patchcore, {DEFAULT_NORMALIZATION} for padim and spade; "
@@ -109,7 +116,8 @@ def _model_aligner(meta: dict[str, Any], extras: dict[str, Any], mode: str | Non
 
 
 _PARAM_OPTIONS = {
-    "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
+    "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "resize": "resize",
+    "seed": "seed",
     "normalization": "normalization",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
     "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
@@ -173,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a self-contained HTML report (DIR/index.html, figures, overlays)")
     p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
     p.add_argument("--protocol", choices=["native", "mvtec"], default="native",
-                   help="native: maps and masks compared at the model's input size; mvtec: maps upsampled to each "
+                   help="native: each map (taken back over its photo through the model's resize protocol, at about "
+                        "the model's input size) and its mask resized to it; mvtec: maps upsampled to each "
                         "mask's own resolution (the literature's protocol), plus the image AUROC from each map's "
                         "maximum (default native)")
     _add_align_options(p, fit=False)

@@ -118,6 +118,21 @@ def make_figures(result: dict[str, Any], folder: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------- sections
 
 
+def _input_text(result: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The model input and how photos were resized to it: ``320x256 (keep-aspect)``."""
+    from ..data.geometry import size_text
+    from ..errors import DefectscopeError
+
+    size = result.get("image_size", meta.get("image_size"))
+    if size is None:
+        return "n/a"
+    try:
+        text = size_text(size)
+    except DefectscopeError:
+        text = str(size)
+    return _e(f"{text} ({result.get('resize', meta.get('resize', 'stretch'))})")
+
+
 def _summary(result: dict[str, Any], meta: dict[str, Any] | None) -> list[str]:
     meta = meta or {}
     training = meta.get("training") or {}
@@ -125,7 +140,7 @@ def _summary(result: dict[str, Any], meta: dict[str, Any] | None) -> list[str]:
         ("model", f"<code>{_e(result.get('model', 'n/a'))}</code>"),
         ("method", _e(result.get("method"))),
         ("backbone", f"{_e(result.get('backbone'))} ({_e(', '.join(result.get('layers') or []))})"),
-        ("input size", _e(result.get("image_size", meta.get("image_size", "n/a")))),
+        ("input size", _input_text(result, meta)),
         ("test data", f"<code>{_e(result.get('data', result.get('dataset')))}</code>"),
         ("trained on", f"{_e(training.get('n_images', 'n/a'))} good images from <code>{_e(training.get('data'))}</code>"
          if training else "n/a"),
