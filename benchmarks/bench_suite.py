@@ -39,6 +39,9 @@ from machine import SHARED_DATA, hardware_line
 HERE = Path(__file__).resolve().parent
 SETS = ("bottle", "pill", "elpv-mono", "elpv-poly", "pill-rotated")
 METHODS = ("patchcore", "padim", "spade")
+#: parameters added after cells were stored, whose default reproduces the earlier behaviour exactly:
+#: left out of a cell's key while at that default
+NEUTRAL: dict[str, Any] = {"resize": "stretch"}
 COLUMNS = (("image_auroc", "image AUROC", 4), ("pixel_auroc", "pixel AUROC", 4), ("aupro", "AUPRO", 4),
            ("fit_seconds", "fit s", 1), ("images_per_second", "predict img/s", 1))
 
@@ -97,6 +100,9 @@ def cell_path(out: Path, method: str, params: dict[str, Any], name: str, align: 
     from defectscope.detectors import make_detector
 
     full = make_detector(method, **params).get_params()
+    for name, value in NEUTRAL.items():  # added later with the old behaviour as default: old cells stay valid
+        if full.get(name) == value:
+            del full[name]
     spec = {"m": method, "p": full, "s": name, **({"a": align} if align != "none" else {})}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return out / f"{method}-{name}-{key}.json"

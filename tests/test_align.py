@@ -96,8 +96,10 @@ def test_reference_without_keypoints_is_refused() -> None:
         make_aligner("affine", None)
 
 
-def test_map_goes_back_to_the_original_frame(reference) -> None:
-    """A spot in the photo, warped to the reference frame and its map warped back, lands on the spot."""
+@pytest.mark.parametrize("grid", [(64, 64), (48, 80)])
+def test_map_goes_back_to_the_original_frame(reference, grid) -> None:
+    """A spot in the photo, warped to the reference frame and its map warped back, lands on the spot
+    (on a square grid, and on a non-square one as an (H, W) input or keep-aspect gives)."""
     aligner = Aligner.from_image("rigid", reference[0])
     # a 200 x 240 photo (not square, not the reference size); a pure rotation + shift, photo -> reference
     matrix = np.array([[0.8, -0.6, 20.0], [0.6, 0.8, -30.0]])
@@ -106,13 +108,13 @@ def test_map_goes_back_to_the_original_frame(reference) -> None:
     spot = np.zeros((200, 240), np.float32)
     spot[y - 3 : y + 4, x - 3 : x + 4] = 1.0
     warped = aligner.warp_image(np.repeat((spot * 255).astype(np.uint8)[..., None], 3, axis=2), result)
-    s = 64
-    ref_map = np.asarray(Image.fromarray(warped[..., 0].astype(np.float32)).resize((s, s), Image.Resampling.BILINEAR))
+    s_h, s_w = grid
+    ref_map = np.asarray(Image.fromarray(warped[..., 0].astype(np.float32)).resize((s_w, s_h), Image.Resampling.BILINEAR))
     back = aligner.map_to_original(ref_map, result)
-    assert back.shape == (s, s)
+    assert back.shape == (s_h, s_w)
     cy, cx = np.unravel_index(np.argmax(back), back.shape)
-    # the spot's centre in the photo, resized to s x s like the model input
-    assert abs(cy - ((y + 0.5) * s / 200 - 0.5)) <= 1.5 and abs(cx - ((x + 0.5) * s / 240 - 0.5)) <= 1.5
+    # the spot's centre in the photo, resized to s_h x s_w like the map
+    assert abs(cy - ((y + 0.5) * s_h / 200 - 0.5)) <= 1.5 and abs(cx - ((x + 0.5) * s_w / 240 - 0.5)) <= 1.5
 
 
 def test_loader_applies_the_hook_and_keeps_its_records(rotated: Path) -> None:

@@ -98,3 +98,10 @@ def test_dataset_names_of_the_parser_match_the_downloader():
     from defectscope.data.download import ARCHIVES
 
     assert tuple(DATASETS) == tuple(ARCHIVES)
+
+
+def test_resize_choices_of_the_parser_match_the_geometry():
+    from defectscope.cli_options import RESIZE_CHOICES
+    from defectscope.data.geometry import RESIZE_MODES
+
+    assert tuple(RESIZE_CHOICES) == tuple(RESIZE_MODES)

@@ -28,10 +28,10 @@ An image with fewer than ``min_inliers`` agreeing matches is not warped: it is s
 given and flagged (``AlignResult.aligned`` False), never silently.
 
 Frames: an :class:`AlignResult` matrix maps original-image pixel coordinates to reference
-pixel coordinates. :meth:`Aligner.map_to_original` takes an (S, S) anomaly map of the warped
-image (reference frame, resized to S x S) back to the original frame, resized to S x S the way
-the image was resized for the model, so it lies on the photo the user gave and matches a
-ground-truth mask resized to S x S.
+pixel coordinates. :meth:`Aligner.map_to_original` takes an (h, w) anomaly map over the warped
+image (the reference frame, on an h x w grid: the model's map with the resize protocol undone)
+back to the original frame, on the same h x w grid over the photo, so it lies on the photo the
+user gave and matches a ground-truth mask resized to (h, w).
 """
 
 from __future__ import annotations
@@ -318,10 +318,10 @@ class Aligner:
         return cv2.warpAffine(image, result.matrix, (rw, rh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
     def map_to_original(self, amap: np.ndarray, result: AlignResult) -> np.ndarray:
-        """(S, S) map of the warped image -> (S, S) map over the original image (same S x S resizing).
+        """(h, w) map over the warped image -> (h, w) map over the original image (h, w need not be equal).
 
-        Composes the reference-to-S scaling, the alignment and the original-to-S scaling into
-        one affine map, so the warp runs at S x S.
+        Composes the reference-to-grid scaling, the alignment and the original-to-grid scaling
+        into one affine map, so the warp runs at h x w.
         """
         import cv2
 

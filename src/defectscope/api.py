@@ -168,7 +168,7 @@ class Model:
         training = self.meta.get("training", {})
         return {
             "method": self.method, "backbone": self.detector.backbone, "layers": list(self.detector.layers or []),
-            "image_size": self.detector.image_size, "threshold": self.threshold,
+            "image_size": self.detector.image_size, "resize": self.detector.resize, "threshold": self.threshold,
             "pixel_threshold": self.meta.get("pixel_threshold"), "fitted": training.get("created"),
             "n_train": training.get("n_images"), "align": (self.meta.get("align") or {}).get("mode", "none"),
             "checksum": self.checksum, "path": str(self.path) if self.path is not None else None,

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a self-contained HTML report (DIR/index.html, figures, overlays)")
     p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
     p.add_argument("--protocol", choices=["native", "mvtec"], default="native",
-                   help="native: maps and masks compared at the model's input size; mvtec: maps upsampled to each "
+                   help="native: each map (taken back over its photo through the model's resize protocol, at about "
+                        "the model's input size) and its mask resized to it; mvtec: maps upsampled to each "
                         "mask's own resolution (the literature's protocol), plus the image AUROC from each map's "
                         "maximum (default native)")
     add_align_options(p, fit=False)

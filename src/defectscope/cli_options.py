@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli_types import number, positive_int, probability_open, seed_int
+from .cli_types import image_size, number, positive_int, probability_open, seed_int
 from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
+
+#: defectscope.data.geometry.RESIZE_MODES, named here so that --help imports no numpy (a test keeps them equal)
+RESIZE_CHOICES = ("stretch", "keep-aspect", "crop")
 
 __all__ = ["PARAM_OPTIONS", "add_align_options", "add_common", "add_model_options", "model_params", "show_progress"]
 
@@ -45,7 +48,13 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     g.add_argument("--layers", type=layers_list, default=None,
                    help="comma-separated feature layers, e.g. blocks.2,blocks.4 (EfficientNet) or layer2,layer3 "
                         "(ResNet); default depends on method and backbone")
-    g.add_argument("--image-size", type=number(int, 32, 2048), default=None, help="images are resized to N x N (default 256)")
+    g.add_argument("--image-size", type=image_size, default=None, metavar="N|H,W",
+                   help="model input: N x N, or H,W (height, width) for non-square parts; each side in [32, 2048] "
+                        "(default 256)")
+    g.add_argument("--resize", choices=list(RESIZE_CHOICES), default=None,
+                   help="how photos become the input: stretch (straight to the input size, default), keep-aspect "
+                        "(fit without distortion, pad the rest) or crop (resize each side to size / 0.875, then "
+                        "centre-crop, as the reference implementations); stored in the model")
     g.add_argument("--normalization", choices=list(NORMALIZATIONS), default=None,
                    help="per-channel input statistics: ImageNet's mean/std or the ones the backbone weights were "
                         f"trained with (default: weights for patchcore, {DEFAULT_NORMALIZATION} for padim and spade; "
@@ -96,7 +105,7 @@ def add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
 
 
 PARAM_OPTIONS = {
-    "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "seed": "seed",
+    "backbone": "backbone", "weights": "weights", "layers": "layers", "image_size": "image_size", "resize": "resize", "seed": "seed",
     "normalization": "normalization",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
     "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",

@@ -52,22 +52,23 @@ def evaluate_detector(
 ) -> dict[str, Any]:
     """Score every test sample of ``split`` and compute the metrics.
 
-    Pixel metrics compare the anomaly maps at the model's input size with the ground-truth
-    masks resized there (nearest neighbour); they are None when any defective image lacks a
+    Pixel metrics compare each anomaly map over the photo (:attr:`ImageResult.map`, at about the
+    model's input resolution, the resize protocol undone) with its ground-truth mask resized to the
+    map's shape (nearest neighbour); they are None when any defective image lacks a
     mask. Images that fail to load are counted and listed, never silently dropped.
 
     heatmap_dir: full-resolution overlays, ``<type>/<index>_<stem>_heatmap.png`` (photo and overlay side
     by side, with a legend); each image record then holds ``"heatmap"``, the PNG's path.
     pixel_threshold: what overlays colour and outline against (see :mod:`defectscope.report.heatmaps`);
     None uses ``threshold``.
-    protocol: "native" compares maps and masks at the model's input size (S x S); "mvtec" follows the
+    protocol: "native" compares maps and masks at the map's own size (about the model's input); "mvtec" follows the
     literature: each map is upsampled (bilinear) to its mask's own resolution and compared there, and
     ``image_auroc_map_max`` (the classification AUROC from each map's maximum) is reported beside
     the method's own image score.
     overlay_dir: small overlays for a report (longest side ``overlay_max_side``); each image
     record then holds ``"overlay"``, the PNG's path relative to ``overlay_dir``.
     aligner: a :class:`defectscope.align.Aligner`; images are warped into its reference frame
-    for scoring and maps are warped back to each image's own frame (at S x S) before the pixel
+    for scoring and maps are warped back to each image's own frame before the pixel
     metrics and overlays, so maps and masks are compared in the photo's frame. Each image
     record then holds ``"aligned"``; the result holds ``"alignment"`` (mode, unaligned paths).
     """
@@ -87,7 +88,6 @@ def evaluate_detector(
                  n_defective - n_masked, n_defective)
     elif not has_masks:
         log.info("%s: no ground-truth masks; pixel metrics are skipped", split.name)
-    size = detector.image_size
     pixel = metrics.PixelMetrics() if has_masks else None
     keep_maps = pixel is not None or heatmap_dir is not None or overlay_dir is not None or protocol == "mvtec"
     full_res = protocol == "mvtec"
@@ -106,7 +106,7 @@ def evaluate_detector(
             continue
         mask = None
         if pixel is not None and result.map is not None:
-            shape = result.size if full_res else (size, size)
+            shape = result.size if full_res else result.map.shape
             try:
                 mask = (load_mask(sample.mask_path, size=shape, image=sample.path, image_shape=result.size)
                         if sample.mask_path is not None else np.zeros(shape, dtype=bool))
@@ -156,7 +156,8 @@ def evaluate_detector(
         "method": detector.method,
         "backbone": detector.backbone,
         "layers": list(detector.layers or []),
-        "image_size": size,
+        "image_size": detector.image_size,
+        "resize": detector.resize,
         "started": started,
     }
     out["protocol"] = protocol

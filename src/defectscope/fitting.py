@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data.geometry import size_text
 from .data.loader import iter_batches
 from .detectors.base import Detector
 from .errors import DataLayoutError, DefectscopeError
@@ -75,7 +76,8 @@ def threshold_from_scores(
 OUTLIER_Z = 5.0
 #: fewer held-out scores than this cannot tell an outlier from the spread (a robust z of 5 scores is noise)
 MIN_OUTLIER_IMAGES = 20
-#: a training image whose shorter side is below image_size / this is "far smaller than the model input"
+#: a training image whose shorter side is below the model input's shorter side / this is "far smaller than the
+#: model input"
 TINY_FACTOR = 4
 
 
@@ -105,11 +107,11 @@ def _suspects(detector: Detector, loaded: list[Path], sizes: list[tuple[int, int
         path = loaded[int(which[pos])]
         found[path] = {"path": str(path), "score": float(scores[pos]),
                        "reason": f"held-out score {scores[pos]:.4g} is above the outlier cutoff {cutoff:.4g}"}
-    side = detector.image_size / TINY_FACTOR
+    side = min(detector.input_shape) / TINY_FACTOR
     for path, (h, w) in zip(loaded, sizes):
         if min(h, w) < side:
             item = found.setdefault(path, {"path": str(path), "score": None, "reason": ""})
-            tiny = f"{w}x{h} pixels, far smaller than the {detector.image_size}x{detector.image_size} model input"
+            tiny = f"{w}x{h} pixels, far smaller than the {size_text(detector.image_size)} model input"
             item["reason"] = f"{item['reason']}; {tiny}" if item["reason"] else tiny
     return list(found.values()), cutoff
 
@@ -158,8 +160,8 @@ def fit_detector(
 
     After the fit, ``training.suspects`` lists training images to look at before trusting the
     threshold: those whose held-out score is a high outlier (:func:`score_outliers`) and those
-    far smaller than the model input (shorter side below image_size / 4). One defective part
-    among the good ones raises the threshold for every later image. ``exclude_outliers`` fits
+    far smaller than the model input (shorter side below the input's shorter side / 4). One defective
+    part among the good ones raises the threshold for every later image. ``exclude_outliers`` fits
     once more without them and records them in ``training.excluded``.
     """
     _check_quantile(threshold_quantile)
@@ -175,7 +177,8 @@ def fit_detector(
     loaded_paths: list[Path] = []
     sizes: list[tuple[int, int]] = []
     with progress_bar(total=len(paths), desc=f"fit {detector.method}", enabled=progress) as bar:
-        batches = iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner)
+        batches = iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner,
+                               resize=detector.resize)
         unaligned: list[str] = []
         if aligner is not None:
             batches = _note_unaligned(batches, unaligned)
@@ -206,8 +209,8 @@ def fit_detector(
     threshold = threshold_from_scores(detector.training_scores(), threshold_quantile, detector.training_scores_kind)
     pixel = pixel_threshold_from_maxima(detector.training_map_maxima(), threshold_quantile)
     training: dict[str, Any] = {"suspects": suspects, "outlier_rule": (
-        f"held-out score > median + {OUTLIER_Z} x MAD / 0.6745 (= {cutoff:.6g}), or shorter side < image size / "
-        f"{TINY_FACTOR}")}
+        f"held-out score > median + {OUTLIER_Z} x MAD / 0.6745 (= {cutoff:.6g}), or shorter side < the input's "
+        f"shorter side / {TINY_FACTOR}")}
     if aligner is not None:
         training["alignment"] = {"mode": aligner.mode, "n_unaligned": len(unaligned), "unaligned": unaligned}
         if unaligned:

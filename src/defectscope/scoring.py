@@ -22,7 +22,9 @@ class ImageResult:
     """The outcome for one image file.
 
     score/judgement are None and ``error`` holds a one-line message when the image could not
-    be scored. ``map`` is the (S, S) anomaly map at the model's input size when requested.
+    be scored. ``map`` (when requested) is the (h, w) anomaly map over the whole photo: the model's map
+    taken back through the resize protocol (:meth:`defectscope.data.geometry.Placement.to_photo_frame`),
+    at about the model's resolution; resize it to the photo's (H, W) to lay it on the photo.
     ``notes``: what of the file was not used as it is (extra frames, transparency), one phrase each.
     ``size``: the image's (H, W) as read (after EXIF orientation).
     ``alignment`` (only when scored with an aligner): {"aligned", "inliers", "angle"}; an
@@ -86,14 +88,15 @@ def score_paths(
     load yields a result with ``error`` set and the others are scored as usual.
 
     With an ``aligner`` (:class:`defectscope.align.Aligner`) each image is warped into the
-    reference frame before scoring and its map is warped back: ``map`` is then the (S, S) map
-    over the original image (resized to S x S like the input), not over the warped one.
+    reference frame before scoring and its map is warped back: ``map`` is then the map over the
+    original image, not over the warped one.
     """
     paths = [p if isinstance(p, ArrayImage) else Path(p) for p in paths]
     start = 0
     mean, std = detector.input_stats
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
-        for batch in iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner):
+        for batch in iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner,
+                                  resize=detector.resize):
             chunk = paths[start : start + batch_size]  # each batch is the next stretch of paths, in order
             start += len(chunk)
             scored: list[ImageResult] = []
@@ -102,7 +105,7 @@ def score_paths(
                 for j, path in enumerate(batch.paths):
                     score = float(pred.scores[j])
                     record = batch.transforms[j] if batch.transforms else None
-                    amap = pred.maps[j] if keep_maps else None
+                    amap = batch.placements[j].to_photo_frame(pred.maps[j]) if keep_maps else None
                     if amap is not None and record is not None:
                         amap = aligner.map_to_original(amap, record)
                     scored.append(ImageResult(

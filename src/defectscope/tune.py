@@ -35,6 +35,7 @@ from torch import nn
 from . import metrics
 from .backbones import FeatureExtractor, default_layers, stage_blocks
 from .components.embedding import default_multiscale_layers
+from .data.geometry import ImageSize, Placement, check_image_size, check_resize, input_shape
 from .data.images import load_mask
 from .data.loader import iter_batches
 from .data.samples import Sample
@@ -153,6 +154,7 @@ class FeatureCache:
     """Float16 feature maps of every hooked block for a list of images, from one pass per image.
 
     maps: {layer: (N, C, h, w) float16}; row i belongs to ``paths[i]``.
+    placements: where each row's image lies in the model input (to take its maps back over the photo).
     """
 
     backbone: str
@@ -165,19 +167,23 @@ class FeatureCache:
     seconds: float = 0.0
     passes: int = 0
     failures: list[tuple[Path, str]] = field(default_factory=list)
+    placements: list[Placement] = field(default_factory=list)
 
     @classmethod
-    def build(cls, extractor: FeatureExtractor, paths: Sequence[Path], image_size: int, *, batch_size: int = 16,
+    def build(cls, extractor: FeatureExtractor, paths: Sequence[Path], image_size: ImageSize, *, batch_size: int = 16,
               max_bytes: int = DEFAULT_MAX_CACHE_BYTES, dtype: torch.dtype = torch.float16,
-              normalization: str = DEFAULT_NORMALIZATION) -> "FeatureCache":
+              normalization: str = DEFAULT_NORMALIZATION, resize: str = "stretch") -> "FeatureCache":
         """Run ``extractor`` once over ``paths`` and keep every layer's maps (``dtype``, float16 by default).
 
-        Images are normalised as a detector with ``normalization`` would (:mod:`defectscope.normalization`).
+        Images are resized (``image_size``, ``resize``) and normalised as a detector with these parameters
+        would (:mod:`defectscope.data.geometry`, :mod:`defectscope.normalization`).
         """
         mean, std = input_stats(normalization, extractor.mean, extractor.std)
         paths = [Path(p) for p in paths]
         n = len(paths)
-        per_image = sum(c * (image_size // s) ** 2 * dtype.itemsize for c, s in zip(extractor.channels, extractor.strides))
+        h_in, w_in = input_shape(image_size)
+        per_image = sum(c * (h_in // s) * (w_in // s) * dtype.itemsize
+                        for c, s in zip(extractor.channels, extractor.strides))
         if per_image * n > max_bytes:
             raise DefectscopeError(
                 f"caching {len(extractor.layers)} layers for {n} images needs about {per_image * n / 2**30:.1f} GiB "
@@ -185,11 +191,12 @@ class FeatureCache:
             )
         maps: dict[str, torch.Tensor] = {}
         kept: list[Path] = []
+        placements: list[Placement] = []
         failures: list[tuple[Path, str]] = []
         start = time.perf_counter()
         passes = 0
         with torch.inference_mode():
-            for batch in iter_batches(paths, image_size, mean, std, batch_size=batch_size):
+            for batch in iter_batches(paths, image_size, mean, std, batch_size=batch_size, resize=resize):
                 failures.extend(batch.failures)
                 if not len(batch.paths):
                     continue
@@ -200,9 +207,10 @@ class FeatureCache:
                         maps[name] = torch.empty((n, *f.shape[1:]), dtype=dtype)
                     maps[name][len(kept) : len(kept) + f.shape[0]] = f.to(dtype)
                 kept.extend(batch.paths)
+                placements.extend(batch.placements)
         maps = {k: v[: len(kept)].clone() if len(kept) < n else v for k, v in maps.items()}
         return cls(extractor.backbone, kept, maps, dict(zip(extractor.layers, extractor.strides)), extractor.mean,
-                   extractor.std, extractor.weights_info, time.perf_counter() - start, passes, failures)
+                   extractor.std, extractor.weights_info, time.perf_counter() - start, passes, failures, placements)
 
     def rows(self, paths: Sequence[Path]) -> list[int]:
         """Cache rows of ``paths`` (those that loaded)."""
@@ -220,30 +228,39 @@ class Scored:
     seconds: float
 
 
-def _labelled(cache: FeatureCache, samples: Sequence[Sample], size: int) -> tuple[list[int], np.ndarray, list[np.ndarray] | None]:
-    """Cache rows, labels (N,) and (S, S) bool masks (None when a defective image lacks one)."""
+def _labelled(cache: FeatureCache, samples: Sequence[Sample]) -> tuple[list[int], np.ndarray, list[np.ndarray] | None]:
+    """Cache rows, labels (N,) and bool masks (None when a defective image lacks one), each over its
+    photo at the shape of its map over the photo (:meth:`~defectscope.data.geometry.Placement.to_photo_frame`)."""
     loaded = {p: i for i, p in enumerate(cache.paths)}
     kept = [s for s in samples if Path(s.path) in loaded]
     rows = [loaded[Path(s.path)] for s in kept]
     labels = np.array([s.label for s in kept], dtype=np.int64)
     if any(s.label == 1 and s.mask_path is None for s in kept) or not (labels == 1).any():
         return rows, labels, None
-    masks = [load_mask(s.mask_path, size=(size, size)) if s.mask_path is not None else np.zeros((size, size), bool)
-             for s in kept]
+    shapes = [cache.placements[row].resized for row in rows]
+    masks = [load_mask(s.mask_path, size=shape) if s.mask_path is not None else np.zeros(shape, bool)
+             for s, shape in zip(kept, shapes)]
     return rows, labels, masks
 
 
 def score_detector(detector: Detector, rows: list[int], labels: np.ndarray, masks: list[np.ndarray] | None,
-                   batch_size: int = 16) -> tuple[float | None, float | None]:
-    """(image AUROC, pixel AUROC or None) of a detector fed cached images ``rows``."""
+                   batch_size: int = 16, placements: Sequence[Placement] | None = None) -> tuple[float | None, float | None]:
+    """(image AUROC, pixel AUROC or None) of a detector fed cached images ``rows``.
+
+    placements: per cache row, where its image lies in the model input; each map is taken back over
+    its photo before it meets its mask (None: maps and masks compared as they are).
+    """
     pixel = metrics.PixelMetrics() if masks is not None else None
     scores: list[np.ndarray] = []
     done = 0
     for batch in tokens(rows, batch_size):
         pred = detector.predict(batch)
         scores.append(pred.scores)
-        if pixel is not None:
+        if pixel is not None and placements is None:
             pixel.add(pred.maps, np.stack(masks[done : done + len(pred)]))
+        elif pixel is not None:
+            for j, row in enumerate(rows[done : done + len(pred)]):
+                pixel.add(placements[row].to_photo_frame(pred.maps[j])[None], masks[done + j][None])
         done += len(pred)
     s = np.concatenate(scores) if scores else np.zeros(0)
     return metrics.image_auroc(labels, s), (pixel.auroc() if pixel is not None else None)
@@ -293,7 +310,7 @@ def tune_layers(
     params = dict(params or {})
     params.pop("layers", None)
     probe = make_detector(method, **params)
-    backbone, size, seed = probe.backbone, probe.image_size, probe.seed
+    backbone, seed = probe.backbone, probe.seed
     stages = list(stages) if stages else default_stages(backbone, method)
     space = search_space(backbone, stages)
     trials = choose_trials(space, max_trials, search, seed)
@@ -301,16 +318,18 @@ def tune_layers(
         announce(describe_space(backbone, stages, space, trials, search))
     if len(train) < probe.min_train_images:
         raise DataLayoutError(f"tune: {len(train)} training image(s), {method} needs at least {probe.min_train_images}")
+    check_image_size(probe.image_size)  # a bad input size or protocol fails before the backbone runs
+    check_resize(probe.resize)
     needed = sorted({name for t in trials for name in t})
     extractor = FeatureExtractor(backbone, needed, weights=probe.weights)
     images = list(dict.fromkeys([Path(p) for p in train] + [Path(s.path) for s in (*validation, *held_out)]))
-    cache = FeatureCache.build(extractor, images, size, batch_size=batch_size, max_bytes=max_cache_bytes,
-                               normalization=probe.normalization)
+    cache = FeatureCache.build(extractor, images, probe.image_size, batch_size=batch_size, max_bytes=max_cache_bytes,
+                               normalization=probe.normalization, resize=probe.resize)
     del extractor
     for path, message in cache.failures:
         log.warning("tune: skipping %s", message if str(path) in message else f"{path}: {message}")
     train_rows = cache.rows(train)
-    val_rows, val_labels, val_masks = _labelled(cache, validation, size)
+    val_rows, val_labels, val_masks = _labelled(cache, validation)
     if not ((val_labels == 0).any() and (val_labels == 1).any()):
         raise DataLayoutError("tune: the validation images need both good and defective images")
 
@@ -318,7 +337,7 @@ def tune_layers(
     for i, layers in enumerate(trials):
         start = time.perf_counter()
         detector = _fit_cached(method, params, cache, layers, train_rows, batch_size)
-        image_auc, pixel_auc = score_detector(detector, val_rows, val_labels, val_masks, batch_size)
+        image_auc, pixel_auc = score_detector(detector, val_rows, val_labels, val_masks, batch_size, cache.placements)
         seconds = time.perf_counter() - start
         log.info("tune [%d/%d] %s: image AUROC %s, pixel AUROC %s, %.1f s", i + 1, len(trials), ",".join(layers),
                  image_auc, pixel_auc, seconds)
@@ -330,13 +349,13 @@ def tune_layers(
         r["rank"] = rank
     best = rows[0]["layers"].split(",")
 
-    test_rows, test_labels, test_masks = _labelled(cache, held_out, size)
+    test_rows, test_labels, test_masks = _labelled(cache, held_out)
     held: dict[str, Any] = {"n_images": len(test_rows), "n_defective": int(test_labels.sum()),
                             "image_auroc": None, "pixel_auroc": None}
     if test_rows:
         detector = _fit_cached(method, params, cache, best, train_rows, batch_size)
         held["image_auroc"], held["pixel_auroc"] = score_detector(detector, test_rows, test_labels, test_masks,
-                                                                  batch_size)
+                                                                  batch_size, cache.placements)
     return TuneResult(
         method=method, backbone=backbone, stages=stages, space_size=len(space), search=search, rows=rows, best=best,
         validation={"source": validation_source, "n_images": len(val_rows), "n_defective": int(val_labels.sum()),

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DefectscopeError, ImageLoadError
+from .geometry import ImageSize, placement
 
 log = logging.getLogger(__name__)
 
@@ -273,21 +274,25 @@ def load_mask(
     return np.ascontiguousarray(mask, dtype=bool)
 
 
-def preprocess(image: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, size, size) float32 model input.
+def preprocess(image: np.ndarray, size: ImageSize, mean: Sequence[float], std: Sequence[float],
+               resize: str = "stretch") -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H_in, W_in) float32 model input; ``size`` is S or (H_in, W_in).
 
-    Resized straight to size x size (bilinear, antialiased; aspect ratio is not kept),
-    scaled to [0, 1], then normalised per channel: (x - mean) / std.
+    Resized (bilinear, antialiased) as the ``resize`` protocol says (:mod:`defectscope.data.geometry`:
+    stretch, keep-aspect or crop), scaled to [0, 1], normalised per channel: (x - mean) / std,
+    then padded with 0 (keep-aspect) or centre-cropped (crop) to the input size.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise DefectscopeError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-    if size < 1:
-        raise DefectscopeError(f"image size must be a positive number of pixels, got {size}")
+    place = placement(image.shape[:2], size, resize)
     if len(mean) != 3 or len(std) != 3:
         raise DefectscopeError(f"mean and std need 3 values (R, G, B), got {list(mean)} and {list(std)}")
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if x.shape[-2:] != place.resized:
+        x = F.interpolate(x, size=place.resized, mode="bilinear", align_corners=False, antialias=True)
     m = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x - m) / s).squeeze(0).contiguous()
+    x = (x - m) / s
+    if any(place.pad):
+        x = F.pad(x, place.pad, value=0.0)  # 0 = the input mean; negative widths crop
+    return x.squeeze(0).contiguous()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import DefectscopeError, ImageLoadError
+from .geometry import ImageSize, Placement, check_resize, input_shape, placement
 from .images import load_image_noting, preprocess, to_rgb_uint8
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,14 @@ _POLL_S = 0.05
 class Batch:
     """One stretch of ``batch_size`` input paths, decoded.
 
-    images:   (B, 3, S, S) float32 preprocessed images (B may be 0).
+    images:   (B, 3, H_in, W_in) float32 preprocessed images (B may be 0).
     paths:    the B files that loaded, in input order.
     sizes:    original (H, W) of each, after EXIF orientation.
     failures: (path, one-line message) for files of this stretch that could not be loaded.
     transforms: what the ``transform`` hook returned for each loaded image (empty without one).
     notes:    per loaded image, what of the file was not used as it is (see ``load_image_noting``).
+    placements: where each loaded image (after ``transform``) lies in the model input; its
+              :meth:`~defectscope.data.geometry.Placement.to_photo_frame` takes a map back over it.
     """
 
     images: torch.Tensor
@@ -48,6 +51,7 @@ class Batch:
     failures: list[tuple[Path, str]] = field(default_factory=list)
     transforms: list[Any] = field(default_factory=list)
     notes: list[list[str]] = field(default_factory=list)
+    placements: list[Placement] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -90,15 +94,16 @@ class _Raised:
 _DONE = object()
 
 
-_Loaded = tuple[torch.Tensor, tuple[int, int], Any, list[str]]
+_Loaded = tuple[torch.Tensor, tuple[int, int], Any, list[str], Placement]
 
 #: per-image hook on the decoded (H, W, 3) uint8 image: returns (image to use, anything to keep)
 ImageTransform = Callable[[np.ndarray], tuple[np.ndarray, Any]]
 
 
-def _load_one(path: Source, size: int, mean: Sequence[float], std: Sequence[float],
-              transform: ImageTransform | None = None) -> _Loaded | str:
-    """((3, S, S) tensor, original (H, W), transform record or None, notes), or the ImageLoadError message."""
+def _load_one(path: Source, size: ImageSize, mean: Sequence[float], std: Sequence[float],
+              transform: ImageTransform | None = None, resize: str = "stretch") -> _Loaded | str:
+    """((3, H_in, W_in) tensor, original (H, W), transform record or None, notes, placement), or the
+    ImageLoadError message."""
     if isinstance(path, ArrayImage):
         if path.image is None:
             return path.error or f"{path.name}: not an image"
@@ -112,12 +117,13 @@ def _load_one(path: Source, size: int, mean: Sequence[float], std: Sequence[floa
     record = None
     if transform is not None:
         image, record = transform(image)
-    return preprocess(image, size, mean, std), shape, record, notes
+    place = placement(image.shape[:2], size, resize)
+    return preprocess(image, size, mean, std, resize), shape, record, notes, place
 
 
-def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int, transform_used: bool = False) -> Batch:
+def _assemble(chunk: list[Path], results: list[_Loaded | str], size: ImageSize, transform_used: bool = False) -> Batch:
     """A Batch from one stretch's load results (failures keep their input order)."""
-    tensors, paths, sizes, failures, records, notes = [], [], [], [], [], []
+    tensors, paths, sizes, failures, records, notes, places = [], [], [], [], [], [], []
     for path, result in zip(chunk, results):
         if isinstance(result, str):
             log.debug("could not load %s", result)
@@ -128,20 +134,22 @@ def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int, transf
             sizes.append(result[1])
             records.append(result[2])
             notes.append(result[3])
-    images = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
+            places.append(result[4])
+    images = torch.stack(tensors) if tensors else torch.empty(0, 3, *input_shape(size))
     return Batch(images=images, paths=paths, sizes=sizes, failures=failures,
-                 transforms=records if transform_used else [], notes=notes)
+                 transforms=records if transform_used else [], notes=notes, placements=places)
 
 
 def iter_batches(
     paths: Sequence[Source],
-    size: int,
+    size: ImageSize,
     mean: Sequence[float],
     std: Sequence[float],
     batch_size: int = 16,
     workers: int = 1,
     prefetch: int = 2,
     transform: ImageTransform | None = None,
+    resize: str = "stretch",
 ) -> Iterator[Batch]:
     """Yield :class:`Batch` es of preprocessed images, decoded ahead in background thread(s).
 
@@ -153,11 +161,16 @@ def iter_batches(
     transform: optional hook called on each decoded (H, W, 3) uint8 image before resizing
     (e.g. :class:`defectscope.align.Aligner`); it returns the image to use and a record that
     ends up in ``Batch.transforms`` (same order as ``Batch.paths``).
+
+    size, resize: the model input, S or (H_in, W_in), and the resize protocol
+    (:mod:`defectscope.data.geometry`).
     """
     if batch_size < 1 or workers < 1 or prefetch < 1:
         raise DefectscopeError(
             f"batch_size, workers and prefetch must be at least 1, got {batch_size}, {workers}, {prefetch}"
         )
+    input_shape(size)  # a bad size or protocol fails here, not in the producer thread
+    check_resize(resize)
     paths = [p if isinstance(p, ArrayImage) else Path(p) for p in paths]
     mean, std = list(mean), list(std)
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -185,9 +198,9 @@ def iter_batches(
                     for p in chunk:
                         if stop.is_set():
                             return
-                        results.append(_load_one(p, size, mean, std, transform))
+                        results.append(_load_one(p, size, mean, std, transform, resize))
                 else:
-                    results = list(pool.map(lambda p: _load_one(p, size, mean, std, transform), chunk))
+                    results = list(pool.map(lambda p: _load_one(p, size, mean, std, transform, resize), chunk))
                 if not put(_assemble(chunk, results, size, transform is not None)):
                     return
             put(_DONE)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import FeatureExtractor
+from ..data.geometry import ImageSize, check_image_size, check_resize, input_shape
 from ..errors import DefectscopeError, NotFittedError
 from ..normalization import DEFAULT_NORMALIZATION, check_normalization, input_stats
 
@@ -32,7 +33,8 @@ class Prediction:
     """Per-image results of :meth:`Detector.predict`.
 
     scores: (N,) float32 image anomaly scores.
-    maps:   (N, H, W) float32 anomaly maps at the model's input resolution.
+    maps:   (N, H_in, W_in) float32 anomaly maps over the model input (see :attr:`Detector.input_shape`;
+            :mod:`defectscope.scoring` turns them into maps over each photo).
     """
 
     scores: np.ndarray
@@ -78,6 +80,11 @@ class Detector(ABC):
 
     Subclasses set ``method`` and implement :meth:`_fit`, :meth:`_predict_batch`,
     :meth:`_state_tensors`, :meth:`_load_state_tensors` and :meth:`_training_scores`.
+
+    image_size: the model input, an int S (S x S) or (H_in, W_in), each side in [32, 2048].
+    resize: how a photo becomes that input: "stretch" (default), "keep-aspect" or "crop"
+        (:mod:`defectscope.data.geometry`). Both are saved in the model file; files written
+        before ``resize`` existed load as "stretch", which is what they used.
     """
 
     method: ClassVar[str]
@@ -90,7 +97,8 @@ class Detector(ABC):
         self,
         backbone: str = DEFAULT_BACKBONE,
         layers: list[str] | None = None,
-        image_size: int = 256,
+        image_size: ImageSize = 256,
+        resize: str = "stretch",
         weights: str | None = None,
         seed: int = 0,
         blur_sigma: float = 4.0,
@@ -99,6 +107,7 @@ class Detector(ABC):
         self.backbone = backbone
         self.layers = layers
         self.image_size = image_size
+        self.resize = resize
         self.weights = weights
         self.seed = seed
         self.blur_sigma = blur_sigma
@@ -127,8 +136,8 @@ class Detector(ABC):
         return names
 
     def _validate_params(self) -> None:
-        if not isinstance(self.image_size, int) or not 32 <= self.image_size <= 2048:
-            raise DefectscopeError(f"image_size must be an integer between 32 and 2048, got {self.image_size!r}")
+        check_image_size(self.image_size)
+        check_resize(self.resize)
         if self.blur_sigma < 0:
             raise DefectscopeError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
         check_normalization(self.normalization)
@@ -160,6 +169,11 @@ class Detector(ABC):
     def _default_layers(self) -> list[str] | None:
         """Layers used when none are given; None lets the backbone choose (its mid-level pair)."""
         return None
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(H_in, W_in) of the model input: ``image_size`` S gives (S, S)."""
+        return input_shape(self.image_size)
 
     @property
     def input_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -194,7 +208,7 @@ class Detector(ABC):
         return self
 
     def predict(self, images: torch.Tensor | Iterable[torch.Tensor]) -> Prediction:
-        """Score images: returns scores (N,) and anomaly maps (N, H, W), H = W = image_size."""
+        """Score images: returns scores (N,) and anomaly maps (N, H_in, W_in) over the model input."""
         self._check_fitted()
         scores: list[np.ndarray] = []
         maps: list[np.ndarray] = []
@@ -204,8 +218,7 @@ class Detector(ABC):
                 scores.append(s.float().numpy())
                 maps.append(m.float().numpy())
         if not scores:
-            size = self.image_size
-            return Prediction(np.zeros(0, np.float32), np.zeros((0, size, size), np.float32))
+            return Prediction(np.zeros(0, np.float32), np.zeros((0, *self.input_shape), np.float32))
         return Prediction(np.concatenate(scores), np.concatenate(maps))
 
     def training_scores(self) -> np.ndarray:
@@ -252,9 +265,9 @@ class Detector(ABC):
         return self.extractor(batch)
 
     def _finish_maps(self, patch_maps: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) patch-level scores -> (B, S, S) map: bilinear upsampling, Gaussian blur."""
+        """(B, h, w) patch-level scores -> (B, H_in, W_in) map: bilinear upsampling, Gaussian blur."""
         maps = F.interpolate(
-            patch_maps.unsqueeze(1), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            patch_maps.unsqueeze(1), size=self.input_shape, mode="bilinear", align_corners=False
         ).squeeze(1)
         return gaussian_blur(maps, self.blur_sigma)
 
@@ -265,7 +278,7 @@ class Detector(ABC):
 
     @abstractmethod
     def _predict_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (scores (B,), maps (B, S, S)) for one batch."""
+        """Return (scores (B,), maps (B, H_in, W_in)) for one batch."""
 
     @abstractmethod
     def _training_scores(self) -> torch.Tensor:

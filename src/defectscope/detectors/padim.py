@@ -26,6 +26,7 @@ import torch
 from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.feature_store import FeatureStore
 from ..components.gaussian import fit_gaussians, fit_scratch_bytes, mahalanobis
+from ..data.geometry import ImageSize, size_text
 from ..errors import DefectscopeError, ModelFileError
 from ..normalization import DEFAULT_NORMALIZATION
 from ..progress import progress_bar
@@ -94,7 +95,8 @@ class PaDiM(Detector):
         self,
         backbone: str = DEFAULT_BACKBONE,
         layers: list[str] | None = None,
-        image_size: int = 256,
+        image_size: ImageSize = 256,
+        resize: str = "stretch",
         weights: str | None = None,
         seed: int = 0,
         blur_sigma: float = 4.0,
@@ -106,6 +108,7 @@ class PaDiM(Detector):
             backbone=backbone,
             layers=layers,
             image_size=image_size,
+            resize=resize,
             weights=weights,
             seed=seed,
             blur_sigma=blur_sigma,
@@ -153,7 +156,7 @@ class PaDiM(Detector):
                 elif batch_size != size:
                     raise DefectscopeError(
                         f"training images give {batch_size} feature maps but earlier ones gave {size}: "
-                        f"resize all images to {self.image_size}x{self.image_size}"
+                        f"resize all images to {size_text(self.image_size)}"
                     )
                 n += emb.shape[0]
                 self._check_memory(size, d, n_images=n)  # before storing anything more of this batch
@@ -211,7 +214,7 @@ class PaDiM(Detector):
         if size != self.feature_size_:
             raise DefectscopeError(
                 f"images give {size} feature maps but the model was fitted with {self.feature_size_}: "
-                f"resize images to {self.image_size}x{self.image_size}"
+                f"resize images to {size_text(self.image_size)}"
             )
         dist = mahalanobis(emb, self.mean_, self.inv_cov_)  # eq. 2, (B, P)
         maps = self._finish_maps(dist.view(-1, *size))

@@ -22,6 +22,7 @@ from ..components.coreset import KCenterResult, kcenter
 from ..components.embedding import concat_layers
 from ..components.feature_store import FeatureStore
 from ..components.knn import BACKENDS, INDEXES, NearestNeighbors
+from ..data.geometry import ImageSize
 from ..errors import DefectscopeError
 from ..normalization import PATCHCORE_NORMALIZATION
 from ..progress import progress_bar
@@ -76,7 +77,8 @@ class PatchCore(Detector):
         self,
         backbone: str = "tf_efficientnet_lite0",
         layers: list[str] | None = None,
-        image_size: int = 256,
+        image_size: ImageSize = 256,
+        resize: str = "stretch",
         weights: str | None = None,
         seed: int = 0,
         blur_sigma: float = 4.0,
@@ -94,7 +96,8 @@ class PatchCore(Detector):
         knn_backend: str = "faiss",
         knn_index: str = "flat",
     ) -> None:
-        super().__init__(backbone, layers, image_size, weights, seed, blur_sigma, normalization)
+        super().__init__(backbone=backbone, layers=layers, image_size=image_size, resize=resize, weights=weights,
+                         seed=seed, blur_sigma=blur_sigma, normalization=normalization)
         self.coreset_ratio = coreset_ratio
         self.coreset_eps = coreset_eps
         self.projection_dim = projection_dim

@@ -35,6 +35,7 @@ import torch
 from ..backbones import FeatureExtractor, available_layers, default_layers
 from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.knn import NearestNeighbors
+from ..data.geometry import ImageSize, size_text
 from ..errors import DefectscopeError, ModelFileError
 from ..normalization import DEFAULT_NORMALIZATION
 from ..progress import progress_bar
@@ -60,7 +61,8 @@ class SPADE(Detector):
         self,
         backbone: str = DEFAULT_BACKBONE,
         layers: list[str] | None = None,
-        image_size: int = 256,
+        image_size: ImageSize = 256,
+        resize: str = "stretch",
         weights: str | None = None,
         seed: int = 0,
         blur_sigma: float = 4.0,
@@ -73,6 +75,7 @@ class SPADE(Detector):
             backbone=backbone,
             layers=layers,
             image_size=image_size,
+            resize=resize,
             weights=weights,
             seed=seed,
             blur_sigma=blur_sigma,
@@ -133,7 +136,7 @@ class SPADE(Detector):
             if maps and m.shape[1:] != maps[0].shape[1:]:
                 raise DefectscopeError(
                     f"training images give {tuple(m.shape[1:3])} feature maps but earlier ones gave "
-                    f"{tuple(maps[0].shape[1:3])}: resize all images to {self.image_size}x{self.image_size}"
+                    f"{tuple(maps[0].shape[1:3])}: resize all images to {size_text(self.image_size)}"
                 )
             globals_.append(g)
             maps.append(m.to(STORE_DTYPE))
@@ -174,7 +177,7 @@ class SPADE(Detector):
         if emb.shape[1:] != self.train_maps_.shape[1:]:
             raise DefectscopeError(
                 f"images give {tuple(emb.shape[1:3])} feature maps but the model was fitted with "
-                f"{tuple(self.train_maps_.shape[1:3])}: resize images to {self.image_size}x{self.image_size}"
+                f"{tuple(self.train_maps_.shape[1:3])}: resize images to {size_text(self.image_size)}"
             )
         k = min(self.k, self.n_train_)
         top_k = min(self.top_k, self.n_train_)

@@ -99,6 +99,21 @@ _FIGURE_ALTS = {"roc_image": "image ROC curve", "roc_pixel": "pixel ROC curve", 
                 "scores": "histogram of scores of good and defective images", "confusion": "confusion matrix"}
 
 
+def _input_text(result: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The model input and how photos were resized to it: ``320x256 (keep-aspect)``."""
+    from ..data.geometry import size_text
+    from ..errors import DefectscopeError
+
+    size = result.get("image_size", meta.get("image_size"))
+    if size is None:
+        return "n/a"
+    try:
+        text = size_text(size)
+    except DefectscopeError:
+        text = str(size)
+    return f"{text} ({result.get('resize', meta.get('resize', 'stretch'))})"
+
+
 def write_report(
     result: dict[str, Any], out_dir: Path, *, meta: dict[str, Any] | None = None, overlays: str = "overlays"
 ) -> Path:
@@ -131,6 +146,7 @@ def write_report(
             n_fp=sum(1 for r in images if r["label"] == 0 and r["judgement"] == 1),
             n_fn=sum(1 for r in images if r["label"] == 1 and r["judgement"] == 0),
             groups=groups,
+            input_text=_input_text(result, meta or {}),
         ),
         encoding="utf-8",
     )
