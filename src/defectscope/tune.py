@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import metrics
-from .backbones import FeatureExtractor, default_layers, stage_blocks
+from .backbones import Extractor, build_extractor, default_layers, stage_blocks
 from .components.embedding import default_multiscale_layers
 from .data.images import load_mask
 from .data.loader import iter_batches
@@ -167,7 +167,7 @@ class FeatureCache:
     failures: list[tuple[Path, str]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, extractor: FeatureExtractor, paths: Sequence[Path], image_size: int, *, batch_size: int = 16,
+    def build(cls, extractor: Extractor, paths: Sequence[Path], image_size: int, *, batch_size: int = 16,
               max_bytes: int = DEFAULT_MAX_CACHE_BYTES, dtype: torch.dtype = torch.float16,
               normalization: str = DEFAULT_NORMALIZATION) -> "FeatureCache":
         """Run ``extractor`` once over ``paths`` and keep every layer's maps (``dtype``, float16 by default).
@@ -302,7 +302,7 @@ def tune_layers(
     if len(train) < probe.min_train_images:
         raise DataLayoutError(f"tune: {len(train)} training image(s), {method} needs at least {probe.min_train_images}")
     needed = sorted({name for t in trials for name in t})
-    extractor = FeatureExtractor(backbone, needed, weights=probe.weights)
+    extractor = build_extractor(backbone, needed, weights=probe.weights, normalization=probe.normalization)
     images = list(dict.fromkeys([Path(p) for p in train] + [Path(s.path) for s in (*validation, *held_out)]))
     cache = FeatureCache.build(extractor, images, size, batch_size=batch_size, max_bytes=max_cache_bytes,
                                normalization=probe.normalization)
