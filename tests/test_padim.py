@@ -172,11 +172,12 @@ def test_invalid_parameters(train: torch.Tensor) -> None:
 def test_default_layers_and_d_reduced(monkeypatch: pytest.MonkeyPatch, train: torch.Tensor) -> None:
     built: list[tuple] = []
 
-    def fake_extractor(backbone: str, layers: list[str] | None = None, weights: str | None = None) -> TinyExtractor:
+    def fake_extractor(backbone: str, layers: list[str] | None = None, weights: str | None = None,
+                       normalization: str = "weights") -> TinyExtractor:
         built.append((backbone, layers))
         return TinyExtractor()
 
-    monkeypatch.setattr(base_module, "FeatureExtractor", fake_extractor)
+    monkeypatch.setattr(base_module, "build_extractor", fake_extractor)
     det = PaDiM(backbone="resnet18", image_size=SIZE, d_reduced=8)
     assert det.input_stats == input_stats(det.normalization, (0.5,) * 3, (0.25,) * 3)  # builds the extractor
     det.fit(train[:4])

@@ -162,11 +162,12 @@ def test_default_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     class Built(Exception):
         pass
 
-    def fake_extractor(backbone: str, layers: list[str] | None = None, weights: str | None = None) -> TinyExtractor:
+    def fake_extractor(backbone: str, layers: list[str] | None = None, weights: str | None = None,
+                       normalization: str = "weights") -> TinyExtractor:
         built.append((backbone, layers))
         raise Built
 
-    monkeypatch.setattr(base_module, "FeatureExtractor", fake_extractor)
+    monkeypatch.setattr(base_module, "build_extractor", fake_extractor)
     for det in (SPADE(backbone="wide_resnet50_2", image_size=SIZE), SPADE(image_size=SIZE),
                 SPADE(image_size=SIZE, layers=["blocks.2", "blocks.4"]),
                 SPADE(image_size=SIZE, global_layer="maps")):

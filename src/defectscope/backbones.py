@@ -1,4 +1,10 @@
-"""Mid-level CNN feature maps from a timm backbone, cut after the deepest layer needed."""
+"""Mid-level CNN feature maps from a timm backbone, cut after the deepest layer needed.
+
+A backbone name may also be an ensemble of up to three timm models joined by ``+``
+(``tf_efficientnet_lite0+tf_efficientnet_lite2``): see :class:`EnsembleExtractor`. The name
+functions here (:func:`available_layers`, :func:`available_blocks`, :func:`stage_blocks`,
+:func:`default_layers`) then give the names every member has, channels summed over members.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +15,82 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import BackboneError
-from .weights import create_model
+from .normalization import input_stats
+from .weights import NO_WEIGHTS, PACKAGED_LITE, create_model
 
 log = logging.getLogger(__name__)
 
 
+#: joins the members of a backbone ensemble: ``tf_efficientnet_lite0+tf_efficientnet_lite2``
+ENSEMBLE_SEPARATOR = "+"
+MAX_MEMBERS = 3
+
+
+def is_ensemble(backbone: str) -> bool:
+    """Whether ``backbone`` names several models joined by ``+``."""
+    return isinstance(backbone, str) and ENSEMBLE_SEPARATOR in backbone
+
+
 @lru_cache(maxsize=32)
-def _feature_table(backbone: str) -> tuple[tuple[str, int, int], ...]:
-    """(module name, channels, reduction) of every feature level timm offers, shallow to deep."""
+def ensemble_members(backbone: str) -> tuple[str, ...]:
+    """The member names of ``"a+b[+c]"``, checked: known timm models, at most 3, none repeated.
+
+    A plain backbone name gives a one-member tuple (unchecked here).
+    """
+    if not is_ensemble(backbone):
+        return (backbone,)
+    members = tuple(m.strip() for m in backbone.split(ENSEMBLE_SEPARATOR))
+    if any(not m for m in members):
+        raise BackboneError(f"backbone ensemble {backbone!r} has an empty member: join timm names with '+', "
+                            "e.g. tf_efficientnet_lite0+tf_efficientnet_lite2")
+    if len(members) > MAX_MEMBERS:
+        raise BackboneError(
+            f"backbone ensemble {backbone!r} has {len(members)} members; at most {MAX_MEMBERS} are allowed"
+        )
+    repeated = sorted({m for m in members if members.count(m) > 1})
+    if repeated:
+        raise BackboneError(f"backbone ensemble {backbone!r} repeats {repeated[0]}: each member may appear once")
     import timm
 
+    for member in members:
+        if not timm.models.is_model(member):
+            raise BackboneError(
+                f"unknown backbone {member!r} in ensemble {backbone!r}{_suggest(member)} "
+                f"(backbones with offline weights: {', '.join(PACKAGED_LITE)}; any timm model name is accepted)"
+            )
+    return members
+
+
+def _common_rows(backbone: str, tables: list[tuple[tuple[Any, ...], ...]]) -> tuple[tuple[Any, ...], ...]:
+    """Rows (name, channels, reduction, ...) of the names every member has, in the first member's order,
+    channels summed over members, the rest from the first member; an error if no name is shared."""
+    by_name = [{row[0]: row for row in table} for table in tables]
+    rows = []
+    for row in tables[0]:
+        if all(row[0] in names for names in by_name[1:]):
+            rows.append((row[0], sum(int(names[row[0]][1]) for names in by_name), *row[2:]))
+    if not rows:
+        listing = "; ".join(f"{m}: {', '.join(r[0] for r in t)}" for m, t in zip(ensemble_members(backbone), tables))
+        raise BackboneError(f"the members of {backbone!r} share no layer names ({listing}); "
+                            "choose members of one family, e.g. tf_efficientnet_lite0+tf_efficientnet_lite2")
+    return tuple(rows)
+
+
+@lru_cache(maxsize=32)
+def _feature_table(backbone: str) -> tuple[tuple[str, int, int], ...]:
+    """(module name, channels, reduction) of every feature level timm offers, shallow to deep.
+
+    For an ensemble: the levels every member has, channels summed, the first member's reduction.
+    """
+    import timm
+
+    if is_ensemble(backbone):
+        tables = [_feature_table(m) for m in ensemble_members(backbone)]
+        return _common_rows(backbone, tables)  # type: ignore[return-value]
     if not isinstance(backbone, str) or not timm.models.is_model(backbone):
         raise BackboneError(f"unknown backbone {backbone!r}{_suggest(str(backbone))}")
     try:
@@ -65,10 +134,14 @@ def _block_table(backbone: str) -> tuple[tuple[str, int, int, int], ...]:
 
     A feature level ("layer2", "blocks.2") that is an ``nn.Sequential`` contributes its blocks
     ("layer2.0", "layer2.1", ...); shapes come from one forward pass on the meta device.
-    Ordered shallow to deep; a level sorts right after its last block (same tensor).
+    Ordered shallow to deep; a level sorts right after its last block (same tensor). For an
+    ensemble: the names every member has, channels summed, reduction and rank of the first member.
     """
     import timm
 
+    if is_ensemble(backbone):
+        tables = [_block_table(m) for m in ensemble_members(backbone)]
+        return _common_rows(backbone, tables)  # type: ignore[return-value]
     table = _feature_table(backbone)
     model = timm.create_model(backbone, pretrained=False, features_only=True, device="meta").eval()
     shapes: dict[str, tuple[int, int]] = {}
@@ -274,3 +347,124 @@ class FeatureExtractor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backbone={self.backbone!r}, layers={self.layers}, channels={self.channels}, strides={self.strides}"
+
+
+def concat_on_grid(per_member: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per layer, the members' maps on the first member's grid, concatenated along channels.
+
+    per_member: for each member, its per-layer (B, C_{m,l}, H_{m,l}, W_{m,l}) maps in one layer order.
+    Returns per layer (B, sum_m C_{m,l}, H_{0,l}, W_{0,l}); a map on another grid is resampled
+    bilinearly (align_corners=False) first; maps already on the grid are used as they are.
+    """
+    out = []
+    for maps in zip(*per_member):
+        grid = tuple(maps[0].shape[-2:])
+        on_grid = [m if tuple(m.shape[-2:]) == grid
+                   else F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
+        out.append(torch.cat(on_grid, dim=1))
+    return out
+
+
+class EnsembleExtractor(nn.Module):
+    """Several frozen backbones ("a+b[+c]") seen as one: per layer their maps concatenated on one grid.
+
+    Every member is a :class:`FeatureExtractor` for the same ``layers`` (names every member has,
+    :func:`available_layers` of the ensemble name); each layer's maps are brought to the first
+    member's grid and concatenated along channels (:func:`concat_on_grid`), so a detector sees
+    one feature map per layer with ``channels`` = the members' sum and the first member's ``strides``.
+
+    Weights: ``None`` gives every member its default source (the packaged offline weights of
+    tf_efficientnet_lite0/1/2, else timm's download); ``"none"`` random weights for all; one file
+    cannot serve several models and is refused.
+
+    Input normalisation: ``mean``/``std`` are the first member's weights' statistics, so images
+    arrive normalised as ``input_stats(normalization, mean, std)``. With ``normalization="weights"``
+    a member whose weights were trained with other statistics gets the input re-normalised to
+    its own inside :meth:`forward`; with ``"imagenet"`` every member sees ImageNet-normalised input.
+
+    forward: (B, 3, H, W) -> list of (B, C_l, H / s_l, W / s_l) float32, one per layer.
+    """
+
+    layers: tuple[str, ...]
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_info: dict[str, Any]
+
+    def __init__(self, backbone: str, layers: Sequence[str] | None = None, weights: str | None = None,
+                 normalization: str = "weights") -> None:
+        super().__init__()
+        names = ensemble_members(backbone)
+        if weights is not None and str(weights).strip().lower() != NO_WEIGHTS:
+            raise BackboneError(
+                f"--weights {weights} names one state dict, but backbone {backbone!r} is an ensemble of "
+                f"{len(names)} models: leave --weights out (each member loads its own default weights, "
+                "the packaged ones for tf_efficientnet_lite0/1/2) or use --weights none for random weights"
+            )
+        wanted = [layers] if isinstance(layers, str) else list(default_layers(backbone) if layers is None else layers)
+        valid = available_layers(backbone)
+        if not wanted:
+            raise BackboneError(f"no layers given for {backbone}; valid layers: {', '.join(valid)}")
+        blocks = available_blocks(backbone)
+        bad = [name for name in wanted if name not in blocks]
+        if bad:
+            raise BackboneError(
+                f"unknown layer {bad[0]!r} for backbone {backbone} (names every member has); valid layers: "
+                f"{', '.join(valid)}; or blocks: {', '.join(n for n in blocks if n not in valid)}"
+            )
+        self.backbone = backbone
+        self.normalization = normalization
+        self.members = nn.ModuleList(FeatureExtractor(m, wanted, weights=weights) for m in names)
+        first = self.members[0]
+        self.layers = first.layers
+        self.strides = first.strides
+        self.channels = tuple(sum(m.channels[m.layers.index(n)] for m in self.members) for n in self.layers)
+        self.mean, self.std = first.mean, first.std
+        # per member: (scale, shift) taking the input to the member's own statistics, or None (same)
+        in_mean, in_std = input_stats(normalization, self.mean, self.std)
+        self._renorm: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for m in self.members:
+            mean, std = input_stats(normalization, m.mean, m.std)
+            if (mean, std) == (in_mean, in_std):
+                self._renorm.append(None)
+                continue
+            # x_m = (x * s_in + m_in - m_m) / s_m
+            s_in, m_in, s_m, m_m = (torch.tensor(v).view(1, 3, 1, 1) for v in (in_std, in_mean, std, mean))
+            self._renorm.append((s_in / s_m, (m_in - m_m) / s_m))
+            log.info("%s: %s expects mean %s std %s; its input is re-normalised inside the extractor",
+                     backbone, m.backbone, mean, std)
+        self.weights_info = {
+            "source": "ensemble",
+            "members": [{"backbone": m.backbone, **m.weights_info, "mean": list(m.mean), "std": list(m.std)}
+                        for m in self.members],
+        }
+        self.eval()
+
+    def train(self, mode: bool = True) -> "EnsembleExtractor":
+        """Always stays in eval mode (frozen BatchNorm statistics)."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> per layer (B, sum_m C_{m,l}, H_l, W_l) float32 on the first member's grid."""
+        per_member = []
+        for member, renorm in zip(self.members, self._renorm):
+            xm = x if renorm is None else x.float() * renorm[0].to(x.device) + renorm[1].to(x.device)
+            feats = dict(zip(member.layers, member(xm)))
+            per_member.append([feats[name] for name in self.layers])
+        return concat_on_grid(per_member)
+
+    def extra_repr(self) -> str:
+        return f"backbone={self.backbone!r}, layers={self.layers}, channels={self.channels}, strides={self.strides}"
+
+
+Extractor = FeatureExtractor | EnsembleExtractor
+
+
+def build_extractor(backbone: str, layers: Sequence[str] | None = None, weights: str | None = None,
+                    normalization: str = "weights") -> Extractor:
+    """The extractor for ``backbone``: a :class:`FeatureExtractor`, or an :class:`EnsembleExtractor`
+    for ``"a+b[+c]"`` (``normalization`` matters only there: see its docstring)."""
+    if is_ensemble(backbone):
+        return EnsembleExtractor(backbone, layers, weights=weights, normalization=normalization)
+    return FeatureExtractor(backbone, layers, weights=weights)

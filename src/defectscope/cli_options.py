@@ -41,10 +41,12 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
         g.add_argument("--method", default="patchcore", choices=["patchcore", "padim", "spade"],
                        help="detection method (default patchcore)")
     g.add_argument("--backbone", default=None,
-                   help="timm model name (default tf_efficientnet_lite0, ImageNet weights that ship offline)")
+                   help="timm model name (default tf_efficientnet_lite0, ImageNet weights that ship offline), or an "
+                        "ensemble of up to 3 joined by '+', e.g. tf_efficientnet_lite0+tf_efficientnet_lite2 "
+                        "(features concatenated per layer)")
     g.add_argument("--weights", default=None, metavar="FILE",
                    help="local state dict for the backbone (.safetensors or .pth; timm or torchvision key names); "
-                        "'none' for random weights")
+                        "'none' for random weights; an ensemble takes only 'none' (else each member's default weights)")
     g.add_argument("--layers", type=layers_list, default=None,
                    help="comma-separated feature layers, e.g. blocks.2,blocks.4 (EfficientNet) or layer2,layer3 "
                         "(ResNet); default depends on method and backbone")

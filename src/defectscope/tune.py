@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import metrics
-from .backbones import FeatureExtractor, default_layers, stage_blocks
+from .backbones import Extractor, build_extractor, default_layers, stage_blocks
 from .components.embedding import default_multiscale_layers
 from .data.geometry import ImageSize, Placement, check_image_size, check_resize, input_shape
 from .data.images import load_mask
@@ -170,7 +170,7 @@ class FeatureCache:
     placements: list[Placement] = field(default_factory=list)
 
     @classmethod
-    def build(cls, extractor: FeatureExtractor, paths: Sequence[Path], image_size: ImageSize, *, batch_size: int = 16,
+    def build(cls, extractor: Extractor, paths: Sequence[Path], image_size: ImageSize, *, batch_size: int = 16,
               max_bytes: int = DEFAULT_MAX_CACHE_BYTES, dtype: torch.dtype = torch.float16,
               normalization: str = DEFAULT_NORMALIZATION, resize: str = "stretch") -> "FeatureCache":
         """Run ``extractor`` once over ``paths`` and keep every layer's maps (``dtype``, float16 by default).
@@ -321,7 +321,7 @@ def tune_layers(
     check_image_size(probe.image_size)  # a bad input size or protocol fails before the backbone runs
     check_resize(probe.resize)
     needed = sorted({name for t in trials for name in t})
-    extractor = FeatureExtractor(backbone, needed, weights=probe.weights)
+    extractor = build_extractor(backbone, needed, weights=probe.weights, normalization=probe.normalization)
     images = list(dict.fromkeys([Path(p) for p in train] + [Path(s.path) for s in (*validation, *held_out)]))
     cache = FeatureCache.build(extractor, images, probe.image_size, batch_size=batch_size, max_bytes=max_cache_bytes,
                                normalization=probe.normalization, resize=probe.resize)

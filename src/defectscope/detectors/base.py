@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones import FeatureExtractor
+from ..backbones import Extractor, build_extractor
 from ..data.geometry import ImageSize, check_image_size, check_resize, input_shape
 from ..errors import DefectscopeError, NotFittedError
 from ..normalization import DEFAULT_NORMALIZATION, check_normalization, input_stats
@@ -112,7 +112,7 @@ class Detector(ABC):
         self.seed = seed
         self.blur_sigma = blur_sigma
         self.normalization = normalization
-        self._extractor: FeatureExtractor | None = None
+        self._extractor: Extractor | None = None
         self._show_progress = False
 
     # ----------------------------------------------------------------- parameters
@@ -144,12 +144,13 @@ class Detector(ABC):
 
     # ----------------------------------------------------------------- backbone
     @property
-    def extractor(self) -> FeatureExtractor:
-        """The feature extractor, built on first use from backbone/layers/weights."""
+    def extractor(self) -> Extractor:
+        """The feature extractor, built on first use from backbone/layers/weights (an ensemble for "a+b")."""
         if self._extractor is None:
             if self.layers is None:
                 self.layers = self._default_layers()
-            self._extractor = FeatureExtractor(self.backbone, self._extractor_layers(), weights=self.weights)
+            self._extractor = build_extractor(self.backbone, self._extractor_layers(), weights=self.weights,
+                                              normalization=self.normalization)
             self.layers = self._layers_used(self._extractor)
         return self._extractor
 
@@ -157,11 +158,11 @@ class Detector(ABC):
         """Layers the extractor must give (None: the backbone's default); see :meth:`_layers_used`."""
         return self.layers
 
-    def _layers_used(self, extractor: FeatureExtractor) -> list[str]:
+    def _layers_used(self, extractor: Extractor) -> list[str]:
         """The layers recorded as the model's ``layers`` once ``extractor`` is built."""
         return list(extractor.layers)
 
-    def set_extractor(self, extractor: FeatureExtractor) -> None:
+    def set_extractor(self, extractor: Extractor) -> None:
         """Use an already built extractor (shares one backbone between detectors)."""
         self._extractor = extractor
         self.layers = list(extractor.layers)

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..backbones import FeatureExtractor, available_layers, default_layers
+from ..backbones import Extractor, available_layers, default_layers
 from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.knn import NearestNeighbors
 from ..data.geometry import ImageSize, size_text
@@ -100,11 +100,11 @@ class SPADE(Detector):
         maps = self._map_layer_names()
         return maps + [g for g in [self._global_name()] if g not in (None, *maps)]
 
-    def _layers_used(self, extractor: FeatureExtractor) -> list[str]:
+    def _layers_used(self, extractor: Extractor) -> list[str]:
         maps = set(self._map_layer_names())
         return [name for name in extractor.layers if name in maps]
 
-    def set_extractor(self, extractor: FeatureExtractor) -> None:
+    def set_extractor(self, extractor: Extractor) -> None:
         """Use an already built extractor; it must provide the global layer unless global_layer="maps"."""
         glob = self._global_name()
         if glob is not None and glob not in extractor.layers:
