@@ -76,6 +76,10 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     pc.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default=None,
                     help="nearest-neighbour index: flat (exact, default), ivf or hnsw (approximate, for large "
                          "memory banks; see the README for measured recall)")
+    pc.add_argument("--rotations", type=number(int, 1, 360), default=None, metavar="R",
+                    help="add every training image to the memory bank at R evenly spaced angles (0, 360/R, ...), "
+                         "for parts photographed at any angle without --align; each copy stays in its image's "
+                         "threshold fold (default 1: as given)")
     pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
@@ -113,7 +117,7 @@ _PARAM_OPTIONS = {
     "normalization": "normalization",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
     "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
-    "threshold_images": "threshold_images", "knn_index": "knn_index",
+    "threshold_images": "threshold_images", "knn_index": "knn_index", "rotations": "rotations",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
 }
 
