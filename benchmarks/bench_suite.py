@@ -140,7 +140,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--params", default="{}", help="parameters for every method given, as JSON")
-    p.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default="none",
+    p.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette", "rigid+ecc", "silhouette+ecc"],
+                   default="none",
                    help="align every image to the first training image (as fit --align)")
     p.add_argument("--out", type=Path, default=HERE / ".suite-results", help="where finished cells are kept")
     p.add_argument("--data-cache", type=Path, default=HERE / ".suite-data", help="where the rotated pill set is built")

@@ -24,6 +24,8 @@ from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
 log = logging.getLogger("defectscope")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+#: --align's modes: align.ALIGN_MODES, listed here so that parsing the command line imports neither torch nor OpenCV
+ALIGN_CHOICES = ["none", "rot90", "rigid", "silhouette", "rigid+ecc", "silhouette+ecc"]
 
 
 # --------------------------------------------------------------------------- arguments
@@ -91,17 +93,19 @@ def _add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
 def _add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
     g = p.add_argument_group("alignment")
     if fit:
-        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette", "auto"], default="none",
+        g.add_argument("--align", choices=[*ALIGN_CHOICES, "auto"], default="none",
                        help="warp every image into a reference image's frame before feature extraction: rot90 "
                             "(best quarter turn) or rigid (any angle + shift, RANSAC on ORB matches), or "
                             "silhouette (the part's outline against a uniform background: centroid and principal "
-                            "axis; for parts with little texture), or auto (silhouette or rigid, whichever aligns "
-                            "the training images best to the reference, and says so); stored in the model "
+                            "axis; for parts with little texture); rigid+ecc and silhouette+ecc refine that pose "
+                            "by intensity (OpenCV's ECC registration; where it fails the first pose is kept and "
+                            "recorded); auto: whichever of silhouette, silhouette+ecc, rigid, rigid+ecc aligns "
+                            "the training images best to the reference, and says so; stored in the model "
                             "(default none)")
         g.add_argument("--align-ref", type=Path, default=None, metavar="FILE",
                        help="reference image for --align (default: the first training image)")
     else:
-        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default=None,
+        g.add_argument("--align", choices=ALIGN_CHOICES, default=None,
                        help="override the model's alignment (default: as fitted); images that cannot be aligned "
                             "are scored unaligned and flagged")
 
@@ -318,6 +322,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         meta["align"] = aligner.config() | ({"auto": auto} if auto is not None else {})
         for path in meta["training"]["alignment"]["unaligned"]:
             print(f"defectscope: warning: {path}: could not be aligned, used unaligned", file=sys.stderr)
+        if meta["training"]["alignment"].get("n_unrefined"):
+            print(f"defectscope: note: ECC kept the {aligner.base_mode} pose of "
+                  f"{meta['training']['alignment']['n_unrefined']} training image(s) (listed in the model's "
+                  "training.alignment.unrefined)", file=sys.stderr)
     save_model(args.output, detector, meta, extra_tensors=aligner.tensors() if aligner is not None else None)
     skipped = meta["training"]["skipped"]
     print(
@@ -427,6 +435,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if result.alignment is not None:
                 obj["aligned"] = result.alignment["aligned"]
                 obj["align_angle"] = result.alignment["angle"]
+                if "refined" in result.alignment:
+                    obj["align_refined"] = result.alignment["refined"]
             print(dumps(obj), flush=True)
         elif result.alignment is not None:  # a 4th column: 1 aligned, 0 scored unaligned
             writer.writerow([str(result.path), f"{shown:.6f}", result.judgement, int(result.alignment["aligned"])])
