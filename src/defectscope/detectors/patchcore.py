@@ -77,8 +77,8 @@ class PatchCore(Detector):
             size rule: ``coreset_ratio`` keeps R times more entries until ``max_bank_size`` caps
             them, so with the cap each orientation gets about 1/R of the bank (coarser coverage);
             each fold's share stays proportional to its images, copies included. Feature
-            extraction and the coreset take about R (up to R^2 without the cap) times longer;
-            predict is unchanged in cost while under the cap.
+            extraction and the coreset take about R (up to R^2 under the cap) times longer;
+            predict searches an up to R times larger bank, and costs the same once it is capped.
 
     The threshold's training scores are k-fold held-out scores: each scored image is compared
     with the bank fitted without its fold (see :meth:`_held_out_scores`).
