@@ -41,7 +41,7 @@ SETS = ("bottle", "pill", "elpv-mono", "elpv-poly", "pill-rotated")
 METHODS = ("patchcore", "padim", "spade")
 #: parameters added after cells were stored, whose default reproduces the earlier behaviour exactly:
 #: left out of a cell's key while at that default
-NEUTRAL: dict[str, Any] = {"resize": "stretch"}
+NEUTRAL: dict[str, Any] = {"resize": "stretch", "rotations": 1}
 COLUMNS = (("image_auroc", "image AUROC", 4), ("pixel_auroc", "pixel AUROC", 4), ("aupro", "AUPRO", 4),
            ("fit_seconds", "fit s", 1), ("images_per_second", "predict img/s", 1))
 
@@ -148,7 +148,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--params", default="{}", help="parameters for every method given, as JSON")
-    p.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default="none",
+    p.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette", "rigid+ecc", "silhouette+ecc"],
+                   default="none",
                    help="align every image to the first training image (as fit --align)")
     p.add_argument("--out", type=Path, default=HERE / ".suite-results", help="where finished cells are kept")
     p.add_argument("--data-cache", type=Path, default=HERE / ".suite-data", help="where the rotated pill set is built")

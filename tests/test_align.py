@@ -272,7 +272,8 @@ def test_align_auto_picks_the_candidate_that_aligns_best_and_says_so(rotated: Pa
     err = capsys.readouterr()[1]
     auto = read_metadata(model)["align"]["auto"]
     scores = {m: c["ncc"] for m, c in auto["candidates"].items() if "ncc" in c}
-    assert set(auto["candidates"]) == {"silhouette", "rigid"} and auto["chosen"] == max(scores, key=scores.get)
+    assert set(auto["candidates"]) == {"silhouette", "silhouette+ecc", "rigid", "rigid+ecc"}
+    assert scores[auto["chosen"]] == max(scores.values()), auto  # (a tie keeps the earlier candidate)
     assert read_metadata(model)["align"]["mode"] == auto["chosen"]
     assert f"--align auto: chose {auto['chosen']}" in err
 
@@ -311,3 +312,106 @@ def test_align_auto_counts_failures_against_a_candidate() -> None:
     aligner = Aligner.from_image("silhouette", reference)
     blank = [np.full((192, 192, 3), 70, np.uint8)] * 3  # cannot be aligned: no part
     assert alignment_quality(aligner, reference, blank) == (0.0, 3)
+
+
+# ------------------------------------------------------------------ ECC refinement
+def _photo_and_truth(angle: float, shift: tuple[float, float], seed: int = 1):
+    """(reference, photo, the exact photo -> reference matrix) of the L-shaped part at 192 x 192."""
+    rng = np.random.default_rng(seed)
+    part, silhouette = part_template(0)
+    reference, _, m_ref = photograph(part, silhouette, 0.0, (0.0, 0.0), 192, rng)
+    photo, _, m_photo = photograph(part, silhouette, angle, shift, 192, rng)
+    return reference, photo, _expected(m_photo, m_ref)
+
+
+@pytest.mark.parametrize("mode,angle", [("silhouette", 37.0), ("silhouette", 123.0), ("silhouette", 311.0),
+                                        ("rigid", 200.0)])
+def test_ecc_refined_pose_is_at_least_as_close_as_the_first_pose(mode: str, angle: float) -> None:
+    """Known turn and shift: the ECC-refined pose is no further from the truth than the first pose
+    (here it is 5-10x closer: silhouette/rigid 0.1-0.8 px, refined <= 0.05 px at the corners)."""
+    reference, photo, truth = _photo_and_truth(angle, (5.0, -4.0))
+    first = Aligner.from_image(mode, reference).estimate(photo)
+    refined = Aligner.from_image(f"{mode}+ecc", reference).estimate(photo)
+    assert first.aligned and first.refined is None
+    assert refined.aligned and refined.refined is True and refined.as_dict()["refined"] is True
+    assert _corner_error(refined.matrix, truth) <= _corner_error(first.matrix, truth) + 0.05
+    assert _corner_error(refined.matrix, truth) < 0.2
+    assert abs((refined.angle - angle + 180) % 360 - 180) < 0.2
+
+
+def test_ecc_corrects_a_pose_several_degrees_off() -> None:
+    import cv2
+
+    reference, photo, truth = _photo_and_truth(70.0, (3.0, 2.0))
+    aligner = Aligner.from_image("silhouette+ecc", reference)
+    off = np.vstack([cv2.getRotationMatrix2D((95.5, 95.5), 5.0, 1.0), [0, 0, 1]])
+    off[:2, 2] += (3.0, -2.0)
+    start = AlignResult((off @ np.vstack([truth, [0, 0, 1]]))[:2], True, 1, 0.0, (192, 192))
+    assert _corner_error(start.matrix, truth) > 10
+    result = aligner.refine(photo, start)
+    assert result.refined is True and _corner_error(result.matrix, truth) < 0.5
+
+
+def test_ecc_failure_keeps_the_first_pose_and_says_so() -> None:
+    import cv2
+
+    reference, photo, truth = _photo_and_truth(70.0, (3.0, 2.0))
+    aligner = Aligner.from_image("silhouette+ecc", reference)
+    start = AlignResult(np.eye(2, 3), True, 1, 0.0, (192, 192))
+    flat = aligner.refine(np.full((192, 192, 3), 70, np.uint8), start)  # nothing to correlate: ECC raises
+    assert flat.refined is False and "did not converge" in flat.refine_note
+    assert flat.aligned and np.array_equal(flat.matrix, start.matrix)
+    # a move beyond the limits (the pose 5 degrees off, at most 1 degree allowed) is refused
+    strict = Aligner.from_image("silhouette+ecc", reference, ecc_max_angle=1.0)
+    off = np.vstack([cv2.getRotationMatrix2D((95.5, 95.5), 5.0, 1.0), [0, 0, 1]])
+    start = AlignResult((off @ np.vstack([truth, [0, 0, 1]]))[:2], True, 1, 0.0, (192, 192))
+    far = strict.refine(photo, start)
+    assert far.refined is False and "implausibly far" in far.refine_note and np.array_equal(far.matrix, start.matrix)
+    # end to end: the image is warped by the silhouette pose, and the record says ECC was not used
+    still = Aligner.from_image("silhouette+ecc", reference, ecc_max_angle=0.0, ecc_max_shift=0.0)
+    warped, result = still(photo)
+    plain = Aligner.from_image("silhouette", reference).estimate(photo)
+    assert result.aligned and result.refined is False and np.array_equal(result.matrix, plain.matrix)
+    assert np.array_equal(warped, still.warp_image(photo, plain))
+    assert result.as_dict()["refined"] is False and "implausibly far" in result.as_dict()["refine_note"]
+
+
+def test_ecc_mode_is_stored_and_overridable() -> None:
+    reference, photo, _ = _photo_and_truth(40.0, (0.0, 0.0))
+    aligner = Aligner.from_image("silhouette+ecc", reference, ecc_size=96)
+    config, tensors = aligner.config(), aligner.tensors()
+    assert tensors["align.ecc_reference"].shape == (96, 96) and config["ecc"]["ecc_size"] == 96
+    again = Aligner.from_model(config, tensors)
+    assert again.mode == "silhouette+ecc" and again.ecc_size == 96
+    np.testing.assert_array_equal(again.ecc_reference, aligner.ecc_reference)
+    np.testing.assert_array_equal(again.estimate(photo).matrix, aligner.estimate(photo).matrix)
+    assert Aligner.from_model(config, tensors, mode="silhouette").estimate(photo).refined is None
+    with pytest.raises(DefectscopeError, match="fitted with --align silhouette\\+ecc"):
+        Aligner.from_model(config, tensors, mode="rigid")
+    plain = Aligner.from_image("silhouette", reference)
+    with pytest.raises(DefectscopeError, match="no ECC reference"):
+        Aligner.from_model(plain.config(), plain.tensors(), mode="silhouette+ecc")
+
+
+def test_cli_align_choices_follow_the_modes() -> None:
+    from defectscope.align import ALIGN_MODES
+    from defectscope.cli_options import ALIGN_CHOICES
+
+    assert ALIGN_CHOICES == list(ALIGN_MODES)
+
+
+def test_cli_fit_and_predict_with_ecc_record_the_refinement(rotated: Path, tmp_path: Path, capsys) -> None:
+    from defectscope.io import read_metadata
+
+    model = tmp_path / "ecc.dsm"
+    assert main(["fit", str(rotated), "-o", str(model), "--method", "padim", "--image-size", "64", "--d-reduced", "20",
+                 "--align", "silhouette+ecc", "--no-progress"]) == 0
+    meta = read_metadata(model)
+    assert meta["align"]["mode"] == "silhouette+ecc"
+    alignment = meta["training"]["alignment"]
+    assert alignment["n_unrefined"] == len(alignment["unrefined"]) <= 2
+    photo = sorted((rotated / "test" / "spot").glob("*.png"))[0]
+    capsys.readouterr()
+    assert main(["predict", str(model), str(photo), "--json", "--no-progress"]) == 0
+    row = json.loads(capsys.readouterr()[0])
+    assert row["aligned"] is True and isinstance(row["align_refined"], bool)

@@ -182,3 +182,15 @@ def test_normalization_option_is_stored_in_the_model(synthetic_category, tmp_pat
     with pytest.raises(SystemExit) as exc:
         run(capsys, "fit", synthetic_category, "-o", tmp_path / "x.dsmodel", "--normalization", "zscore")
     assert exc.value.code == 2 and "'zscore'" in capsys.readouterr().err
+
+
+def test_rotations_option_is_checked_and_stored(synthetic_category, tmp_path, capsys):
+    path = tmp_path / "rot.dsmodel"
+    code, _, err = run(capsys, "fit", synthetic_category, "-o", path, "--image-size", "64", "--coreset-ratio", "0.5",
+                       "--rotations", "2")
+    assert code == 0, err
+    meta = read_metadata(path)
+    assert meta["params"]["rotations"] == 2 and meta["training"]["details"]["rotations"] == 2
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "fit", synthetic_category, "-o", tmp_path / "x.dsmodel", "--rotations", "0")
+    assert exc.value.code == 2 and "out of range" in capsys.readouterr().err

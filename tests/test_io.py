@@ -134,3 +134,17 @@ def test_files_from_before_the_normalization_parameter_use_the_weights_statistic
     loaded, _ = load_model(old)
     assert loaded.normalization == "weights"
     assert loaded.input_stats == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_rotations_round_trip_and_old_files_load_as_one(small_model, tmp_path):
+    _, path, images = small_model
+    rotated = PatchCore(image_size=SIZE, coreset_ratio=0.2, seed=1, rotations=3).fit(images)
+    saved = tmp_path / "rot.dsmodel"
+    save_model(saved, rotated, {})
+    loaded, meta = load_model(saved)
+    assert meta["params"]["rotations"] == 3 and loaded.rotations == 3
+    assert np.array_equal(loaded.predict(images).scores, rotated.predict(images).scores)
+    old = tmp_path / "old.dsmodel"
+    old.write_bytes(path.read_bytes())
+    update_metadata(old, {"params": {k: v for k, v in read_metadata(old)["params"].items() if k != "rotations"}})
+    assert load_model(old)[0].rotations == 1

@@ -230,3 +230,111 @@ def test_knn_index_is_validated():
     for bad, match in (({"knn_index": "annoy"}, "knn_index"), ({"knn_index": "ivf", "knn_backend": "torch"}, "faiss")):
         with pytest.raises(DefectscopeError, match=match):
             PatchCore(image_size=SIZE, **bad).fit(torch.zeros(2, 3, SIZE, SIZE))
+
+
+# ------------------------------------------------------------------ rotation-augmented memory banks
+def test_rotate_images_turns_about_the_centre():
+    from defectscope.components.rotation import rotate_images, rotation_angles
+
+    assert rotation_angles(4) == [0.0, 90.0, 180.0, 270.0] and rotation_angles(1) == [0.0]
+    x = torch.rand(2, 3, 32, 32)
+    assert rotate_images(x, 0.0) is x and torch.equal(rotate_images(x, 360.0), x)
+    quarter = rotate_images(x, 90.0)  # exact: torch.rot90, counter-clockwise as displayed
+    assert torch.equal(quarter, torch.rot90(x, 1, dims=(-2, -1)))
+    resampled = rotate_images(x, 90.0 + 1e-9)  # grid_sample path: the same turn, up to float rounding
+    assert torch.allclose(resampled, quarter, atol=1e-4)
+    # a blob right of the centre, turned 45 degrees counter-clockwise as displayed, ends up right and above it
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = torch.exp(-((xs - 24.0) ** 2 + (ys - 15.5) ** 2) / 4.0).expand(1, 1, 32, 32)
+    out = rotate_images(blob, 45.0)[0, 0]
+    c = np.cos(np.pi / 4) * 8.5
+    assert float((out * xs).sum() / out.sum()) == pytest.approx(15.5 + c, abs=0.1)
+    assert float((out * ys).sum() / out.sum()) == pytest.approx(15.5 - c, abs=0.1)
+
+
+def test_rotations_one_reproduces_the_plain_bank(synthetic_category):
+    """rotations=1 (the default) stores each image once, as given: the bank is the one the fold selection
+    makes from the plain patch features, bit for bit."""
+    from defectscope.components.feature_store import FeatureStore
+
+    split = mvtec_category(synthetic_category)
+    det = PatchCore(image_size=SIZE, coreset_ratio=0.25, seed=0, rotations=1)
+    train = _tensors(split.train[:10], det)
+    det.fit(train)
+    plain = PatchCore(image_size=SIZE, coreset_ratio=0.25, seed=0)
+    plain.set_extractor(det.extractor)
+    with torch.inference_mode(), FeatureStore(det.memory_bank_.shape[1]) as store:
+        feats = plain._patch_features(train)
+        store.append(feats.reshape(-1, feats.shape[-1]))
+        plain._fit_from_store(store, (feats.shape[1], feats.shape[2]))
+    assert torch.equal(det.memory_bank_, plain.memory_bank_) and torch.equal(det.bank_image_, plain.bank_image_)
+    assert torch.equal(det.training_scores_, plain.training_scores_)
+    assert det.fit_details_["rotations"] == 1
+
+
+@pytest.mark.parametrize("coreset", ["folds", "exact"])
+def test_rotated_copies_stay_in_their_image_fold(fitted, coreset):
+    """Every rotated copy belongs to its source image: bank_image_ names the source, changing one fold's
+    images leaves the other folds' entries bit-identical, and a held-out score is the score of the image
+    as given against the bank without its fold (so none of its copies)."""
+    det, split, _, _ = fitted
+    train = _tensors(split.train[:15], det)
+    params = dict(image_size=SIZE, coreset_ratio=0.1, seed=0, rotations=3, folds=3, coreset=coreset)
+    rot = PatchCore(**params)
+    rot.set_extractor(det.extractor)
+    rot.fit(train)
+    n_grid = rot.grid_[0] * rot.grid_[1]
+    assert rot.fit_details_["n_patches"] == 15 * 3 * n_grid
+    assert int(rot.bank_image_.max()) < 15
+    folds = rot._image_folds(15)
+    for i in (0, 7):
+        keep = folds[rot.bank_image_] != folds[i]
+        ref = _with_bank(rot, rot.memory_bank_[keep] if coreset == "folds" else _refit_bank(rot, train, folds, i))
+        assert rot.training_scores()[i] == pytest.approx(float(ref.predict(train[i : i + 1]).scores[0]), rel=1e-4)
+    if coreset == "exact":
+        return
+    changed = train.clone()
+    changed[folds == 1] = torch.flip(changed[folds == 1], dims=[-1]) * 0.5
+    again = PatchCore(**params)
+    again.set_extractor(det.extractor)
+    again.fit(changed)
+    for f in (0, 2):
+        mine, theirs = folds[rot.bank_image_] == f, folds[again.bank_image_] == f
+        assert torch.equal(rot.memory_bank_[mine], again.memory_bank_[theirs])
+    assert not torch.equal(rot.memory_bank_[folds[rot.bank_image_] == 1], again.memory_bank_[folds[again.bank_image_] == 1])
+
+
+def _refit_bank(det, train, folds, i):
+    """Exact mode's bank without image i's fold: greedy k-center over the other images' patches, all angles."""
+    from defectscope.components.coreset import kcenter
+    from defectscope.components.rotation import rotate_images, rotation_angles
+
+    feats = torch.stack([det._patch_features(rotate_images(train, a)) for a in rotation_angles(det.rotations)], 1)
+    flat = feats[folds != folds[i]].reshape(-1, feats.shape[-1])
+    return flat[kcenter(flat, det.bank_size_for(flat.shape[0]), seed=det.seed).indices]
+
+
+def test_rotations_learn_a_part_at_other_angles():
+    """A part learned at one orientation: a good photo of it turned by 90 or 135 degrees scores lower
+    (less anomalous) with rotations=8 than without."""
+    from rotated import part_template, photograph
+
+    rng = np.random.default_rng(0)
+    part, silhouette = part_template(0)
+    shots = [photograph(part, silhouette, 0.0, tuple(rng.uniform(-4, 4, 2)), 160, rng)[0] for _ in range(6)]
+    turned = [photograph(part, silhouette, a, (0.0, 0.0), 160, rng)[0] for a in (90.0, 135.0)]
+    scores = {}
+    for r in (1, 8):
+        det = PatchCore(image_size=96, coreset_ratio=0.25, folds=3, seed=0, rotations=r)
+        mean, std = det.input_stats
+        det.fit(torch.stack([preprocess(s, 96, mean, std) for s in shots]))
+        scores[r] = det.predict(torch.stack([preprocess(t, 96, mean, std) for t in turned])).scores
+    assert np.all(scores[8] < 0.8 * scores[1]), scores
+
+
+@pytest.mark.parametrize("bad", [0, 361, 2.5, True])
+def test_rotations_are_validated(bad):
+    from defectscope.errors import DefectscopeError
+
+    with pytest.raises(DefectscopeError, match="rotations"):
+        PatchCore(image_size=SIZE, rotations=bad).fit(torch.zeros(2, 3, SIZE, SIZE))

@@ -24,6 +24,16 @@ principal axis (theta = atan2(2 mu11, mu20 - mu02) / 2); the 180-degree ambiguit
 resolved by the sign of the third moment of the mass along it (which end is heavier). The image
 is turned about its centroid onto the reference's axis and shifted onto its centroid.
 
+``silhouette+ecc`` and ``rigid+ecc`` refine that pose by intensity: OpenCV's enhanced
+correlation coefficient registration (``cv2.findTransformECC``, Evangelidis & Psarakis 2008,
+MOTION_EUCLIDEAN: rotation + shift) between the reference's grey image and the image warped by
+the first pose, both reduced to ``ecc_size`` pixels on the longer side and Gaussian-filtered
+(``ecc_blur``) for speed and a smoother objective. The correction is composed with the first
+pose. When ECC fails (raises: no convergence, images uncorrelated), lowers the correlation, or
+moves the pose implausibly far (more than ``ecc_max_angle`` degrees or ``ecc_max_shift`` x the
+reference's longer side), the first pose is kept and the result says so (``refined`` False,
+``refine_note`` why); the image is aligned and scored all the same.
+
 An image with fewer than ``min_inliers`` agreeing matches is not warped: it is scored as
 given and flagged (``AlignResult.aligned`` False), never silently.
 
@@ -37,7 +47,8 @@ user gave and matches a ground-truth mask resized to (h, w).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -47,15 +58,18 @@ from .errors import DefectscopeError, ModelFileError
 
 log = logging.getLogger(__name__)
 
-ALIGN_MODES: tuple[str, ...] = ("none", "rot90", "rigid", "silhouette")
+ALIGN_MODES: tuple[str, ...] = ("none", "rot90", "rigid", "silhouette", "rigid+ecc", "silhouette+ecc")
+#: suffix of the modes that refine their pose with ECC
+ECC = "+ecc"
 #: silhouette alignment needs a part whose principal axes differ by at least this ratio (lengths)
 MIN_ELONGATION = 1.15
 #: what ``--align auto`` chooses among
-AUTO_CANDIDATES: tuple[str, ...] = ("silhouette", "rigid")
+AUTO_CANDIDATES: tuple[str, ...] = ("silhouette", "silhouette+ecc", "rigid", "rigid+ecc")
 #: training images ``--align auto`` tries each candidate on
 AUTO_IMAGES = 20
 TENSOR_PREFIX = "align."
-"""Model-file tensors of the reference: ``align.keypoints`` (K, 2) float32, ``align.descriptors`` (K, 32) uint8."""
+"""Model-file tensors of the reference: ``align.keypoints`` (K, 2) float32, ``align.descriptors`` (K, 32) uint8,
+and for the ECC modes ``align.ecc_reference`` (h, w) uint8, the reference's reduced grey image."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,8 @@ class AlignResult:
     inliers: matches consistent with the chosen transform.
     angle: rotation of ``matrix`` in degrees (pixel coordinates, y down: clockwise as displayed), 0 if not aligned.
     size: original (H, W) of the image.
+    refined: ECC modes only: True when ECC refined the pose, False when it kept the first pose
+             (``refine_note`` says why); None when no refinement was tried (other modes, or not aligned).
     """
 
     matrix: np.ndarray | None
@@ -75,10 +91,17 @@ class AlignResult:
     inliers: int
     angle: float
     size: tuple[int, int]
+    refined: bool | None = None
+    refine_note: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (for --json and reports)."""
-        return {"aligned": self.aligned, "inliers": self.inliers, "angle": round(self.angle, 2)}
+        out = {"aligned": self.aligned, "inliers": self.inliers, "angle": round(self.angle, 2)}
+        if self.refined is not None:
+            out["refined"] = self.refined
+            if self.refine_note:
+                out["refine_note"] = self.refine_note
+        return out
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -90,11 +113,13 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 
 class Aligner:
-    """ORB + ratio-test + (rot90 | RANSAC rigid) alignment to one reference image.
+    """ORB + ratio-test + (rot90 | RANSAC rigid) or silhouette alignment to one reference image, optionally
+    refined by ECC (modes ending in ``+ecc``).
 
     keypoints: (K, 2) float32 reference keypoint coordinates (x, y) in reference pixels.
     descriptors: (K, 32) uint8 ORB descriptors.
     ref_size: reference (H, W).
+    ecc_reference: ECC modes: (h, w) uint8 grey reference reduced to ``ecc_size`` on its longer side.
     """
 
     def __init__(
@@ -110,12 +135,32 @@ class Aligner:
         allow_scale: bool = False,
         inlier_tol: float = 0.02,
         reference: str | None = None,
+        ecc_reference: np.ndarray | None = None,
+        ecc_size: int = 160,
+        ecc_blur: int = 5,
+        ecc_iterations: int = 100,
+        ecc_eps: float = 1e-5,
+        ecc_max_angle: float = 10.0,
+        ecc_max_shift: float = 0.05,
     ) -> None:
         if mode not in ALIGN_MODES or mode == "none":
-            raise DefectscopeError(f"alignment mode must be one of rot90, rigid, silhouette, got {mode!r}")
+            raise DefectscopeError(f"alignment mode must be one of {', '.join(ALIGN_MODES[1:])}, got {mode!r}")
         if not 0 < ratio < 1:
             raise DefectscopeError(f"alignment ratio must be in (0, 1), got {ratio}")
+        if ecc_size < 16 or ecc_blur < 0 or ecc_iterations < 1 or ecc_max_angle < 0 or ecc_max_shift < 0:
+            raise DefectscopeError(f"ECC options out of range: ecc_size {ecc_size} (>= 16), ecc_blur {ecc_blur}, "
+                                   f"ecc_iterations {ecc_iterations} (>= 1), ecc_max_angle {ecc_max_angle}, "
+                                   f"ecc_max_shift {ecc_max_shift} (>= 0)")
         self.mode = mode
+        self.base_mode = mode.removesuffix(ECC)
+        self.ecc = mode.endswith(ECC)
+        self.ecc_reference = None if ecc_reference is None else np.ascontiguousarray(ecc_reference, dtype=np.uint8)
+        self.ecc_size = int(ecc_size)
+        self.ecc_blur = int(ecc_blur)
+        self.ecc_iterations = int(ecc_iterations)
+        self.ecc_eps = float(ecc_eps)
+        self.ecc_max_angle = float(ecc_max_angle)
+        self.ecc_max_shift = float(ecc_max_shift)
         self.keypoints = np.asarray(keypoints, dtype=np.float32).reshape(-1, 2)
         self.descriptors = np.asarray(descriptors, dtype=np.uint8).reshape(-1, 32)
         self.ref_size = (int(ref_size[0]), int(ref_size[1]))
@@ -132,7 +177,9 @@ class Aligner:
     def from_image(cls, mode: str, image: np.ndarray, reference: str | None = None, **options: Any) -> "Aligner":
         """Build from a reference (H, W, 3) uint8 image; fails when it has too few keypoints (or no silhouette)."""
         probe = cls(mode, np.zeros((0, 2)), np.zeros((0, 32)), image.shape[:2], reference=reference, **options)
-        if mode == "silhouette":
+        if probe.ecc:
+            probe.ecc_reference = probe._ecc_gray(_gray(image))
+        if probe.base_mode == "silhouette":
             pose = silhouette_pose(image)
             if pose is None:
                 raise DefectscopeError(f"alignment reference {reference or 'image'}: no elongated part found against "
@@ -156,14 +203,22 @@ class Aligner:
             "min_inliers": self.min_inliers, "allow_scale": self.allow_scale, "inlier_tol": self.inlier_tol,
             "reference": self.reference, "n_keypoints": int(len(self.keypoints)),
             **({"pose": list(self.pose)} if self.pose is not None else {}),
+            **({"ecc": self._ecc_options()} if self.ecc else {}),
         }
 
+    def _ecc_options(self) -> dict[str, Any]:
+        return {"ecc_size": self.ecc_size, "ecc_blur": self.ecc_blur, "ecc_iterations": self.ecc_iterations,
+                "ecc_eps": self.ecc_eps, "ecc_max_angle": self.ecc_max_angle, "ecc_max_shift": self.ecc_max_shift}
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The reference keypoints and descriptors as named tensors for the model file."""
-        return {
+        """The reference keypoints and descriptors (and ECC's reduced grey reference) as named tensors."""
+        out = {
             f"{TENSOR_PREFIX}keypoints": torch.from_numpy(self.keypoints.copy()),
             f"{TENSOR_PREFIX}descriptors": torch.from_numpy(self.descriptors.copy()),
         }
+        if self.ecc_reference is not None:
+            out[f"{TENSOR_PREFIX}ecc_reference"] = torch.from_numpy(self.ecc_reference.copy())
+        return out
 
     @classmethod
     def from_model(cls, config: dict[str, Any] | None, tensors: dict[str, torch.Tensor],
@@ -172,28 +227,39 @@ class Aligner:
 
         ``mode`` overrides the stored mode ("none" disables alignment).
         """
-        mode = mode if mode is not None else (config or {}).get("mode", "none")
+        stored = (config or {}).get("mode", "none")
+        mode = mode if mode is not None else stored
         if mode == "none":
             return None
-        if not config or config.get("mode", "none") == "none":
+        if not config or stored == "none":
             raise DefectscopeError(f"--align {mode}: this model was fitted without alignment; refit it with --align {mode}")
-        if mode == "silhouette" or config.get("mode") == "silhouette":
+        if mode not in ALIGN_MODES:
+            raise DefectscopeError(f"unknown alignment {mode!r}; choose one of: {', '.join(ALIGN_MODES)}")
+        base, stored_base = mode.removesuffix(ECC), stored.removesuffix(ECC)
+        if (base == "silhouette") != (stored_base == "silhouette"):  # a pose, or keypoints: the other is not stored
+            usable = "silhouette, silhouette+ecc" if stored_base == "silhouette" else "rot90, rigid, rigid+ecc"
+            raise DefectscopeError(f"--align {mode}: this model was fitted with --align {stored}; use --align "
+                                   f"{usable} or none")
+        options: dict[str, Any] = {k: config[k] for k in ("n_features", "ratio", "min_inliers", "allow_scale",
+                                                          "inlier_tol") if k in config}
+        if mode.endswith(ECC):
+            if f"{TENSOR_PREFIX}ecc_reference" not in tensors:
+                raise DefectscopeError(f"--align {mode}: this model keeps no ECC reference; refit it with --align {mode}")
+            options |= config.get("ecc", {})
+            options["ecc_reference"] = tensors[f"{TENSOR_PREFIX}ecc_reference"].numpy()
+        if base == "silhouette":
             if "pose" not in config:
                 raise DefectscopeError(f"--align {mode}: this model's reference has no silhouette pose; refit it "
                                        "with --align silhouette")
-            aligner = cls("silhouette", np.zeros((0, 2)), np.zeros((0, 32)), tuple(config["ref_size"]),
-                          reference=config.get("reference"))
+            aligner = cls(mode, np.zeros((0, 2)), np.zeros((0, 32)), tuple(config["ref_size"]),
+                          reference=config.get("reference"), **options)
             aligner.pose = tuple(float(v) for v in config["pose"])
-            if mode != "silhouette":
-                raise DefectscopeError(f"--align {mode}: this model was fitted with --align silhouette; use "
-                                       "--align silhouette or --align none")
             return aligner
         try:
             kp = tensors[f"{TENSOR_PREFIX}keypoints"].numpy()
             desc = tensors[f"{TENSOR_PREFIX}descriptors"].numpy()
         except KeyError as exc:
             raise ModelFileError(f"model file lacks alignment tensor {exc}; refit the model with --align") from exc
-        options = {k: config[k] for k in ("n_features", "ratio", "min_inliers", "allow_scale", "inlier_tol") if k in config}
         return cls(mode, kp, desc, tuple(config["ref_size"]), reference=config.get("reference"), **options)
 
     # ----------------------------------------------------------------- estimation
@@ -224,16 +290,79 @@ class Aligner:
     def estimate(self, image: np.ndarray) -> AlignResult:
         """The transform of an (H, W, 3) uint8 image into the reference frame."""
         size = (int(image.shape[0]), int(image.shape[1]))
-        if self.mode == "silhouette":
-            return self._silhouette(image, size)
-        src, dst = self._matches(image)
-        if self.mode == "rot90":
-            matrix, inliers, angle = self._rot90(src, dst, size)
+        if self.base_mode == "silhouette":
+            result = self._silhouette(image, size)
         else:
-            matrix, inliers, angle = self._rigid(src, dst)
-        if matrix is None or inliers < self.min_inliers:
-            return AlignResult(None, False, int(inliers), 0.0, size)
-        return AlignResult(matrix, True, int(inliers), float(angle), size)
+            src, dst = self._matches(image)
+            if self.base_mode == "rot90":
+                matrix, inliers, angle = self._rot90(src, dst, size)
+            else:
+                matrix, inliers, angle = self._rigid(src, dst)
+            if matrix is None or inliers < self.min_inliers:
+                return AlignResult(None, False, int(inliers), 0.0, size)
+            result = AlignResult(matrix, True, int(inliers), float(angle), size)
+        if self.ecc and result.aligned:
+            result = self.refine(image, result)
+        return result
+
+    # ----------------------------------------------------------------- ECC refinement
+    def _ecc_gray(self, gray: np.ndarray) -> np.ndarray:
+        """(H_ref, W_ref) grey image in the reference frame -> (h, w) uint8, ``ecc_size`` on the longer side."""
+        import cv2
+
+        rh, rw = self.ref_size
+        scale = min(1.0, self.ecc_size / max(rh, rw))
+        h, w = max(1, round(rh * scale)), max(1, round(rw * scale))
+        return cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA)
+
+    def refine(self, image: np.ndarray, result: AlignResult) -> AlignResult:
+        """``result`` (an aligned pose of an (H, W, 3) uint8 image) refined by ECC against the reference,
+        or ``result`` with ``refined`` False and a note when ECC fails or moves it implausibly far."""
+        import cv2
+
+        if self.ecc_reference is None or result.matrix is None:
+            raise DefectscopeError("ECC refinement needs an aligned result and an Aligner built in an ECC mode")
+        rh, rw = self.ref_size
+        ref = self.ecc_reference.astype(np.float32)
+        h, w = ref.shape
+        warped = cv2.warpAffine(_gray(image), result.matrix, (rw, rh), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_REPLICATE)
+        moving = self._ecc_gray(warped).astype(np.float32)
+        warp = np.eye(2, 3, dtype=np.float32)
+        criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, self.ecc_iterations, self.ecc_eps)
+        blur = self.ecc_blur + (self.ecc_blur % 2 == 0) if self.ecc_blur > 0 else 1  # an odd kernel side (1: none)
+        smooth = (lambda a: cv2.GaussianBlur(a, (blur, blur), 0)) if blur > 1 else (lambda a: a)  # noqa: E731
+        try:
+            before = float(cv2.computeECC(smooth(ref), smooth(moving)))  # the correlation ECC starts from
+            after, warp = cv2.findTransformECC(ref, moving, warp, cv2.MOTION_EUCLIDEAN, criteria, None, blur)
+        except cv2.error as exc:  # OpenCV's "error: (-7:Iterations do not converge) <why> in function ..."
+            found = re.search(r"\(-?\d+:[^)]*\)\s*(.*?)\s*(?:in function|$)", str(exc), re.S)
+            return self._unrefined(result, f"ECC did not converge ({found.group(1) if found else 'OpenCV error'})")
+        if not np.isfinite(after) or not np.all(np.isfinite(warp)):
+            return self._unrefined(result, "ECC did not converge (not finite)")
+        # warp maps reduced-reference pixels onto the reduced warped image: turn it into the correction
+        # of the reference frame (pixel centres: x_small = (x + 0.5) * s - 0.5) and check its size
+        sx, sy = w / rw, h / rh
+        to_small = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1.0]])
+        corr = np.linalg.inv(to_small) @ np.linalg.inv(np.vstack([warp.astype(np.float64), [0, 0, 1]])) @ to_small
+        turn = float(np.degrees(np.arctan2(corr[1, 0], corr[0, 0])))
+        centre = np.array([(rw - 1) / 2.0, (rh - 1) / 2.0, 1.0])
+        shift = float(np.linalg.norm((corr @ centre)[:2] - centre[:2]))
+        if abs(turn) > self.ecc_max_angle or shift > self.ecc_max_shift * max(rh, rw):
+            return self._unrefined(result, f"ECC moved the pose implausibly far ({turn:.1f} degrees, {shift:.1f} px; "
+                                           f"limits {self.ecc_max_angle:g} degrees, "
+                                           f"{self.ecc_max_shift * max(rh, rw):.1f} px)")
+        # the correlation at the final warp, measured as ``before`` was (ECC reports the one of its last step)
+        after = float(cv2.computeECC(smooth(ref), smooth(cv2.warpAffine(
+            moving, warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE))))
+        if after < before - 1e-4:  # a drop beyond rounding
+            return self._unrefined(result, f"ECC lowered the correlation ({before:.4f} -> {after:.4f})")
+        matrix = (corr @ np.vstack([result.matrix, [0.0, 0.0, 1.0]]))[:2]
+        return replace(result, matrix=matrix, angle=result.angle + turn, refined=True, refine_note=None)
+
+    def _unrefined(self, result: AlignResult, note: str) -> AlignResult:
+        log.info("ECC refinement kept the %s pose: %s", self.base_mode, note)
+        return replace(result, refined=False, refine_note=note)
 
     def _silhouette(self, image: np.ndarray, size: tuple[int, int]) -> AlignResult:
         """Turn the part about its centroid onto the reference's principal axis, centroid onto centroid."""
@@ -426,8 +555,12 @@ def alignment_quality(aligner: Aligner, reference: np.ndarray, images: list[np.n
 
 def choose_aligner(reference_image: np.ndarray, images: list[np.ndarray], reference: str | None = None
                    ) -> tuple[Aligner, dict[str, Any]]:
-    """``--align auto``: the candidate (silhouette, rigid) that aligns the training ``images`` best to the
-    reference, by :func:`alignment_quality`; returns it and a record of every candidate's quality."""
+    """``--align auto``: the candidate (:data:`AUTO_CANDIDATES`) that aligns the training ``images`` best to
+    the reference, by :func:`alignment_quality`; returns it and a record of every candidate's quality.
+
+    The ECC candidates maximise a (smoothed) correlation with the reference, which is close to what the
+    rule measures, so they win unless they fall back or the plain pose is already as good; a tie keeps
+    the earlier (plain) candidate."""
     tried: dict[str, Any] = {}
     best: tuple[float, Aligner] | None = None
     for mode in AUTO_CANDIDATES:

@@ -230,8 +230,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
                            for m, c in auto["candidates"].items())
         print(f"--align auto: chose {auto['chosen']} (mean correlation with the reference after alignment on "
               f"{auto['n_images']} training images: {scores})", file=sys.stderr)
-    for path in meta["training"].get("alignment", {}).get("unaligned", []):
+    alignment = meta["training"].get("alignment", {})
+    for path in alignment.get("unaligned", []):
         print(f"defectscope: warning: {path}: could not be aligned, used unaligned", file=sys.stderr)
+    if alignment.get("n_unrefined"):
+        print(f"defectscope: note: ECC kept the {model.aligner.base_mode} pose of {alignment['n_unrefined']} "
+              "training image(s) (listed in the model's training.alignment.unrefined)", file=sys.stderr)
     model.save(args.output)
     skipped = meta["training"]["skipped"]
     print(
@@ -375,6 +379,8 @@ class _PredictPrinter:
             if result.alignment is not None:
                 obj["aligned"] = result.alignment["aligned"]
                 obj["align_angle"] = result.alignment["angle"]
+                if "refined" in result.alignment:
+                    obj["align_refined"] = result.alignment["refined"]
             print(dumps(obj))
         elif result.alignment is not None:  # a 4th column: 1 aligned, 0 scored unaligned
             self.writer.writerow([result.name, f"{shown:.6f}", result.judgement, int(result.alignment["aligned"])])

@@ -14,6 +14,8 @@ from typing import Any
 from .cli_types import image_size, number, positive_int, probability_open, seed_int
 from .normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
 
+#: --align's modes: align.ALIGN_MODES, listed here so that parsing the command line imports neither torch nor OpenCV
+ALIGN_CHOICES = ["none", "rot90", "rigid", "silhouette", "rigid+ecc", "silhouette+ecc"]
 #: defectscope.data.geometry.RESIZE_MODES, named here so that --help imports no numpy (a test keeps them equal)
 RESIZE_CHOICES = ("stretch", "keep-aspect", "crop")
 
@@ -80,6 +82,10 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     pc.add_argument("--knn-index", choices=["flat", "ivf", "hnsw"], default=None,
                     help="nearest-neighbour index: flat (exact, default), ivf or hnsw (approximate, for large "
                          "memory banks; see the README for measured recall)")
+    pc.add_argument("--rotations", type=number(int, 1, 360), default=None, metavar="R",
+                    help="add every training image to the memory bank at R evenly spaced angles (0, 360/R, ...), "
+                         "for parts photographed at any angle without --align; each copy stays in its image's "
+                         "threshold fold (default 1: as given)")
     pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
@@ -91,17 +97,19 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
 def add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
     g = p.add_argument_group("alignment")
     if fit:
-        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette", "auto"], default="none",
+        g.add_argument("--align", choices=[*ALIGN_CHOICES, "auto"], default="none",
                        help="warp every image into a reference image's frame before feature extraction: rot90 "
                             "(best quarter turn) or rigid (any angle + shift, RANSAC on ORB matches), or "
                             "silhouette (the part's outline against a uniform background: centroid and principal "
-                            "axis; for parts with little texture), or auto (silhouette or rigid, whichever aligns "
-                            "the training images best to the reference, and says so); stored in the model "
+                            "axis; for parts with little texture); rigid+ecc and silhouette+ecc refine that pose "
+                            "by intensity (OpenCV's ECC registration; where it fails the first pose is kept and "
+                            "recorded); auto: whichever of silhouette, silhouette+ecc, rigid, rigid+ecc aligns "
+                            "the training images best to the reference, and says so; stored in the model "
                             "(default none)")
         g.add_argument("--align-ref", type=Path, default=None, metavar="FILE",
                        help="reference image for --align (default: the first training image)")
     else:
-        g.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette"], default=None,
+        g.add_argument("--align", choices=ALIGN_CHOICES, default=None,
                        help="override the model's alignment (default: as fitted); images that cannot be aligned "
                             "are scored unaligned and flagged")
 
@@ -111,7 +119,7 @@ PARAM_OPTIONS = {
     "normalization": "normalization",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
     "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
-    "threshold_images": "threshold_images", "knn_index": "knn_index",
+    "threshold_images": "threshold_images", "knn_index": "knn_index", "rotations": "rotations",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
 }
 

@@ -70,7 +70,8 @@ def evaluate_detector(
     aligner: a :class:`defectscope.align.Aligner`; images are warped into its reference frame
     for scoring and maps are warped back to each image's own frame before the pixel
     metrics and overlays, so maps and masks are compared in the photo's frame. Each image
-    record then holds ``"aligned"``; the result holds ``"alignment"`` (mode, unaligned paths).
+    record then holds ``"aligned"``; the result holds ``"alignment"`` (mode, unaligned paths; for the ECC
+    modes also the paths where ECC kept the first pose, ``"unrefined"``).
     """
     from .report.heatmaps import Verdict, resize_map
 
@@ -132,6 +133,10 @@ def evaluate_detector(
             record["aligned"] = result.alignment["aligned"]
             record["align_inliers"] = result.alignment["inliers"]
             record["align_angle"] = result.alignment["angle"]
+            if "refined" in result.alignment:  # ECC modes: False when ECC kept the first pose (note says why)
+                record["align_refined"] = result.alignment["refined"]
+                if "refine_note" in result.alignment:
+                    record["align_refine_note"] = result.alignment["refine_note"]
         records.append(record)
         if result.map is None:
             continue
@@ -181,6 +186,9 @@ def evaluate_detector(
     if aligner is not None:
         unaligned = [r["path"] for r in records if r.get("aligned") is False]
         out["alignment"] = {"mode": aligner.mode, "n_unaligned": len(unaligned), "unaligned": unaligned}
+        if aligner.ecc:
+            unrefined = [r["path"] for r in records if r.get("align_refined") is False]
+            out["alignment"] |= {"n_unrefined": len(unrefined), "unrefined": unrefined}
     out["curves"] = {"image_roc": out.pop("_image_roc"), "pixel_roc": out.pop("_pixel_roc"), "pro": out.pop("_pro")}
     return out
 

@@ -131,12 +131,15 @@ def _counting(batches: Iterator[Any], failures: list[tuple[Path, str]], bar: Any
             yield batch.images
 
 
-def _note_unaligned(batches: Iterator[Any], unaligned: list[str]) -> Iterator[Any]:
-    """Pass batches through, recording the paths whose alignment record says ``aligned`` False."""
+def _note_unaligned(batches: Iterator[Any], unaligned: list[str], unrefined: list[str]) -> Iterator[Any]:
+    """Pass batches through, recording the paths whose alignment record says ``aligned`` False, and those
+    whose ECC refinement kept the first pose (``refined`` False)."""
     for batch in batches:
         for path, record in zip(batch.paths, batch.transforms):
             if record is not None and not record.aligned:
                 unaligned.append(str(path))
+            if record is not None and record.refined is False:
+                unrefined.append(str(path))
         yield batch
 
 
@@ -180,8 +183,9 @@ def fit_detector(
         batches = iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner,
                                resize=detector.resize)
         unaligned: list[str] = []
+        unrefined: list[str] = []
         if aligner is not None:
-            batches = _note_unaligned(batches, unaligned)
+            batches = _note_unaligned(batches, unaligned, unrefined)
         loaded = len(paths)
 
         def images() -> Iterator[torch.Tensor]:
@@ -213,6 +217,8 @@ def fit_detector(
         f"shorter side / {TINY_FACTOR}")}
     if aligner is not None:
         training["alignment"] = {"mode": aligner.mode, "n_unaligned": len(unaligned), "unaligned": unaligned}
+        if getattr(aligner, "ecc", False):  # images whose ECC refinement kept the first pose
+            training["alignment"] |= {"n_unrefined": len(unrefined), "unrefined": unrefined}
         if unaligned:
             log.warning("%d of %d training images could not be aligned and were used unaligned",
                         len(unaligned), loaded)

@@ -189,6 +189,8 @@ def load_model_with_extras(path: str | Path) -> tuple[Detector, dict[str, Any], 
         params.setdefault("normalization", LEGACY_NORMALIZATION)
         if meta["method"] == "spade":  # files from before global_layer pooled the deepest map layer
             params.setdefault("global_layer", "maps")
+        if meta["method"] == "patchcore":  # files from before rotation-augmented banks: each image once
+            params.setdefault("rotations", 1)
         if meta["method"] == "patchcore" and "coreset" not in params:
             # files written before the fold selection: one greedy over all (or a random subset of the)
             # patches, no bank cap; coreset_candidates was retired with it

@@ -22,6 +22,7 @@ from ..components.coreset import KCenterResult, kcenter
 from ..components.embedding import concat_layers
 from ..components.feature_store import FeatureStore
 from ..components.knn import BACKENDS, INDEXES, NearestNeighbors
+from ..components.rotation import rotate_images, rotation_angles
 from ..data.geometry import ImageSize
 from ..errors import DefectscopeError
 from ..normalization import PATCHCORE_NORMALIZATION
@@ -65,6 +66,20 @@ class PatchCore(Detector):
             "hnsw" (approximate, faster on large banks; recall measured in benchmarks/bench_knn.py).
             Held-out threshold scores use the same index type, so the threshold matches what
             predict computes.
+        rotations: R, the number of evenly spaced angles (0, 360/R, 2 x 360/R, ... degrees) at which
+            every training image enters the memory bank (1: as given, the default). An alternative
+            to alignment for parts photographed at any angle: each preprocessed (normalised) input
+            tensor is turned about its centre (quarter turns of the square input exactly, other
+            angles bilinearly with border padding; see components/rotation.py) and its patches are
+            added as those of the same image. Every copy therefore stays in its source image's fold
+            (bank_image_ names the source), so the fold bank used for an image's held-out score
+            holds none of its copies; held-out images are scored as given (angle 0 only), as a test
+            image is at predict time. Rotations multiply the training patches by R before the bank
+            size rule: ``coreset_ratio`` keeps R times more entries until ``max_bank_size`` caps
+            them, so with the cap each orientation gets about 1/R of the bank (coarser coverage);
+            each fold's share stays proportional to its images, copies included. Feature
+            extraction and the coreset take about R (up to R^2 under the cap) times longer;
+            predict searches an up to R times larger bank, and costs the same once it is capped.
 
     The threshold's training scores are k-fold held-out scores: each scored image is compared
     with the bank fitted without its fold (see :meth:`_held_out_scores`).
@@ -95,6 +110,7 @@ class PatchCore(Detector):
         target_dim: int | None = None,
         knn_backend: str = "faiss",
         knn_index: str = "flat",
+        rotations: int = 1,
     ) -> None:
         super().__init__(backbone=backbone, layers=layers, image_size=image_size, resize=resize, weights=weights,
                          seed=seed, blur_sigma=blur_sigma, normalization=normalization)
@@ -110,6 +126,7 @@ class PatchCore(Detector):
         self.target_dim = target_dim
         self.knn_backend = knn_backend
         self.knn_index = knn_index
+        self.rotations = rotations
 
     def _validate_params(self) -> None:
         super()._validate_params()
@@ -138,6 +155,9 @@ class PatchCore(Detector):
             raise DefectscopeError(f"knn_index must be one of {', '.join(INDEXES)}, got {self.knn_index!r}")
         if self.knn_index != "flat" and self.knn_backend != "faiss":
             raise DefectscopeError(f"knn_index={self.knn_index!r} needs knn_backend='faiss'")
+        if isinstance(self.rotations, bool) or not isinstance(self.rotations, int) or not 1 <= self.rotations <= 360:
+            raise DefectscopeError(f"rotations must be an integer between 1 and 360 (evenly spaced angles), "
+                                   f"got {self.rotations!r}")
         if self.target_dim is not None and self.target_dim < 1:
             raise DefectscopeError(f"target_dim must be a positive integer, got {self.target_dim}")
 
@@ -169,13 +189,16 @@ class PatchCore(Detector):
         # See components/feature_store.py.
         store: FeatureStore | None = None
         grid: tuple[int, int] | None = None
+        angles = rotation_angles(self.rotations)
         try:
             for batch in batches:
-                feats = self._patch_features(batch)  # (B, h, w, D)
+                # image-major rows: image i's patches at angle 0, then at each further angle, then image
+                # i + 1's; an image's copies are one contiguous run, so they travel (and fold) together
+                feats = torch.stack([self._patch_features(rotate_images(batch, a)) for a in angles], dim=1)
                 if store is None:
                     store = FeatureStore(feats.shape[-1])
-                    grid = (feats.shape[1], feats.shape[2])
-                store.append(feats.reshape(-1, feats.shape[-1]))
+                    grid = (feats.shape[2], feats.shape[3])
+                store.append(feats.reshape(-1, feats.shape[-1]))  # (B x R x h x w, D)
                 del feats
             if store is None or grid is None:
                 raise DefectscopeError("PatchCore.fit got no images")
@@ -190,13 +213,16 @@ class PatchCore(Detector):
         return size if self.max_bank_size is None else min(size, self.max_bank_size)
 
     def _fit_from_store(self, store: FeatureStore, grid: tuple[int, int]) -> None:
-        per_image = grid[0] * grid[1]
+        # per_image: the rows of one training image, all its rotated copies included (the unit that
+        # folds, chunks and bank_image_ count in); the first grid[0] x grid[1] rows are the image as given
+        per_image = grid[0] * grid[1] * self.rotations
         n_patches = len(store)
         n = n_patches // per_image
         folds = self._image_folds(n)
         n_select = self.bank_size_for(n_patches)
-        log.info("PatchCore: %s coreset of %d of %d patches (%d images, %dx%d grid, %d dims, %d folds)",
-                 self.coreset, n_select, n_patches, n, grid[0], grid[1], store.dim, int(folds.max()) + 1)
+        log.info("PatchCore: %s coreset of %d of %d patches (%d images x %d angles, %dx%d grid, %d dims, %d folds)",
+                 self.coreset, n_select, n_patches, n, self.rotations, grid[0], grid[1], store.dim,
+                 int(folds.max()) + 1)
         t0 = time.perf_counter()
         with progress_bar(n_select, "coreset", self._show_progress, unit="centre") as bar:
             if self.coreset == "exact":
@@ -216,6 +242,7 @@ class PatchCore(Detector):
             "bank_size_rule": f"min(ceil({self.coreset_ratio} x patches), {self.max_bank_size})",
             "n_chunks": selection.n_chunks,
             "n_folds": int(folds.max()) + 1,
+            "rotations": self.rotations,  # n_patches counts every rotated copy
             # every training patch lies within this distance of a bank entry (measured to the entry
             # chosen from its own chunk: an upper bound in default mode, exact in exact mode)
             "coverage_radius": selection.radius,
@@ -305,8 +332,10 @@ class PatchCore(Detector):
 
         This is k-fold cross-validation over images: a scored image had no say in the bank it
         is compared with, as with an unseen good part at predict time, so the threshold taken
-        from these scores is not optimistic.
+        from these scores is not optimistic. ``per_image`` counts an image's rotated copies too;
+        only its first grid rows (the image as given) are scored.
         """
+        n_grid = self.grid_[0] * self.grid_[1]
         scores = torch.empty(scored.numel(), dtype=torch.float32)
         map_max = torch.empty(scored.numel(), dtype=torch.float32)
         with progress_bar(scored.numel(), "threshold", self._show_progress) as bar:
@@ -320,7 +349,7 @@ class PatchCore(Detector):
                 index = NearestNeighbors(bank, backend=self.knn_backend, index=self.knn_index, seed=self.seed)
                 for pos in mine.tolist():
                     image = int(scored[pos])
-                    patches = store.read(image * per_image, (image + 1) * per_image).unsqueeze(0)
+                    patches = store.read(image * per_image, image * per_image + n_grid).unsqueeze(0)
                     dist, nn_idx = index.search(patches[0], 1)
                     scores[pos] = self._image_scores(patches, dist[:, 0].unsqueeze(0), nn_idx[:, 0].unsqueeze(0),
                                                      bank, index)[0]
