@@ -100,9 +100,9 @@ def cell_path(out: Path, method: str, params: dict[str, Any], name: str, align: 
     from defectscope.detectors import make_detector
 
     full = make_detector(method, **params).get_params()
-    for name, value in NEUTRAL.items():  # added later with the old behaviour as default: old cells stay valid
-        if full.get(name) == value:
-            del full[name]
+    for param, value in NEUTRAL.items():  # added later with the old behaviour as default: old cells stay valid
+        if full.get(param) == value:
+            del full[param]
     spec = {"m": method, "p": full, "s": name, **({"a": align} if align != "none" else {})}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return out / f"{method}-{name}-{key}.json"
@@ -123,7 +123,7 @@ def run_cell(method: str, params: dict[str, Any], name: str, cache: Path, align:
     meta = fit_detector(detector, split.train, aligner=aligner)
     fit_s = time.perf_counter() - t0
     result = evaluate_detector(detector, split, float(meta["threshold"]), aligner=aligner)
-    return {"method": method, "params": params, "set": name, "image_auroc": result["image_auroc"],
+    return {"method": method, "params": params, "set": name, "align": align, "image_auroc": result["image_auroc"],
             "pixel_auroc": result["pixel_auroc"], "aupro": result["aupro"], "fit_seconds": fit_s,
             "images_per_second": result["images_per_second"], "n_train": len(split.train),
             "layers": list(detector.layers or []), "threshold": float(meta["threshold"]),
