@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark import add_benchmark_command
 
     add_benchmark_command(sub)
+    from .serve.command import add_serve_command
+
+    add_serve_command(sub)
     return parser
 
 
@@ -572,8 +575,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return run_benchmark_command(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.command import run
+
+    return run(args)
+
+
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo": cmd_demo,
-            "download": cmd_download, "benchmark": cmd_benchmark, "tune": cmd_tune}
+            "download": cmd_download, "benchmark": cmd_benchmark, "tune": cmd_tune,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
