@@ -89,7 +89,8 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
         loop = asyncio.get_running_loop()
         for slot in slots.values():
             slot.start()
-        sighup = settings.handle_sighup and threading.current_thread() is threading.main_thread()
+        sighup = (settings.handle_sighup and hasattr(signal, "SIGHUP")
+                  and threading.current_thread() is threading.main_thread())
         if sighup:
             def on_sighup() -> None:
                 log.info("SIGHUP: reloading %d model(s)", len(slots))
