@@ -18,11 +18,11 @@ setup() {
     fi
     local stamp="$VENV/.defectscope-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ dev.sh -nt "$stamp" ]; then
-        echo "dev.sh: installing into $VENV (torch first, then defectscope with test extras)" >&2
+        echo "dev.sh: installing into $VENV (torch first, then defectscope with its extras)" >&2
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
         # shellcheck disable=SC2086
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check $TORCH
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,lite,demo]"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,lite,demo,serve]"
         touch "$stamp"
     fi
 }

@@ -1,6 +1,6 @@
 """The shape of the code: every front end goes through the Python API and none imports another.
 
-Front ends: the command line (cli, cli_options, cli_types), the inspection service (serve/) and
+Front ends: the command line (cli, cli_options), the inspection service (serve/) and
 batch scoring (batch); the benchmark and demo jobs are libraries the command line dispatches to.
 Imports are read from the source (module level and inside functions alike).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "defectscope"
-COMMAND_LINE = {"cli", "cli_options", "cli_types"}
+COMMAND_LINE = {"cli", "cli_options"}  # cli_types (argparse value types) is shared by every front end
 JOBS = {"benchmark", "demo"}
 #: the model internals a front end reaches only through defectscope.api
 INTERNALS = {"fitting", "scoring", "io"}

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_download_command(sub)
     _add_benchmark_command(sub)
+    from .serve.command import add_serve_command  # argparse only: the web stack loads when serve runs
+
+    add_serve_command(sub)
     return parser
 
 def _add_download_command(sub: argparse._SubParsersAction) -> None:
@@ -540,8 +543,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.command import run
+
+    return run(args)
+
+
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo": cmd_demo,
-            "download": cmd_download, "benchmark": cmd_benchmark, "tune": cmd_tune}
+            "download": cmd_download, "benchmark": cmd_benchmark, "tune": cmd_tune,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from . import __version__
 from .detectors import make_detector
@@ -117,7 +117,7 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise ModelFileError(f"{path}: model file is empty (0 bytes)")
     meta = read_metadata(path)
     try:
-        tensors = load_file(str(path))
+        tensors = _read_tensors(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path}: model file is truncated or corrupt ({exc}); re-create it with `defectscope fit`") from exc
     stored = meta.get(CHECKSUM_KEY)
@@ -128,6 +128,15 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             "it with `defectscope fit`, or change its threshold with `defectscope calibrate`"
         )
     return tensors, meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors, read into memory. Not memory-mapped: a mapped file that is overwritten in
+    place (``cp new.dsmodel served.dsmodel``) would kill a process still using the model with SIGBUS."""
+    try:
+        return load_file(str(path), backend="pread")
+    except TypeError:  # safetensors before the backend argument
+        return load(path.read_bytes())
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""Models by name, each with a dynamic micro-batcher.
+
+Requests for one model wait in its queue; the batcher takes the first, waits up to
+``max_wait_ms`` for more (up to ``max_batch``), and scores them with one ``Model.predict(list)``
+call in a worker thread, so the event loop keeps accepting requests meanwhile. The API scores an
+image the same alone or in a batch (to float32 rounding), and an image it cannot use becomes a
+result with an error, so one bad request never spoils the others of its batch.
+
+Reload loads the new model completely, then swaps the slot's reference: a batch already running
+finishes on the model it started with, the next one uses the new model, and a failed load leaves
+the old one in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import defectscope
+
+from ..errors import DefectscopeError
+from .metrics import Metrics
+
+log = logging.getLogger("defectscope.serve")
+
+
+def warm_up(model: defectscope.Model) -> defectscope.Model:
+    """Score one blank image, so the first request does not pay for building the network."""
+    size = model.info()["image_size"] or 64
+    model.predict(np.zeros((size, size, 3), np.uint8), maps=False)
+    return model
+
+
+def load_warm(path: Path) -> defectscope.Model:
+    """:func:`defectscope.load` (checksum verified, nothing unpickled), then :func:`warm_up`."""
+    return warm_up(defectscope.load(path))
+
+
+class QueueFull(Exception):
+    """The model's queue already holds ``max_queue`` requests."""
+
+
+@dataclass
+class Job:
+    """One request's image waiting to be scored; ``future`` gets (Result, batch size)."""
+
+    image: Any
+    maps: bool
+    future: asyncio.Future = field(repr=False)
+
+
+class ModelSlot:
+    """A model under a name: the current :class:`defectscope.Model`, its file, and its batcher."""
+
+    def __init__(self, name: str, model: defectscope.Model, metrics: Metrics, *, max_batch: int,
+                 max_wait_ms: float, max_queue: int) -> None:
+        self.name = name
+        self.model = model
+        self.path: Path | None = model.path
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._pending: deque[Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._reload_lock: asyncio.Lock | None = None
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> None:
+        """Start the batcher on the running event loop."""
+        self._wakeup = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+        self.metrics.queue_depth.labels(self.name).set(0)
+
+    async def stop(self) -> None:
+        """Stop the batcher; requests still waiting are told the server is shutting down."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # ------------------------------------------------------------------ scoring
+    def submit(self, image: Any, maps: bool) -> asyncio.Future:
+        """Queue one decoded image; the future resolves to (Result, batch size). Raises QueueFull."""
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(f"model {self.name!r} has {len(self._pending)} requests waiting, the server's limit "
+                            "(--max-queue); retry shortly")
+        job = Job(image, maps, asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self.metrics.queue_depth.labels(self.name).set(len(self._pending))
+        assert self._wakeup is not None, "ModelSlot.start() was not called"
+        self._wakeup.set()
+        return job.future
+
+    async def _wait_for_jobs(self, timeout: float | None) -> bool:
+        """Wait until a job is queued (True) or ``timeout`` seconds pass (False)."""
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                await self._wait_for_jobs(None)
+            deadline = loop.time() + self.max_wait_s
+            while len(self._pending) < self.max_batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await self._wait_for_jobs(remaining):
+                    break
+            jobs = []
+            while self._pending and len(jobs) < self.max_batch:
+                job = self._pending.popleft()
+                if not job.future.done():  # a request that timed out while waiting is not scored
+                    jobs.append(job)
+            self.metrics.queue_depth.labels(self.name).set(len(self._pending))
+            if jobs:
+                await self._score(jobs)
+
+    async def _score(self, jobs: list[Job]) -> None:
+        model = self.model  # this batch finishes on this model even if a reload swaps the slot's meanwhile
+        maps = any(job.maps for job in jobs)
+        self.metrics.batch_size.labels(self.name).observe(len(jobs))
+        try:
+            results = await asyncio.to_thread(model.predict, [job.image for job in jobs], maps=maps,
+                                              batch_size=len(jobs))
+        except Exception as exc:  # a bug, not a bad image (those come back as results): fail this batch only
+            log.exception("model %s: scoring a batch of %d failed", self.name, len(jobs))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        for job, result in zip(jobs, results):
+            if not job.future.done():
+                job.future.set_result((result, len(jobs)))
+
+    # ------------------------------------------------------------------ reload
+    async def reload(self) -> defectscope.Model:
+        """Load the model file again (fully, and warmed up, in a worker thread) and swap it in. Raises
+        DefectscopeError (the old model stays) when the file cannot be loaded."""
+        if self.path is None:
+            raise DefectscopeError(f"model {self.name!r} was not loaded from a file: nothing to reload")
+        assert self._reload_lock is not None
+        async with self._reload_lock:
+            try:
+                model = await asyncio.to_thread(load_warm, self.path)
+            except Exception:
+                self.metrics.reloads.labels(self.name, "failed").inc()
+                raise
+            self.model = model
+            self.metrics.reloads.labels(self.name, "ok").inc()
+            log.info("reloaded model=%s checksum=%s", self.name, model.checksum)
+            return model
