@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from test_report_browser import CHROMEDRIVER, CHROMIUM, FLAGS, webdriver
+import chromium
+
+chromium.require()
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'defectscope[serve]')")
 
@@ -28,24 +30,15 @@ def bottle_model(bottle):
 
 
 def test_page_scores_a_dropped_photo(bottle, bottle_model, tmp_path):
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from defectscope.serve.app import create_app
     from serving import running
 
     photo = bottle / "test" / "broken_large" / "000.png"
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     with running(create_app({"bottle": bottle_model})) as url:
-        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+        driver = chromium.start(tmp_path / "chromium-profile")
         try:
-            driver.set_page_load_timeout(30)
             driver.get(url + "/")
             wait = WebDriverWait(driver, 60)
             wait.until(lambda d: d.execute_script("return document.getElementById('model').options.length") > 0)
