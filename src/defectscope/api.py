@@ -250,14 +250,29 @@ class Model:
         return self.path
 
 
-def load(path: str | Path, *, align: str | None = None) -> Model:
-    """Load a model file written by ``defectscope fit`` or :meth:`Model.save`.
+def load(path: str | Path, *, align: str | None = None, runtime: str | None = None) -> Model:
+    """Load a model file written by ``defectscope fit`` or :meth:`Model.save`, or a folder written by
+    ``defectscope export``.
 
     Nothing is unpickled; the file's checksum is verified. Raises ModelFileError naming the file
     when it is missing, damaged, edited by hand, or not a defectscope model. ``align`` overrides the
     alignment the model was fitted with ("none" scores without it; another mode must be one the
     model's reference supports).
+
+    An exported model runs on onnxruntime or OpenVINO without importing torch; ``runtime``
+    ("onnxruntime" or "openvino") overrides the export's default (see :mod:`defectscope.export`).
     """
+    from .export import is_exported
+
+    if is_exported(path):
+        from .export.runtime import load_exported
+
+        if align not in (None, "none"):
+            raise DefectscopeError(f"--align {align}: exported models are scored without alignment")
+        detector, meta = load_exported(path, runtime)
+        return Model(detector, meta, None, Path(path))  # type: ignore[arg-type]
+    if runtime is not None:
+        raise DefectscopeError(f"runtime={runtime!r} is for exported models; {path} is a model file (torch)")
     from .align import Aligner
     from .io import load_model_with_extras
 

@@ -17,13 +17,15 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import DefectscopeError, ImageLoadError
 from .images import load_image_noting, preprocess, to_rgb_uint8
+
+if TYPE_CHECKING:  # torch loads on first use: exported models (a ``prepare`` hook) batch without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ _POLL_S = 0.05
 class Batch:
     """One stretch of ``batch_size`` input paths, decoded.
 
-    images:   (B, 3, S, S) float32 preprocessed images (B may be 0).
+    images:   (B, 3, S, S) float32 preprocessed images (B may be 0): a tensor, or a numpy array with a
+              ``prepare`` hook.
     paths:    the B files that loaded, in input order.
     sizes:    original (H, W) of each, after EXIF orientation.
     failures: (path, one-line message) for files of this stretch that could not be loaded.
@@ -42,7 +45,7 @@ class Batch:
     notes:    per loaded image, what of the file was not used as it is (see ``load_image_noting``).
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | np.ndarray
     paths: list[Path]
     sizes: list[tuple[int, int]]
     failures: list[tuple[Path, str]] = field(default_factory=list)
@@ -90,14 +93,16 @@ class _Raised:
 _DONE = object()
 
 
-_Loaded = tuple[torch.Tensor, tuple[int, int], Any, list[str]]
+_Loaded = tuple[Any, tuple[int, int], Any, list[str]]
 
 #: per-image hook on the decoded (H, W, 3) uint8 image: returns (image to use, anything to keep)
 ImageTransform = Callable[[np.ndarray], tuple[np.ndarray, Any]]
+#: (H, W, 3) uint8 image, size, mean, std -> (3, S, S) float32 numpy model input, instead of preprocess
+Prepare = Callable[[np.ndarray, int, Sequence[float], Sequence[float]], np.ndarray]
 
 
 def _load_one(path: Source, size: int, mean: Sequence[float], std: Sequence[float],
-              transform: ImageTransform | None = None) -> _Loaded | str:
+              transform: ImageTransform | None = None, prepare: Prepare | None = None) -> _Loaded | str:
     """((3, S, S) tensor, original (H, W), transform record or None, notes), or the ImageLoadError message."""
     if isinstance(path, ArrayImage):
         if path.image is None:
@@ -112,10 +117,11 @@ def _load_one(path: Source, size: int, mean: Sequence[float], std: Sequence[floa
     record = None
     if transform is not None:
         image, record = transform(image)
-    return preprocess(image, size, mean, std), shape, record, notes
+    return (prepare or preprocess)(image, size, mean, std), shape, record, notes
 
 
-def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int, transform_used: bool = False) -> Batch:
+def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int, transform_used: bool = False,
+              as_numpy: bool = False) -> Batch:
     """A Batch from one stretch's load results (failures keep their input order)."""
     tensors, paths, sizes, failures, records, notes = [], [], [], [], [], []
     for path, result in zip(chunk, results):
@@ -128,7 +134,12 @@ def _assemble(chunk: list[Path], results: list[_Loaded | str], size: int, transf
             sizes.append(result[1])
             records.append(result[2])
             notes.append(result[3])
-    images = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
+    if as_numpy:
+        images = np.stack(tensors) if tensors else np.empty((0, 3, size, size), np.float32)
+    else:
+        import torch
+
+        images = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
     return Batch(images=images, paths=paths, sizes=sizes, failures=failures,
                  transforms=records if transform_used else [], notes=notes)
 
@@ -142,6 +153,7 @@ def iter_batches(
     workers: int = 1,
     prefetch: int = 2,
     transform: ImageTransform | None = None,
+    prepare: Prepare | None = None,
 ) -> Iterator[Batch]:
     """Yield :class:`Batch` es of preprocessed images, decoded ahead in background thread(s).
 
@@ -153,6 +165,10 @@ def iter_batches(
     transform: optional hook called on each decoded (H, W, 3) uint8 image before resizing
     (e.g. :class:`defectscope.align.Aligner`); it returns the image to use and a record that
     ends up in ``Batch.transforms`` (same order as ``Batch.paths``).
+
+    prepare: optional replacement for :func:`~defectscope.data.images.preprocess` returning numpy
+    arrays (exported models: :func:`defectscope.export.preprocess.prepare`); ``Batch.images`` is then
+    a numpy array and torch is not imported.
     """
     if batch_size < 1 or workers < 1 or prefetch < 1:
         raise DefectscopeError(
@@ -185,10 +201,10 @@ def iter_batches(
                     for p in chunk:
                         if stop.is_set():
                             return
-                        results.append(_load_one(p, size, mean, std, transform))
+                        results.append(_load_one(p, size, mean, std, transform, prepare))
                 else:
-                    results = list(pool.map(lambda p: _load_one(p, size, mean, std, transform), chunk))
-                if not put(_assemble(chunk, results, size, transform is not None)):
+                    results = list(pool.map(lambda p: _load_one(p, size, mean, std, transform, prepare), chunk))
+                if not put(_assemble(chunk, results, size, transform is not None, prepare is not None)):
                     return
             put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
