@@ -75,15 +75,19 @@ def exported(models, tmp_path_factory):
     return folders
 
 
+@pytest.fixture(scope="module")
+def reference(models, synthetic_category):
+    """The torch model files' results on the test images, per method."""
+    return {method: defectscope.load(path).predict(_images(synthetic_category)) for method, path in models.items()}
+
+
 # --------------------------------------------------------------------------- agreement
 @pytest.mark.parametrize("method", ["patchcore", "padim"])
 @pytest.mark.parametrize("fmt,runtime", [("onnx", "onnxruntime"), ("onnx", "openvino"), ("openvino", "openvino")])
-def test_exported_scores_and_maps_agree_with_torch(models, exported, synthetic_category, method, fmt, runtime):
-    images = _images(synthetic_category)
-    reference = defectscope.load(models[method]).predict(images)
+def test_exported_scores_and_maps_agree_with_torch(reference, exported, synthetic_category, method, fmt, runtime):
     model = defectscope.load(exported[method, fmt], runtime=runtime)
     assert model.detector.runtime == runtime
-    assert_agree(reference, model.predict(images))
+    assert_agree(reference[method], model.predict(_images(synthetic_category)))
 
 
 def test_export_records_metadata_and_its_agreement(models, exported):
@@ -106,6 +110,17 @@ def test_resize_outside_the_graph_matches_torch():
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         reference = preprocess(image, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).numpy()
         assert np.abs(resize_unit(image, size) - reference).max() < 2e-5, (h, w, size)
+
+
+def test_a_model_file_on_a_runtime_is_exported_once_into_the_cache(models, reference, synthetic_category, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("DEFECTSCOPE_CACHE", str(tmp_path))
+    model = defectscope.load(models["patchcore"], runtime="openvino")
+    assert model.detector.runtime == "openvino" and model.path.parent == tmp_path / "exports"
+    assert_agree(reference["patchcore"], model.predict(_images(synthetic_category)))
+    stamp = (model.path / "model.onnx").stat().st_mtime_ns
+    assert defectscope.load(models["patchcore"], runtime="onnxruntime").path == model.path  # reused
+    assert (model.path / "model.onnx").stat().st_mtime_ns == stamp
 
 
 def test_batches_of_any_size_give_the_same_scores(exported, synthetic_category):

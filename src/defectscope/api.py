@@ -261,6 +261,9 @@ def load(path: str | Path, *, align: str | None = None, runtime: str | None = No
 
     An exported model runs on onnxruntime or OpenVINO without importing torch; ``runtime``
     ("onnxruntime" or "openvino") overrides the export's default (see :mod:`defectscope.export`).
+    A model file with a ``runtime`` is exported once into the cache (``$DEFECTSCOPE_CACHE/exports``)
+    and that export is run: what ``serve`` and ``batch`` use by default
+    (:data:`defectscope.export.SERVING_RUNTIME`).
     """
     from .export import is_exported
 
@@ -271,8 +274,12 @@ def load(path: str | Path, *, align: str | None = None, runtime: str | None = No
             raise DefectscopeError(f"--align {align}: exported models are scored without alignment")
         detector, meta = load_exported(path, runtime)
         return Model(detector, meta, None, Path(path))  # type: ignore[arg-type]
-    if runtime is not None:
-        raise DefectscopeError(f"runtime={runtime!r} is for exported models; {path} is a model file (torch)")
+    if runtime is not None:  # a model file on a runtime: its export, made once into the cache
+        from .export.exporter import cached_export
+
+        if align not in (None, "none"):
+            raise DefectscopeError(f"runtime={runtime!r}: exported models are scored without alignment")
+        return load(cached_export(path), runtime=runtime)
     from .align import Aligner
     from .io import load_model_with_extras
 

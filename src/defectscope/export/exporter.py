@@ -28,7 +28,7 @@ from ..files import OutputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export_model", "measure_agreement", "OPSET", "SCORE_RTOL", "MAP_TOL"]
+__all__ = ["export_model", "cached_export", "measure_agreement", "OPSET", "SCORE_RTOL", "MAP_TOL"]
 
 #: ONNX opset written (Resize, Pad reflect, Gather/ArgMax as used here are all older than this)
 OPSET = 17
@@ -108,6 +108,28 @@ def export_model(model_path: str | Path, output: str | Path, fmt: str = "onnx", 
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def cached_export(model_path: str | Path) -> Path:
+    """The ONNX export of a model file, made once into ``$DEFECTSCOPE_CACHE/exports/<model sha256>-onnx``
+    (what ``defectscope.load(MODEL, runtime=...)`` runs); an export made meanwhile by another process is used."""
+    from ..io import read_metadata
+    from ..weights import cache_dir
+
+    model_path = Path(model_path)
+    checksum = read_metadata(model_path).get("sha256") if model_path.is_file() else None
+    if checksum is None:
+        _load_source(model_path)  # says what is wrong (a folder, an older file)
+        raise ModelFileError(f"{model_path}: has no checksum to name its export by; fit it again")
+    folder = cache_dir() / "exports" / f"{checksum}-onnx"
+    if (folder / EXPORT_FILE).is_file():
+        return folder
+    try:
+        export_model(model_path, folder, "onnx")
+    except (OSError, DefectscopeError):
+        if not (folder / EXPORT_FILE).is_file():  # not another process's export landing first
+            raise
+    return folder
 
 
 def _require(module: str, purpose: str) -> None:

@@ -60,8 +60,8 @@ class PatchCoreGraph(_Graph):
 
     def __init__(self, detector: PatchCore) -> None:
         super().__init__(detector)
-        bank = detector.memory_bank_.float().contiguous()
-        self.register_buffer("bank", bank)
+        bank = detector.memory_bank_.float()
+        self.register_buffer("bank_t", bank.t().contiguous())  # (D, M): one copy of the bank in the graph
         self.register_buffer("bank_sq", bank.pow(2).sum(dim=1))
         self.b = min(detector.num_neighbors, bank.shape[0])
         if self.b >= 2:
@@ -93,7 +93,7 @@ class PatchCoreGraph(_Graph):
         n, h, w, d = feats.shape
         patches = feats.reshape(n, h * w, d)
         sq = (patches * patches).sum(dim=2, keepdim=True)  # (N, P, 1)
-        d2 = sq - 2.0 * (patches @ self.bank.t()) + self.bank_sq  # (N, P, M)
+        d2 = sq - 2.0 * (patches @ self.bank_t) + self.bank_sq  # (N, P, M)
         min_d2, nn_idx = d2.min(dim=2)  # (N, P)
         dist = min_d2.clamp_min(0.0).sqrt()
         maps = self.finish_maps(dist.reshape(n, h, w))
@@ -104,9 +104,9 @@ class PatchCoreGraph(_Graph):
         star = nn_idx.gather(1, best)  # (N, 1)
         if self.b < 2:
             return s_star, maps
-        m_star = self.bank[star.squeeze(1)].unsqueeze(1)  # (N, 1, D)
+        m_star = self.bank_t[:, star.squeeze(1)].t().unsqueeze(1)  # (N, 1, D)
         neigh = self.neighbours[star.squeeze(1)]  # (N, b)
-        d_neigh = (self.bank[neigh] - m_test).pow(2).sum(dim=2).sqrt()  # (N, b)
+        d_neigh = (self.bank_t[:, neigh].permute(1, 2, 0) - m_test).pow(2).sum(dim=2).sqrt()  # (N, b)
         d_star = (m_star - m_test).pow(2).sum(dim=2).sqrt()  # (N, 1)
         d_neigh = d_neigh.masked_fill(neigh == star, float("-inf"))  # m* counts once
         weight = 1.0 - torch.softmax(torch.cat([d_star, d_neigh], dim=1), dim=1)[:, 0]
