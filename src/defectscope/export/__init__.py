@@ -32,7 +32,7 @@ RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino")
 INSTALL_HINT = "pip install 'defectscope[export]'"
 #: the runtime ``serve`` and ``batch`` score on by default (``defectscope.load(MODEL, runtime=SERVING_RUNTIME)``,
 #: which exports a model file once into the cache): onnxruntime scored bottle 2.1x as fast as torch with the same
-#: judgements and scores within 5e-6 relative, OpenVINO 1.3x (README, "Exported models")
+#: judgements and scores within 5e-6 relative; OpenVINO was no faster than torch (README, "Exported models")
 SERVING_RUNTIME = "onnxruntime"
 
 _threads: list[int | None] = [None]
