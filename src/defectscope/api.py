@@ -133,11 +133,13 @@ class Model:
     and its alignment, if fitted with one. Get one from :func:`load` or :func:`fit`."""
 
     def __init__(self, detector: "Detector", meta: dict[str, Any], aligner: Any | None = None,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, runtime: str | None = None) -> None:
         self.detector = detector
         self.meta = meta
         self.aligner = aligner
         self.path = path
+        #: None: PyTorch; "onnxruntime" or "openvino": an exported model run on that runtime
+        self.runtime = runtime
 
     # ----------------------------------------------------------------- description
     @property
@@ -172,6 +174,7 @@ class Model:
             "pixel_threshold": self.meta.get("pixel_threshold"), "fitted": training.get("created"),
             "n_train": training.get("n_images"), "align": (self.meta.get("align") or {}).get("mode", "none"),
             "checksum": self.checksum, "path": str(self.path) if self.path is not None else None,
+            "runtime": self.runtime or "torch",
         }
 
     def __repr__(self) -> str:
@@ -250,14 +253,37 @@ class Model:
         return self.path
 
 
-def load(path: str | Path, *, align: str | None = None) -> Model:
-    """Load a model file written by ``defectscope fit`` or :meth:`Model.save`.
+def load(path: str | Path, *, align: str | None = None, runtime: str | None = None) -> Model:
+    """Load a model file written by ``defectscope fit`` or :meth:`Model.save`, or a folder written by
+    ``defectscope export``.
 
     Nothing is unpickled; the file's checksum is verified. Raises ModelFileError naming the file
     when it is missing, damaged, edited by hand, or not a defectscope model. ``align`` overrides the
     alignment the model was fitted with ("none" scores without it; another mode must be one the
     model's reference supports).
+
+    An exported model runs on onnxruntime or OpenVINO without importing torch; ``runtime``
+    ("onnxruntime" or "openvino") overrides the export's default (see :mod:`defectscope.export`).
+    A model file with a ``runtime`` is exported once into the cache (``$DEFECTSCOPE_CACHE/exports``)
+    and that export is run (``serve --runtime onnxruntime`` does this).
     """
+    from .export import is_exported
+
+    if is_exported(path):
+        from .export.runtime import load_exported
+
+        if align not in (None, "none"):
+            raise DefectscopeError(f"--align {align}: exported models are scored without alignment")
+        detector, meta = load_exported(path, runtime)
+        return Model(detector, meta, None, Path(path), runtime=detector.runtime)  # type: ignore[arg-type]
+    if runtime is not None:  # a model file on a runtime: its export, made once into the cache
+        from .export.exporter import cached_export
+
+        if align not in (None, "none"):
+            raise DefectscopeError(f"runtime={runtime!r}: exported models are scored without alignment")
+        model = load(cached_export(path), runtime=runtime)
+        model.path, model.runtime = Path(path), runtime  # a reload re-exports the file if it changed
+        return model
     from .align import Aligner
     from .io import load_model_with_extras
 

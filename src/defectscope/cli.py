@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.command import add_serve_command  # argparse only: the web stack loads when serve runs
 
     add_serve_command(sub)
+    _add_export_command(sub)
     return parser
 
 def _add_download_command(sub: argparse._SubParsersAction) -> None:
@@ -188,6 +189,26 @@ def _add_benchmark_command(sub: argparse._SubParsersAction) -> None:
     add_common(p)
 
 
+def _add_export_command(sub: argparse._SubParsersAction) -> None:
+    """``export``: the model as one ONNX or OpenVINO graph in a new folder (see defectscope.export)."""
+    from .export import FORMATS
+
+    p = sub.add_parser(
+        "export", help="write the model as an ONNX or OpenVINO graph that runs without torch",
+        description="Write MODEL's whole scoring path (normalisation, backbone, features, distances, map, image "
+                    "score) as one graph, with the model's metadata, into the new folder DIR. `defectscope predict "
+                    "DIR ...` and defectscope.load(DIR) then run it with onnxruntime or OpenVINO, without torch. The "
+                    "export scores a few images both ways and prints how far they agree. PatchCore and PaDiM only.")
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("--format", choices=list(FORMATS), default="onnx",
+                   help="onnx (runs on onnxruntime or OpenVINO) or openvino (OpenVINO IR); default onnx")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="new (or empty) folder to write")
+    p.add_argument("--check", nargs="+", type=Path, default=[], metavar="IMAGE",
+                   help="image files to measure the agreement on (default: 4 synthetic images)")
+    p.add_argument("--threads", type=number(int, 1, 1024), default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
+
+
 
 # --------------------------------------------------------------------------- commands
 def _setup(args: argparse.Namespace) -> None:
@@ -198,9 +219,15 @@ def _setup(args: argparse.Namespace) -> None:
     # libraries' own chatter (faiss: "Could not load library with AVX512 support") is not ours to show at -v
     for noisy in ("faiss", "faiss.loader", "numba", "PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    threads = max(1, getattr(args, "threads", None) or available_cores())
+    from .export import is_exported, set_threads
+
+    set_threads(threads)
+    if is_exported(getattr(args, "model", None)) and args.command != "export":  # runs without torch
+        return
     import torch
 
-    torch.set_num_threads(max(1, getattr(args, "threads", None) or available_cores()))
+    torch.set_num_threads(threads)
 
 
 class _LowerLevelFormatter(logging.Formatter):
@@ -523,6 +550,22 @@ def cmd_download(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.exporter import export_model
+
+    meta = export_model(args.model, args.output, args.format, check_images=args.check)
+    agreement = meta["export"]["agreement"]
+    print(f"wrote {args.output}: {meta['method']} as {args.format} ({meta['export']['graph']}); on "
+          f"{agreement['images']}, {agreement['runtime']} and torch agree to {agreement['max_score_rel']:.1e} relative "
+          f"(scores) and {agreement['max_map_diff']:.1e} of the map's range, judgements "
+          f"{'equal' if agreement['judgements_equal'] else 'DIFFERENT'}")
+    if not agreement["within"]:
+        print("defectscope: warning: outside the tolerance (scores 1e-4 relative, maps 1e-3 of their range, equal "
+              "judgements): check the export before using it", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Progress on stderr, the Markdown table on stdout; exit code 1 if any cell failed."""
     from .benchmark import format_markdown, run_benchmark
@@ -551,7 +594,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo": cmd_demo,
             "download": cmd_download, "benchmark": cmd_benchmark, "tune": cmd_tune,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

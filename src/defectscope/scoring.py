@@ -6,13 +6,15 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .data.loader import ArrayImage, Source, iter_batches
-from .detectors.base import Detector
 from .progress import progress_bar
+
+if TYPE_CHECKING:  # not imported: an exported model (defectscope.export) scores without torch
+    from .detectors.base import Detector
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def score_paths(
     mean, std = detector.input_stats
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
         for batch in iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner,
-                                  resize=detector.resize):
+                                  resize=detector.resize, prepare=getattr(detector, "prepare", None)):
             chunk = paths[start : start + batch_size]  # each batch is the next stretch of paths, in order
             start += len(chunk)
             scored: list[ImageResult] = []

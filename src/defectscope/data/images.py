@@ -25,14 +25,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DefectscopeError, ImageLoadError
 from .geometry import ImageSize, placement
+
+if TYPE_CHECKING:  # torch loads in preprocess only: exported models read images without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +289,9 @@ def preprocess(image: np.ndarray, size: ImageSize, mean: Sequence[float], std: S
     place = placement(image.shape[:2], size, resize)
     if len(mean) != 3 or len(std) != 3:
         raise DefectscopeError(f"mean and std need 3 values (R, G, B), got {list(mean)} and {list(std)}")
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
     if x.shape[-2:] != place.resized:
         x = F.interpolate(x, size=place.resized, mode="bilinear", align_corners=False, antialias=True)

@@ -17,14 +17,16 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import DefectscopeError, ImageLoadError
 from .geometry import ImageSize, Placement, check_resize, input_shape, placement
 from .images import load_image_noting, preprocess, to_rgb_uint8
+
+if TYPE_CHECKING:  # torch loads on first use: exported models (a ``prepare`` hook) batch without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ _POLL_S = 0.05
 class Batch:
     """One stretch of ``batch_size`` input paths, decoded.
 
-    images:   (B, 3, H_in, W_in) float32 preprocessed images (B may be 0).
+    images:   (B, 3, H_in, W_in) float32 preprocessed images (B may be 0): a tensor, or a numpy array
+              with a ``prepare`` hook.
     paths:    the B files that loaded, in input order.
     sizes:    original (H, W) of each, after EXIF orientation.
     failures: (path, one-line message) for files of this stretch that could not be loaded.
@@ -45,7 +48,7 @@ class Batch:
               :meth:`~defectscope.data.geometry.Placement.to_photo_frame` takes a map back over it.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | np.ndarray
     paths: list[Path]
     sizes: list[tuple[int, int]]
     failures: list[tuple[Path, str]] = field(default_factory=list)
@@ -94,15 +97,18 @@ class _Raised:
 _DONE = object()
 
 
-_Loaded = tuple[torch.Tensor, tuple[int, int], Any, list[str], Placement]
+_Loaded = tuple[Any, tuple[int, int], Any, list[str], Placement]
 
 #: per-image hook on the decoded (H, W, 3) uint8 image: returns (image to use, anything to keep)
 ImageTransform = Callable[[np.ndarray], tuple[np.ndarray, Any]]
+#: (H, W, 3) uint8 image, size, mean, std -> (3, S, S) float32 numpy model input, instead of preprocess
+Prepare = Callable[[np.ndarray, int, Sequence[float], Sequence[float]], np.ndarray]
 
 
 def _load_one(path: Source, size: ImageSize, mean: Sequence[float], std: Sequence[float],
-              transform: ImageTransform | None = None, resize: str = "stretch") -> _Loaded | str:
-    """((3, H_in, W_in) tensor, original (H, W), transform record or None, notes, placement), or the
+              transform: ImageTransform | None = None, resize: str = "stretch",
+              prepare: Prepare | None = None) -> _Loaded | str:
+    """((3, H_in, W_in) tensor or array, original (H, W), transform record or None, notes, placement), or the
     ImageLoadError message."""
     if isinstance(path, ArrayImage):
         if path.image is None:
@@ -118,10 +124,12 @@ def _load_one(path: Source, size: ImageSize, mean: Sequence[float], std: Sequenc
     if transform is not None:
         image, record = transform(image)
     place = placement(image.shape[:2], size, resize)
-    return preprocess(image, size, mean, std, resize), shape, record, notes, place
+    model_input = prepare(image, size, mean, std) if prepare is not None else preprocess(image, size, mean, std, resize)
+    return model_input, shape, record, notes, place
 
 
-def _assemble(chunk: list[Path], results: list[_Loaded | str], size: ImageSize, transform_used: bool = False) -> Batch:
+def _assemble(chunk: list[Path], results: list[_Loaded | str], size: ImageSize, transform_used: bool = False,
+              as_numpy: bool = False) -> Batch:
     """A Batch from one stretch's load results (failures keep their input order)."""
     tensors, paths, sizes, failures, records, notes, places = [], [], [], [], [], [], []
     for path, result in zip(chunk, results):
@@ -135,7 +143,12 @@ def _assemble(chunk: list[Path], results: list[_Loaded | str], size: ImageSize, 
             records.append(result[2])
             notes.append(result[3])
             places.append(result[4])
-    images = torch.stack(tensors) if tensors else torch.empty(0, 3, *input_shape(size))
+    if as_numpy:
+        images = np.stack(tensors) if tensors else np.empty((0, 3, *input_shape(size)), np.float32)
+    else:
+        import torch
+
+        images = torch.stack(tensors) if tensors else torch.empty(0, 3, *input_shape(size))
     return Batch(images=images, paths=paths, sizes=sizes, failures=failures,
                  transforms=records if transform_used else [], notes=notes, placements=places)
 
@@ -150,6 +163,7 @@ def iter_batches(
     prefetch: int = 2,
     transform: ImageTransform | None = None,
     resize: str = "stretch",
+    prepare: Prepare | None = None,
 ) -> Iterator[Batch]:
     """Yield :class:`Batch` es of preprocessed images, decoded ahead in background thread(s).
 
@@ -164,6 +178,9 @@ def iter_batches(
 
     size, resize: the model input, S or (H_in, W_in), and the resize protocol
     (:mod:`defectscope.data.geometry`).
+    prepare: optional replacement for :func:`~defectscope.data.images.preprocess` returning numpy
+    arrays (exported models: :func:`defectscope.export.preprocess.prepare`; stretch protocol only);
+    ``Batch.images`` is then a numpy array and torch is not imported.
     """
     if batch_size < 1 or workers < 1 or prefetch < 1:
         raise DefectscopeError(
@@ -171,6 +188,8 @@ def iter_batches(
         )
     input_shape(size)  # a bad size or protocol fails here, not in the producer thread
     check_resize(resize)
+    if prepare is not None and resize != "stretch":
+        raise DefectscopeError(f"a prepare hook resizes by stretching only, not with the {resize!r} protocol")
     paths = [p if isinstance(p, ArrayImage) else Path(p) for p in paths]
     mean, std = list(mean), list(std)
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -198,10 +217,11 @@ def iter_batches(
                     for p in chunk:
                         if stop.is_set():
                             return
-                        results.append(_load_one(p, size, mean, std, transform, resize))
+                        results.append(_load_one(p, size, mean, std, transform, resize, prepare))
                 else:
-                    results = list(pool.map(lambda p: _load_one(p, size, mean, std, transform, resize), chunk))
-                if not put(_assemble(chunk, results, size, transform is not None)):
+                    results = list(pool.map(lambda p: _load_one(p, size, mean, std, transform, resize, prepare),
+                                            chunk))
+                if not put(_assemble(chunk, results, size, transform is not None, prepare is not None)):
                     return
             put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it

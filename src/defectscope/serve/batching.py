@@ -37,9 +37,10 @@ def warm_up(model: defectscope.Model) -> defectscope.Model:
     return model
 
 
-def load_warm(path: Path) -> defectscope.Model:
-    """:func:`defectscope.load` (checksum verified, nothing unpickled), then :func:`warm_up`."""
-    return warm_up(defectscope.load(path))
+def load_warm(path: Path, runtime: str | None = None) -> defectscope.Model:
+    """:func:`defectscope.load` (checksum verified, nothing unpickled) on ``runtime`` (None: PyTorch, or
+    "onnxruntime" / "openvino": the model's export, made once), then :func:`warm_up`."""
+    return warm_up(defectscope.load(path, runtime=runtime))
 
 
 class QueueFull(Exception):
@@ -166,7 +167,7 @@ class ModelSlot:
         assert self._reload_lock is not None
         async with self._reload_lock:
             try:
-                model = await asyncio.to_thread(load_warm, self.path)
+                model = await asyncio.to_thread(load_warm, self.path, self.model.runtime)
             except Exception:
                 self.metrics.reloads.labels(self.name, "failed").inc()
                 raise
