@@ -90,7 +90,7 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
     sp = p.add_argument_group("spade")
-    sp.add_argument("--k", type=positive_int, default=None, help="image-level nearest neighbours (default 50)")
+    sp.add_argument("--k", type=positive_int, default=None, help="image-level nearest neighbours (default 5)")
     sp.add_argument("--top-k", type=positive_int, default=None, help="training images used for pixel matching (default 5)")
 
 

@@ -53,7 +53,12 @@ STORE_DTYPE = torch.float16
 
 
 class SPADE(Detector):
-    """Semantic Pyramid Anomaly Detection with ``k`` image-level and ``top_k`` pixel-level neighbours."""
+    """Semantic Pyramid Anomaly Detection with ``k`` image-level and ``top_k`` pixel-level neighbours.
+
+    ``k`` defaults to 5, decided on the development suite (README, "Accuracy beyond bottle"): against
+    k = 50 it raised image AUROC on all five sets (mean 0.831 against 0.767; ELPV mono +0.114); the
+    pixel-level search (``top_k``) is unchanged by it. Model files record their k.
+    """
 
     method = "spade"
 
@@ -67,7 +72,7 @@ class SPADE(Detector):
         seed: int = 0,
         blur_sigma: float = 4.0,
         normalization: str = DEFAULT_NORMALIZATION,
-        k: int = 50,
+        k: int = 5,
         top_k: int = 5,
         global_layer: str | None = None,
     ) -> None:
