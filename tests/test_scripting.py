@@ -130,7 +130,7 @@ def test_no_progress_bars_in_a_pipe_unless_forced(model, synthetic_category):
 
 # --------------------------------------------------------------------------- light --help
 @pytest.mark.parametrize("command", [[], ["fit"], ["predict"], ["evaluate"], ["tune"], ["calibrate"], ["demo"],
-                                     ["download"], ["benchmark"]])
+                                     ["download"], ["benchmark"], ["batch"]])
 def test_help_imports_nothing_heavy(command):
     code = ("import sys\nfrom defectscope.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'timm', 'faiss', 'matplotlib', 'cv2', 'numpy', 'PIL', 'sklearn', "
