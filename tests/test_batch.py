@@ -21,23 +21,14 @@ from defectscope.batch.rows import COLUMNS, heatmap_file_name
 from defectscope.batch.sinks import read_output
 from defectscope.cli import main
 from defectscope.errors import DefectscopeError
-from synthetic import make_mvtec_category
+from batch_data import batch_data
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """A small synthetic category (64 px), a model fitted on it, and its test images."""
-    root = tmp_path_factory.mktemp("batch")
-    category = make_mvtec_category(root, name="parts", n_train=12, n_test_good=6, n_test_defect=6, size=64, seed=3)
-    model = root / "parts.dsmodel"
-    assert main(["fit", str(category), "-o", str(model), "--image-size", "64", "--coreset-ratio", "0.25",
-                 "--no-progress"]) == 0
-    images = sorted((category / "test").rglob("*.png"))
-    broken = root / "broken.png"
-    broken.write_bytes(b"not a png")
-    return {"root": root, "model": model, "images": images, "broken": broken, "category": category}
+    return batch_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,8 @@ def score_ray(model_path: Path, checksum: str | None, paths: list[str], *, thres
         workers = workers or max(1, cpus // threads)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress
+        if not progress:  # Ray Data's INFO lines are its progress report: off with the bars
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         size = block_rows(len(paths), workers, batch_size)
         blocks = [pa.table({"path": pa.array(paths[i : i + size], pa.string())}) for i in range(0, len(paths), size)]
         if info is not None:
