@@ -16,7 +16,8 @@ Overheads: ``ray.init`` itself; per block, an actor pool that returns its input 
 number of blocks (``(T(n blocks) - T(1 block)) / (n - 1)``). The driver's ceiling: rows/s of the Parquet
 sink plus the Arrow -> rows conversion on synthetic rows. From the measured per-core rate: the cores for
 10 million images a day; what crosses the network per image. Prints the load average before and after
-(other work on the machine slows every figure). Asserts nothing; writes --work/bench_batch.json.
+each run (other work on the machine slows every figure). Asserts nothing; writes --work/bench_batch.json, and
+each run to --work/run_NAME.json as it ends: --reuse-runs takes those instead of running them again.
 """
 
 from __future__ import annotations
@@ -58,16 +59,25 @@ def cell_paths(n: int) -> list[str]:
     return [str(path) for path, _, _ in _read_labels(_data_dir())][:n]
 
 
-def timed_run(model: Path, listing: Path, out: Path, **options) -> dict:
+def timed_run(name: str, work: Path, reuse: bool, model: Path, listing: Path, **options) -> dict:
+    saved = work / f"run_{name}.json"
+    if reuse and saved.is_file():
+        return json.loads(saved.read_text())
     from defectscope.batch import run_batch
+
+    out = work / f"{name}.parquet"
+    before = load_average()
 
     first: list[float] = []
     start = time.perf_counter()
     summary = run_batch(model, [str(listing)], out, force=True,
                         on_rows=lambda n: first or first.append(time.perf_counter() - start), **options)
-    return {"seconds": round(summary.seconds, 2), "images": summary.scored, "errors": summary.errors,
-            "images_per_s": round(summary.images_per_second, 2), "first_row_s": round(first[0], 2) if first else None,
-            **{k: v for k, v in summary.engine_info.items() if k in ("workers", "threads", "blocks", "block_rows")}}
+    result = {"seconds": round(summary.seconds, 2), "images": summary.scored, "errors": summary.errors,
+              "images_per_s": round(summary.images_per_second, 2),
+              "first_row_s": round(first[0], 2) if first else None, "load_before": before, "load_after": load_average(),
+              **{k: v for k, v in summary.engine_info.items() if k in ("workers", "threads", "blocks", "block_rows")}}
+    saved.write_text(json.dumps(result) + "\n")
+    return result
 
 
 class _Identity:
@@ -125,6 +135,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--work", type=Path, default=HERE / ".batch-data")
+    parser.add_argument("--reuse-runs", action="store_true", help="take runs saved in --work instead of rerunning them")
     args = parser.parse_args()
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(SRC), os.environ.get("PYTHONPATH")] if p)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -138,20 +149,19 @@ def main() -> None:
     paths = cell_paths(args.images)
     listing = args.work / "cells.txt"
     listing.write_text("\n".join(paths) + "\n")
-    report["runs"] = {"local": timed_run(model, listing, args.work / "local.parquet", batch_size=args.batch_size,
-                                         threads=cores)}
-    print("local", report["runs"]["local"], f"load {load_average()}", file=sys.stderr, flush=True)
+    report["runs"] = {"local": timed_run("local", args.work, args.reuse_runs, model, listing,
+                                         batch_size=args.batch_size, threads=cores)}
+    print("local", report["runs"]["local"], file=sys.stderr, flush=True)
     import ray
 
     start = time.perf_counter()
     ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
     report["ray_init_s"] = round(time.perf_counter() - start, 2)
     for workers in (1, 2):
-        report["runs"][f"ray_{workers}"] = timed_run(model, listing, args.work / f"ray{workers}.parquet",
+        report["runs"][f"ray_{workers}"] = timed_run(f"ray_{workers}", args.work, args.reuse_runs, model, listing,
                                                      engine="ray", workers=workers, threads=1,
                                                      batch_size=args.batch_size)
-        print(f"ray {workers}", report["runs"][f"ray_{workers}"], f"load {load_average()}", file=sys.stderr,
-              flush=True)
+        print(f"ray {workers}", report["runs"][f"ray_{workers}"], file=sys.stderr, flush=True)
     last = report["runs"]["ray_2"]
     report["block_overhead"] = block_overhead(last["blocks"], last["block_rows"], 2)
     ray.shutdown()
@@ -172,9 +182,10 @@ def main() -> None:
     }
     (args.work / "bench_batch.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
-    print("\n| run | images/s | s in all | first row after (s) |\n|---|---:|---:|---:|")
+    print("\n| run | images/s | s in all | first row after (s) | load average before / after |\n|---|---:|---:|---:|---|")
     for name, run in report["runs"].items():
-        print(f"| {name} | {run['images_per_s']} | {run['seconds']} | {run['first_row_s']} |")
+        print(f"| {name} | {run['images_per_s']} | {run['seconds']} | {run['first_row_s']} | "
+              f"{run['load_before']} / {run['load_after']} |")
 
 
 if __name__ == "__main__":

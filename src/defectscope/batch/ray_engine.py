@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import socket
 import tempfile
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,59 +86,78 @@ def block_rows(n_paths: int, workers: int, batch_size: int) -> int:
     return max(batch_size, math.ceil(per_block / batch_size) * batch_size)
 
 
-def score_ray(model_path: Path, checksum: str | None, paths: list[str], *, threshold: float,
-              address: str | None = None, workers: int | None = None, threads: int = 1, batch_size: int = 16,
-              heatmaps: Path | None = None, progress: bool = False, info: dict[str, Any] | None = None
-              ) -> Iterator[list[dict[str, Any]]]:
-    """Yield the rows of ``paths`` block by block, in no fixed order, scored on a Ray cluster.
+@contextmanager
+def ray_session(address: str | None = None) -> Iterator[None]:
+    """Run the body in a Ray session: this process's own when there is one, else ``ray.init(address)``
+    (None: a cluster started on this machine by ``ray start``, else a private local one; "auto" or
+    "HOST:PORT": that cluster), shut down at the end. Connection problems are one-line errors."""
+    require_ray()
+    import ray
 
-    Uses the Ray session of this process when there is one; otherwise ``ray.init(address)``
-    (None: a cluster started on this machine by ``ray start``, else a private local one; "auto"
-    or "HOST:PORT": that cluster) and ``ray.shutdown()`` at the end. ``workers``: actors in the
-    pool (default: the cluster's CPUs / ``threads``); ``threads``: CPUs (torch threads) per actor.
-    ``info`` (a dict) receives the address, the worker count and the blocks."""
+    if ray.is_initialized():
+        yield
+        return
+    where = address or "this machine"
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        hint = ""
+        if address not in (None, "auto") and os.environ.get("RAY_AUTH_MODE") != "token":
+            hint = " (a cluster with token authentication needs RAY_AUTH_MODE=token and its token)"
+        raise DefectscopeError(f"cannot reach the Ray cluster at {where}: {exc}{hint}") from exc
+    except Exception as exc:  # noqa: BLE001 - Ray's own error classes vary between versions
+        if "auth" in type(exc).__name__.lower() or "InvalidAuthToken" in str(exc):
+            raise DefectscopeError(
+                f"the Ray cluster at {where} wants its token: run with RAY_AUTH_MODE=token and the cluster's token "
+                "in ~/.ray/auth_token (or RAY_AUTH_TOKEN)") from exc
+        raise
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def score_ray(model_path: Path, checksum: str | None, paths: list[str], *, threshold: float,
+              workers: int | None = None, threads: int = 1, batch_size: int = 16, heatmaps: Path | None = None,
+              progress: bool = False, info: dict[str, Any] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Yield the rows of ``paths`` block by block, in no fixed order, scored on the Ray cluster of this
+    process's session (see :func:`ray_session`). ``workers``: actors in the pool (default: the
+    cluster's CPUs / ``threads``); ``threads``: CPUs (torch threads) per actor. ``info`` (a dict)
+    receives the address, the worker count and the blocks."""
     require_ray()
     import pyarrow as pa
     import ray
     import ray.data
 
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=address, logging_level=logging.WARNING)
-        started = True
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = workers or max(1, cpus // threads)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    if not progress:  # Ray Data's INFO lines are its progress report: off with the bars
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    size = block_rows(len(paths), workers, batch_size)
+    blocks = [pa.table({"path": pa.array(paths[i : i + size], pa.string())}) for i in range(0, len(paths), size)]
+    if info is not None:
+        info.update(address=ray.get_runtime_context().gcs_address, workers=workers, threads=threads,
+                    cluster_cpus=cpus, blocks=len(blocks), block_rows=size)
+    if not blocks:
+        return
+    model_ref = ray.put(Path(model_path).read_bytes())
+    with warnings.catch_warnings():  # Ray >= 2.51 calls these "ray_remote_args" and warns; older ones need them
+        warnings.simplefilter("ignore", DeprecationWarning)
+        dataset = ray.data.from_arrow(blocks).map_batches(
+            BatchScorer, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
+            fn_constructor_kwargs={"model": model_ref, "checksum": checksum, "threshold": threshold,
+                                   "batch_size": batch_size, "heatmaps": str(heatmaps) if heatmaps else None,
+                                   "threads": threads},
+            max_restarts=-1, max_task_retries=-1,  # a dead worker is restarted and its block retried
+        )
     try:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        workers = workers or max(1, cpus // threads)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = progress
-        if not progress:  # Ray Data's INFO lines are its progress report: off with the bars
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-        size = block_rows(len(paths), workers, batch_size)
-        blocks = [pa.table({"path": pa.array(paths[i : i + size], pa.string())}) for i in range(0, len(paths), size)]
-        if info is not None:
-            info.update(address=ray.get_runtime_context().gcs_address, workers=workers, threads=threads,
-                        cluster_cpus=cpus, blocks=len(blocks), block_rows=size)
-        if not blocks:
-            return
-        model_ref = ray.put(Path(model_path).read_bytes())
-        with warnings.catch_warnings():  # Ray >= 2.51 calls these "ray_remote_args" and warns; older ones need them
-            warnings.simplefilter("ignore", DeprecationWarning)
-            dataset = ray.data.from_arrow(blocks).map_batches(
-                BatchScorer, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
-                fn_constructor_kwargs={"model": model_ref, "checksum": checksum, "threshold": threshold,
-                                       "batch_size": batch_size, "heatmaps": str(heatmaps) if heatmaps else None,
-                                       "threads": threads},
-                max_restarts=-1, max_task_retries=-1,  # a dead worker is restarted and its block retried
-            )
-        try:
-            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                yield table.to_pylist()
-        except ray.exceptions.RayError as exc:
-            raise DefectscopeError(f"the Ray job failed: {_cause(exc)}") from exc
-    finally:
-        if started:
-            ray.shutdown()
+        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield table.to_pylist()
+    except ray.exceptions.RayError as exc:
+        raise DefectscopeError(f"the Ray job failed: {_cause(exc)}") from exc
 
 
 def _cause(exc: BaseException) -> str:

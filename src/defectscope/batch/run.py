@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -97,50 +98,55 @@ def run_batch(
         raise DefectscopeError("no images to score (INPUT named nothing)")
     described = {"path": str(model_path), "checksum": model.checksum, "method": model.method,
                  "threshold": threshold}
-    sink = open_sink(out, kind, model=described, resume=resume, force=force, part_rows=part_rows,
-                     flush_seconds=flush_seconds)
-    summary = BatchSummary(out=out, kind=kind, engine=engine, inputs=len(entries))
-    todo = [e for e in entries if e.path not in sink.paths]
-    summary.skipped = len(entries) - len(todo)
-    if notify is not None:
-        already = f", {summary.skipped} already in {out}" if summary.skipped else ""
-        notify(f"{len(todo)} image(s) to score with --engine {engine}{already}")
-    started, clock = datetime.now(timezone.utc), time.perf_counter()
-    status = "interrupted"
-    try:
-        paths = [e.path for e in todo if e.error is None]
-        if engine == "local":
-            from .local import score_local
+    with ExitStack() as stack:
+        if engine == "ray":  # joined before OUT is touched: a cluster that cannot be reached is an error first
+            from .ray_engine import ray_session
 
-            scored = score_local(model, paths, threshold=threshold, batch_size=batch_size, heatmaps=heatmaps,
-                                 progress=progress)
-            for entry in todo:  # in input order, an argument that gave no image in its place (as predict)
-                sink.write([next(scored) if entry.error is None else
-                            error_row(entry.path, entry.error, threshold, model.checksum)])
-                if on_rows is not None:
-                    on_rows(sink.rows)
-            summary.engine_info = {"threads": threads}
-        else:
-            from .ray_engine import score_ray
+            stack.enter_context(ray_session(address))
+        sink = open_sink(out, kind, model=described, resume=resume, force=force, part_rows=part_rows,
+                         flush_seconds=flush_seconds)
+        summary = BatchSummary(out=out, kind=kind, engine=engine, inputs=len(entries))
+        todo = [e for e in entries if e.path not in sink.paths]
+        summary.skipped = len(entries) - len(todo)
+        if notify is not None:
+            already = f", {summary.skipped} already in {out}" if summary.skipped else ""
+            notify(f"{len(todo)} image(s) to score with --engine {engine}{already}")
+        started, clock = datetime.now(timezone.utc), time.perf_counter()
+        status = "interrupted"
+        try:
+            paths = [e.path for e in todo if e.error is None]
+            if engine == "local":
+                from .local import score_local
 
-            sink.write([error_row(e.path, e.error, threshold, model.checksum) for e in todo if e.error is not None])
-            del model  # the driver only needed its checksum and threshold
-            for rows in score_ray(Path(model_path), described["checksum"], paths, threshold=threshold,
-                                  address=address, workers=workers, threads=threads or 1, batch_size=batch_size,
-                                  heatmaps=heatmaps, progress=progress, info=summary.engine_info):
-                sink.write(rows)
-                if on_rows is not None:
-                    on_rows(sink.rows)
-        status = "complete"
-    finally:
-        summary.seconds = time.perf_counter() - clock
-        summary.scored, summary.errors, summary.duplicates = sink.rows, sink.errors, sink.duplicates
-        summary.total_rows = sink.previous_rows + sink.rows
-        sink.close(status, {"started": started.isoformat(timespec="seconds"),
-                            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            "status": status, "engine": engine, **summary.engine_info, "inputs": summary.inputs,
-                            "skipped": summary.skipped, "rows": summary.scored, "errors": summary.errors,
-                            "duplicates_dropped": summary.duplicates, "seconds": round(summary.seconds, 3)})
-    if summary.duplicates:
-        log.warning("%d duplicate row(s) dropped (a retried task returned paths already written)", summary.duplicates)
-    return summary
+                scored = score_local(model, paths, threshold=threshold, batch_size=batch_size, heatmaps=heatmaps,
+                                     progress=progress)
+                for entry in todo:  # in input order, an argument that gave no image in its place (as predict)
+                    sink.write([next(scored) if entry.error is None else
+                                error_row(entry.path, entry.error, threshold, model.checksum)])
+                    if on_rows is not None:
+                        on_rows(sink.rows)
+                summary.engine_info = {"threads": threads}
+            else:
+                from .ray_engine import score_ray
+
+                sink.write([error_row(e.path, e.error, threshold, model.checksum) for e in todo if e.error is not None])
+                del model  # the driver only needed its checksum and threshold
+                for rows in score_ray(Path(model_path), described["checksum"], paths, threshold=threshold,
+                                      workers=workers, threads=threads or 1, batch_size=batch_size,
+                                      heatmaps=heatmaps, progress=progress, info=summary.engine_info):
+                    sink.write(rows)
+                    if on_rows is not None:
+                        on_rows(sink.rows)
+            status = "complete"
+        finally:
+            summary.seconds = time.perf_counter() - clock
+            summary.scored, summary.errors, summary.duplicates = sink.rows, sink.errors, sink.duplicates
+            summary.total_rows = sink.previous_rows + sink.rows
+            sink.close(status, {"started": started.isoformat(timespec="seconds"),
+                                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                "status": status, "engine": engine, **summary.engine_info, "inputs": summary.inputs,
+                                "skipped": summary.skipped, "rows": summary.scored, "errors": summary.errors,
+                                "duplicates_dropped": summary.duplicates, "seconds": round(summary.seconds, 3)})
+        if summary.duplicates:
+            log.warning("%d duplicate row(s) dropped (a retried task returned paths already written)", summary.duplicates)
+        return summary
