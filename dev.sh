@@ -22,7 +22,7 @@ setup() {
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
         # shellcheck disable=SC2086
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check $TORCH
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,lite,demo,serve,export]"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,lite,demo,serve,export,ray]"
         touch "$stamp"
     fi
 }

@@ -116,11 +116,16 @@ def test_a_model_file_on_a_runtime_is_exported_once_into_the_cache(models, refer
                                                                       monkeypatch):
     monkeypatch.setenv("DEFECTSCOPE_CACHE", str(tmp_path))
     model = defectscope.load(models["patchcore"], runtime="openvino")
-    assert model.detector.runtime == "openvino" and model.path.parent == tmp_path / "exports"
+    folder = Path(model.detector.folder)
+    assert model.detector.runtime == "openvino" and folder.parent == tmp_path / "exports"
+    # the model keeps its file (a reload re-exports it when it changes) and says what it runs on
+    assert model.path == Path(models["patchcore"]) and model.runtime == "openvino"
+    assert model.info()["runtime"] == "openvino"
     assert_agree(reference["patchcore"], model.predict(_images(synthetic_category)))
-    stamp = (model.path / "model.onnx").stat().st_mtime_ns
-    assert defectscope.load(models["patchcore"], runtime="onnxruntime").path == model.path  # reused
-    assert (model.path / "model.onnx").stat().st_mtime_ns == stamp
+    stamp = (folder / "model.onnx").stat().st_mtime_ns
+    again = defectscope.load(models["patchcore"], runtime="onnxruntime")
+    assert Path(again.detector.folder) == folder  # reused
+    assert (folder / "model.onnx").stat().st_mtime_ns == stamp
 
 
 def test_batches_of_any_size_give_the_same_scores(exported, synthetic_category):

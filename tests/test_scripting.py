@@ -130,10 +130,10 @@ def test_no_progress_bars_in_a_pipe_unless_forced(model, synthetic_category):
 
 # --------------------------------------------------------------------------- light --help
 @pytest.mark.parametrize("command", [[], ["fit"], ["predict"], ["evaluate"], ["tune"], ["calibrate"], ["demo"],
-                                     ["download"], ["benchmark"], ["serve"], ["export"]])
+                                     ["download"], ["benchmark"], ["serve"], ["export"], ["batch"]])
 def test_help_imports_nothing_heavy(command):
     code = ("import sys\nfrom defectscope.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'timm', 'faiss', 'matplotlib', 'cv2', 'numpy', 'PIL', 'sklearn', "
-            "'scipy', 'numba') if m in sys.modules]\nprint('HEAVY', heavy)" % [*command, "--help"])
+            "'scipy', 'numba', 'pyarrow', 'ray') if m in sys.modules]\nprint('HEAVY', heavy)" % [*command, "--help"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-500:]

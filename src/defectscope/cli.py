@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(sub)
     _add_export_command(sub)
+    _add_batch_command(sub)
     return parser
 
 def _add_download_command(sub: argparse._SubParsersAction) -> None:
@@ -208,6 +209,39 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=number(int, 1, 1024), default=None, help="CPU threads (default: all cores)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
 
+
+def _add_batch_command(sub: argparse._SubParsersAction) -> None:
+    """``batch``: score an archive into Parquet or CSV, locally or on a Ray cluster (defectscope.batch)."""
+    p = sub.add_parser(
+        "batch", help="score many images into a Parquet or CSV table, locally or on a Ray cluster; resumable",
+        description="Score every image of INPUT into OUT, one row per image: path, score, judgement, threshold, "
+                    "normalized_score, error, heatmap, model_checksum. Unreadable images become rows with an error. "
+                    "Exit code 1 if any row has an error. --threads is this process's torch threads with the local "
+                    "engine (default: all cores) and each actor's CPUs with Ray (default 1).")
+    p.add_argument("model", type=Path, metavar="MODEL")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (recursive), globs, or list files (.txt, .lst, .list: one path per line)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                   help="OUT.parquet (or no ending): a folder of Parquet parts and _manifest.json; OUT.csv: one CSV file")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: score in this process, rows streamed to OUT as scored (default); ray: Ray Data with "
+                        "an actor pool, one model per actor (pip install 'defectscope[ray]')")
+    p.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                   help="with --engine ray: the cluster to join (default: one started on this machine by `ray start`, "
+                        "else a private one for this run)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="with --engine ray: actors in the pool (default: the cluster's CPUs / --threads)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="OUT exists: score only the paths not in it yet (rows are keyed by path; every path ends "
+                            "up in OUT exactly once); without OUT, start it")
+    again.add_argument("--force", action="store_true", help="OUT exists: replace it (its rows are discarded)")
+    p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
+                   help="write an overlay PNG per image into DIR (named after the path) and its path into the row")
+    p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
+    p.add_argument("--part-rows", type=positive_int, default=10_000, metavar="N",
+                   help="Parquet: rows per part file (a part is also committed every 30 s; default 10000)")
+    add_common(p)
 
 
 # --------------------------------------------------------------------------- commands
@@ -592,9 +626,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Progress on stderr, the summary on stdout; exit code 1 if any row has an error."""
+    from .batch import run_batch
+
+    def notify(message: str) -> None:
+        print(f"defectscope: batch: {message}", file=sys.stderr, flush=True)
+
+    summary = run_batch(args.model, args.inputs, args.output, engine=args.engine, address=args.address,
+                        workers=args.workers, threads=args.threads, batch_size=args.batch_size,
+                        threshold=args.threshold, heatmaps=args.heatmaps, resume=args.resume, force=args.force,
+                        part_rows=args.part_rows, progress=show_progress(args), notify=notify)
+    skipped = f", {summary.skipped} skipped (already there)" if summary.skipped else ""
+    print(f"wrote {summary.out}: {summary.scored} row(s), {summary.errors} with an error, in {summary.seconds:.1f} s "
+          f"({summary.images_per_second:.1f} images/s){skipped}; {summary.total_rows} row(s) in all")
+    return EXIT_SOME_FAILED if summary.errors else EXIT_OK
+
+
 COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo": cmd_demo,
             "download": cmd_download, "benchmark": cmd_benchmark, "tune": cmd_tune,
-            "serve": cmd_serve, "export": cmd_export}
+            "serve": cmd_serve, "export": cmd_export, "batch": cmd_batch}
 
 
 def main(argv: list[str] | None = None) -> int:
