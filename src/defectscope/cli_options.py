@@ -103,7 +103,7 @@ def add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
                             "silhouette (the part's outline against a uniform background: centroid and principal "
                             "axis; for parts with little texture); rigid+ecc and silhouette+ecc refine that pose "
                             "by intensity (OpenCV's ECC registration; where it fails the first pose is kept and "
-                            "recorded); auto: whichever of silhouette, silhouette+ecc, rigid, rigid+ecc aligns "
+                            "recorded); auto: whichever of silhouette and rigid aligns "
                             "the training images best to the reference, and says so; stored in the model "
                             "(default none)")
         g.add_argument("--align-ref", type=Path, default=None, metavar="FILE",
