@@ -132,3 +132,63 @@ def test_fit_and_load_errors_are_for_people(tmp_path, synthetic_category):
 def test_evaluate_through_the_model(model, synthetic_category):
     result = model.evaluate(synthetic_category)
     assert result["image_auroc"] > 0.8 and result["n_failed"] == 0
+
+
+# --------------------------------------------------------------------------- field reports (review of the API)
+def test_thresholds_and_batch_sizes_are_checked(model, synthetic_category):
+    path = sorted((synthetic_category / "test").rglob("*.png"))[0]
+    for bad in (float("nan"), float("inf"), "x", None.__class__):
+        with pytest.raises(DefectscopeError, match="threshold"):
+            model.predict(path, threshold=bad)
+    for bad in (0, 2.5, True, -3):
+        with pytest.raises(DefectscopeError, match="batch_size must be a positive integer"):
+            model.predict(path, batch_size=bad)
+    with pytest.raises(DefectscopeError, match="threshold"):
+        model.evaluate(synthetic_category, threshold=float("nan"))
+
+
+def test_in_memory_images_say_what_was_not_used_as_given(model, synthetic_category):
+    path = sorted((synthetic_category / "test").rglob("*.png"))[0]
+    unit = np.asarray(Image.open(path).convert("RGB")).astype(np.float32) / 255.0
+    nan = unit.copy()
+    nan[0, 0, 0] = np.nan
+    stray = unit.copy()
+    stray[0, 0, 0] = 1e30
+    rgba = np.dstack([(unit * 255).astype(np.uint8), np.full(unit.shape[:2], 128, np.uint8)])
+    clean, with_nan, with_stray, transparent = model.predict([unit, nan, stray, rgba])
+    assert clean.ok and clean.notes == []
+    assert with_nan.ok and any("NaN or infinite" in n for n in with_nan.notes)
+    assert with_stray.ok and any("outside [0, 1]" in n and "stretched" in n for n in with_stray.notes)
+    assert transparent.ok and any("transparent pixels" in n for n in transparent.notes)
+    for dtype in (np.int8, np.int16, np.int32):
+        result = model.predict((unit * 100).astype(dtype))
+        assert not result.ok and "signed integer" in result.error and "uint8" in result.error
+
+
+def test_anomaly_map_is_read_only(model, synthetic_category):
+    result = model.predict(sorted((synthetic_category / "test").rglob("*.png"))[0])
+    with pytest.raises(ValueError):
+        result.anomaly_map[:] = 0
+    assert result.anomaly_map.copy().flags.writeable
+
+
+def test_fit_refuses_in_memory_images_and_says_what_it_skipped(synthetic_category, caplog):
+    good = sorted((synthetic_category / "train" / "good").glob("*.png"))
+    with pytest.raises(DefectscopeError, match="not ndarray"):
+        defectscope.fit([np.zeros((8, 8, 3), np.uint8)] * 3, image_size=64)
+    with pytest.raises(DefectscopeError, match="batch_size"):
+        defectscope.fit(good[:4], image_size=64, batch_size=0)
+    with caplog.at_level("WARNING", logger="defectscope.api"):
+        model = defectscope.fit([*good[:4], good[0].parent / "nope.png"], image_size=64, coreset_ratio=0.5)
+    assert model.meta["training"]["n_images"] == 4
+    assert "nope.png" in caplog.text and "skipped training image" in caplog.text
+
+
+def test_save_errors_name_the_target(model, tmp_path):
+    from defectscope.files import OutputError
+
+    with pytest.raises(OutputError) as info:
+        model.save("/proc/nowhere/model.dsmodel")
+    assert "/proc/nowhere/model.dsmodel" in str(info.value) and ".tmp" not in str(info.value)
+    with pytest.raises(OutputError, match="no model file name"):
+        model.save("")

@@ -137,3 +137,16 @@ def test_help_imports_nothing_heavy(command):
             "'scipy', 'numba', 'pyarrow', 'ray') if m in sys.modules]\nprint('HEAVY', heavy)" % [*command, "--help"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-500:]
+
+
+def test_file_names_that_are_not_utf8_are_printed_not_crashed_on(model, synthetic_category, tmp_path):
+    source = _images(synthetic_category)[0]
+    odd = os.path.join(os.fsencode(tmp_path), b"lat\xe9.png")
+    with open(odd, "wb") as fh:
+        fh.write(source.read_bytes())
+    csv_out = _cli("predict", str(model), "-", stdin=odd + b"\n")
+    assert csv_out.returncode == 0, csv_out.stderr
+    assert csv_out.stdout.startswith(odd + b",")  # the name's own bytes: a script can open it
+    json_out = _cli("predict", str(model), "-", "--json", stdin=odd + b"\n")
+    row = json.loads(json_out.stdout.decode("utf-8"))  # strict UTF-8 JSON
+    assert row["path"].endswith("lat\\xe9.png") and row["error"] is None

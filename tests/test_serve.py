@@ -403,3 +403,18 @@ def test_sighup_reloads_and_sigterm_drains_then_exits_0(model_file, images, tmp_
     log = server.log.read_text()
     assert "reloaded model=line" in log
     assert "model=line status=200" in log and "batch=1" in log
+
+
+def test_a_taken_port_is_a_one_line_error_before_the_models_load():
+    import socket
+
+    from defectscope.errors import DefectscopeError
+    from defectscope.serve.command import check_port
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(DefectscopeError, match=f"cannot listen on 127.0.0.1:{port}.*choose another --port"):
+            check_port("127.0.0.1", port)
+    check_port("127.0.0.1", 0)  # 0: any free port, nothing to check

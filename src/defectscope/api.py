@@ -79,14 +79,16 @@ class Result:
 
     @property
     def anomaly_map(self) -> np.ndarray | None:
-        """(H, W) float32 anomaly map over the image as given (same scale as the pixel threshold);
-        None when the image failed or maps were not asked for (``predict(..., maps=False)``)."""
+        """(H, W) float32 anomaly map over the image as given (same scale as the pixel threshold), read-only
+        (``.copy()`` it to change it); None when the image failed or maps were not asked for
+        (``predict(..., maps=False)``)."""
         if self._map is None or self.image_shape is None:
             return None
         if self._full_map is None:
             from .report.heatmaps import resize_map
 
             self._full_map = resize_map(self._map, self.image_shape)
+            self._full_map.flags.writeable = False  # shared with region and overlay(): copy it to change it
         return self._full_map
 
     @property
@@ -214,7 +216,8 @@ class Model:
         (images are decoded in a background thread meanwhile). Inputs as :meth:`predict`."""
         from .scoring import normalized_score, score_paths
 
-        threshold = self.threshold if threshold is None else float(threshold)
+        threshold = self.threshold if threshold is None else _finite(threshold, "threshold")
+        batch_size = _positive_int(batch_size, "batch_size")
         sources, arrays = _sources(images)
         pix = self.pixel_threshold if maps else None
         for result in score_paths(self.detector, sources, threshold, batch_size=batch_size, keep_maps=maps,
@@ -237,7 +240,7 @@ class Model:
 
         split = load_category(Path(data)) if isinstance(data, (str, Path)) else data
         options.setdefault("pixel_threshold", self.meta.get("pixel_threshold"))
-        threshold = float(options.pop("threshold", self.threshold))
+        threshold = _finite(options.pop("threshold", self.threshold), "threshold")
         return evaluate_detector(self.detector, split, threshold, aligner=self.aligner, **options)
 
     # ----------------------------------------------------------------- persistence
@@ -246,8 +249,15 @@ class Model:
         the path. The checksum is recomputed and kept in :attr:`meta`."""
         from .io import read_metadata, save_model
 
+        from .files import OutputError, os_error_message
+
+        if not str(path).strip():
+            raise OutputError("no model file name given: pass a path such as 'part.dsmodel'")
         extra = self.aligner.tensors() if self.aligner is not None else None
-        path = save_model(path, self.detector, self.meta, extra_tensors=extra)
+        try:
+            path = save_model(path, self.detector, self.meta, extra_tensors=extra)
+        except OSError as exc:  # the temporary file's name is ours, not the user's: name the target
+            raise OutputError(f"{path}: could not write the model file ({os_error_message(exc, path)})") from exc
         self.meta = read_metadata(path)
         self.path = Path(path)
         return self.path
@@ -287,8 +297,11 @@ def load(path: str | Path, *, align: str | None = None, runtime: str | None = No
     from .align import Aligner
     from .io import load_model_with_extras
 
+    from .traced_backbones import use_cached_extractor
+
     detector, meta, extras = load_model_with_extras(path)
     aligner = Aligner.from_model(meta.get("align"), extras, align)
+    use_cached_extractor(detector, meta.get("weights"))  # the next process starts without timm
     return Model(detector, meta, aligner, Path(path))
 
 
@@ -328,6 +341,16 @@ def fit(
 
     detector = make_detector(method, **params)
     detector._validate_params()
+    batch_size = _positive_int(batch_size, "batch_size")
+    if threshold_quantile is not None:
+        threshold_quantile = _finite(threshold_quantile, "threshold_quantile")
+    if not isinstance(images, (str, Path)):
+        if not isinstance(images, (list, tuple)):
+            raise DefectscopeError(f"fit takes a folder or a list of image file paths, got {type(images).__name__}")
+        odd = [type(p).__name__ for p in images if not isinstance(p, (str, Path))]
+        if odd:
+            raise DefectscopeError(f"fit takes image file paths, not {odd[0]} ({len(odd)} of {len(images)} items): "
+                                   "save in-memory images to files first (the fit reads them more than once)")
     if isinstance(images, (str, Path)):
         paths = good_images(Path(images))
         data_name = data_name or str(images)
@@ -342,6 +365,8 @@ def fit(
     )
     if aligner is not None:
         meta["align"] = aligner.config() | ({"auto": auto} if auto is not None else {})
+    for item in meta["training"]["skipped"]:  # never silently: the threshold rests on fewer images than given
+        log.warning("skipped training image %s", item["error"])
     return Model(detector, meta, aligner)
 
 
@@ -361,6 +386,23 @@ def _fit_aligner(mode: str, ref: str | Path | None, paths: list[Path], detector:
         sample = [load_image(p) for p in paths[1 : 1 + AUTO_IMAGES]]
         return choose_aligner(load_image(ref), sample, reference=str(ref))
     return make_aligner(mode, load_image(ref), reference=str(ref)), None
+
+
+def _finite(value: Any, name: str) -> float:
+    """``value`` as a finite float, else DefectscopeError naming ``name`` (a NaN threshold would pass every part)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DefectscopeError(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(number):
+        raise DefectscopeError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise DefectscopeError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _sources(images: Iterable[Any]) -> tuple[list[Any], dict[str, np.ndarray]]:

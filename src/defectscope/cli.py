@@ -246,6 +246,9 @@ def _add_batch_command(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- commands
 def _setup(args: argparse.Namespace) -> None:
+    # a file name that is not valid UTF-8 is printed as the bytes it has (a script can open it), never a crash
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LowerLevelFormatter("defectscope: %(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,

@@ -125,7 +125,7 @@ def _to_rgb_uint8(img: Image.Image, path: str | Path, notes: list[str] | None = 
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8).copy()
     if mode == "F":
-        return _gray_to_rgb(_float_to_uint8(np.asarray(img, dtype=np.float64)))
+        return _gray_to_rgb(_float_to_uint8(np.asarray(img, dtype=np.float64), notes))
     if mode == "I" or mode.startswith("I;"):
         arr = np.asarray(img).astype(np.float64)
         bits = img.info.get("defectscope_bits")
@@ -151,11 +151,20 @@ def _to_rgb_uint8(img: Image.Image, path: str | Path, notes: list[str] | None = 
         raise ImageLoadError(f"{path}: cannot convert colour mode {mode!r} to RGB ({exc})") from None
 
 
-def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """(H, W) float -> uint8: [0, 1] data is scaled by 255, anything else min-max stretched."""
+def _float_to_uint8(arr: np.ndarray, notes: list[str] | None = None) -> np.ndarray:
+    """float -> uint8: [0, 1] data is scaled by 255, anything else min-max stretched; NaN and +-inf become 0.
+
+    ``notes`` collects a phrase when either rule changed the data (a bad frame must not pass unnoticed)."""
+    bad = ~np.isfinite(arr)
+    if bad.any() and notes is not None:
+        notes.append(f"has {int(bad.sum())} NaN or infinite value(s) ({bad.mean():.0%} of the values): set to 0")
     arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
     if lo < 0.0 or hi > 1.0:
+        if notes is not None:
+            notes.append(f"has float values outside [0, 1] ({lo:.6g} to {hi:.6g}): the whole image was stretched "
+                         "from its minimum to its maximum, so one stray value changes every pixel (give values in "
+                         "[0, 1], or uint8/uint16)")
         arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
@@ -182,20 +191,22 @@ def load_image_noting(path: str | Path) -> tuple[np.ndarray, list[str]]:
     return _to_rgb_uint8(_open(path), path, notes), notes
 
 
-def to_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
+def to_rgb_uint8(image: object, name: str = "image", notes: list[str] | None = None) -> np.ndarray:
     """An in-memory image as an (H, W, 3) uint8 RGB array, by the same rules as image files.
 
     Accepts a PIL image (any mode) or a numpy array (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4)
-    RGBA, of dtype bool, uint8, uint16 (scaled by 65535), another integer type (scaled by its
-    smallest common bit depth that holds the data) or float ([0, 1] scaled by 255, any other range
-    min-max stretched, NaN -> 0). Raises ImageLoadError ``"<name>: <problem>"`` for anything else.
+    RGBA, of dtype bool, uint8, uint16 (scaled by 65535), uint32/uint64 (scaled by the smallest common
+    bit depth that holds the data) or float ([0, 1] scaled by 255, any other range min-max stretched,
+    NaN -> 0). Signed integer arrays are refused (their range is ambiguous: convert them first). Raises
+    ImageLoadError ``"<name>: <problem>"`` for anything else. ``notes`` collects what was not used as
+    given (transparency composited over black, NaN values, a stretched float range), as for files.
     """
     if isinstance(image, Image.Image):
         try:
             image.load()
         except (OSError, ValueError) as exc:
             raise ImageLoadError(f"{name}: image data is truncated or corrupt: {_first_line(exc)}") from None
-        return _to_rgb_uint8(image, name)
+        return _to_rgb_uint8(image, name, notes)
     if not isinstance(image, np.ndarray):
         raise ImageLoadError(f"{name}: expected a file path, a PIL image or a numpy array, got {type(image).__name__}")
     arr = image
@@ -209,20 +220,25 @@ def to_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype.kind == "f":
-        out = _float_to_uint8(arr.astype(np.float64))
-    elif arr.dtype.kind in "ui":
+        out = _float_to_uint8(arr.astype(np.float64), notes)
+    elif arr.dtype.kind == "u":
         if arr.dtype == np.uint8:
             out = arr
         else:
             peak = int(arr.max())
-            bits = 16 if arr.dtype in (np.uint16, np.int16) else next(b for b in (8, 16, 32, 64) if peak < 2**b)
-            out = np.clip(np.rint(np.clip(arr.astype(np.float64), 0, None) * (255.0 / (2**bits - 1))), 0, 255)
-            out = out.astype(np.uint8)
+            bits = 16 if arr.dtype == np.uint16 else next(b for b in (8, 16, 32, 64) if peak < 2**b)
+            out = np.clip(np.rint(arr.astype(np.float64) * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
+    elif arr.dtype.kind == "i":
+        raise ImageLoadError(f"{name}: signed integer arrays ({arr.dtype}) are ambiguous (0-255 data or a 16-bit "
+                             "range?): convert to uint8 (0-255), uint16 (0-65535) or float (0-1) first")
     else:
         raise ImageLoadError(f"{name}: unsupported array dtype {arr.dtype} (use uint8, uint16 or float)")
     if out.ndim == 2:
         return _gray_to_rgb(out)
     if out.shape[2] == 4:  # composite over black, as for files with transparency
+        if notes is not None and bool((out[..., 3] < 255).any()):
+            notes.append(f"has transparent pixels ({float((out[..., 3] < 255).mean()):.0%} of the image): composited "
+                         "over black, so they count as black")
         alpha = out[..., 3:4].astype(np.float32) / 255.0
         return np.clip(np.rint(out[..., :3].astype(np.float32) * alpha), 0, 255).astype(np.uint8)
     return np.array(out[..., :3], dtype=np.uint8, order="C")  # a copy: the caller's array is never shared

@@ -69,13 +69,15 @@ class ArrayImage:
     name: str
     image: np.ndarray | None
     error: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, obj: object, name: str) -> "ArrayImage":
         """Convert a PIL image or numpy array (see :func:`defectscope.data.images.to_rgb_uint8`); a
-        conversion problem is kept as ``error``, not raised."""
+        conversion problem is kept as ``error``, not raised; what was not used as given, as ``notes``."""
+        notes: list[str] = []
         try:
-            return cls(name, to_rgb_uint8(obj, name))
+            return cls(name, to_rgb_uint8(obj, name, notes), notes=notes)
         except ImageLoadError as exc:
             return cls(name, None, str(exc))
 
@@ -113,7 +115,7 @@ def _load_one(path: Source, size: ImageSize, mean: Sequence[float], std: Sequenc
     if isinstance(path, ArrayImage):
         if path.image is None:
             return path.error or f"{path.name}: not an image"
-        image, notes = path.image, []
+        image, notes = path.image, list(path.notes)
     else:
         try:
             image, notes = load_image_noting(path)

@@ -119,6 +119,26 @@ def require_extra() -> None:
         raise DefectscopeError(f"serve needs {', '.join(missing)}: {EXTRA_HINT}")
 
 
+def check_port(host: str, port: int) -> None:
+    """DefectscopeError when ``host:port`` cannot be bound (taken, or not an address of this machine)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise DefectscopeError(f"--host {host}: not an address this machine can listen on ({exc.strerror or exc})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise DefectscopeError(f"cannot listen on {host}:{port}: {(exc.strerror or str(exc)).lower()} (another "
+                                   "server there? choose another --port)") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the models, serve them until SIGTERM or Ctrl+C; 0 after a graceful shutdown."""
     require_extra()
@@ -128,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     from .batching import load_warm
 
     models = parse_models(args.models)
+    check_port(args.host, args.port)  # before the models load: a taken port is a one-line error, exit 2
     settings = Settings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout_s,
         max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
