@@ -50,8 +50,10 @@ model.predict(sys.argv[2], maps=False)
 t.append(time.perf_counter())
 print(" ".join(f"{b - a:.3f}" for a, b in zip(t, t[1:])))
 """
-_STEP_NAMES = ("import torch", "import defectscope (api, cli)", "model file read + checksum",
-               "backbone built + weights loaded", "first forward (1 x 3 x S x S)", "rest of the first predict")
+_STEP_NAMES = ("import torch", "import defectscope (api, cli)",
+               "defectscope.load: model file read + checksum, cached traced backbone loaded",
+               "backbone built + weights loaded (0 on a cache hit: done by load)", "first forward (1 x 3 x S x S)",
+               "rest of the first predict (decode, resize, kNN, score)")
 
 
 def _wall(cmd: list[str], **kw) -> float:
