@@ -217,3 +217,46 @@ def test_a_run_killed_mid_way_resumes_with_every_path_exactly_once(tmp_path, dat
     assert sorted(r["path"] for r in rows) == paths  # every path exactly once
     assert all(r["error"] is None for r in rows)
     assert json.loads((out / "_manifest.json").read_text())["status"] == "complete"
+
+
+# --------------------------------------------------------------------------- review fixes
+def test_a_file_name_that_is_not_utf8_is_a_row_in_parquet_and_resumes(tmp_path, capsys):
+    import os
+
+    from defectscope.batch.sinks import exclusive, read_output, text_path
+    from defectscope.errors import DefectscopeError
+
+    assert text_path(os.fsdecode(b"\xff\xfeab.png")) == "\\xff\\xfeab.png"
+    assert text_path("plain.png") == "plain.png"
+    out = tmp_path / "held.parquet"
+    with exclusive(out):
+        with pytest.raises(DefectscopeError, match="another defectscope batch is writing it"):
+            with exclusive(out):
+                pass
+    with exclusive(out):  # released when the first run ended
+        pass
+
+
+def test_non_utf8_names_in_parquet_and_csv_resume_without_duplicates(tmp_path, data):
+    source = data["images"][0]
+    odd = os.path.join(os.fsencode(tmp_path), b"\xff\xfeab.png")
+    with open(odd, "wb") as fh:
+        fh.write(Path(source).read_bytes())
+    inputs = [os.fsdecode(odd), str(data["images"][1])]
+    for out in (tmp_path / "odd.parquet", tmp_path / "odd.csv"):
+        first = run_batch(data["model"], inputs, out)
+        assert first.errors == 0 and first.scored == 2
+        again = run_batch(data["model"], inputs, out, resume=True)
+        assert (again.scored, again.skipped) == (0, 2)  # the odd name is recognised as done
+        assert len(read_output(out)) == 2
+    names = {r["path"] for r in read_output(tmp_path / "odd.parquet")}
+    assert any(n.endswith("\\xff\\xfeab.png") for n in names)
+
+
+def test_resume_refuses_another_threshold(tmp_path, data):
+    paths = [str(p) for p in data["images"][:2]]
+    for out in (tmp_path / "t.parquet", tmp_path / "t.csv"):
+        run_batch(data["model"], paths[:1], out, threshold=10.0)
+        with pytest.raises(DefectscopeError, match="threshold 10.*same --threshold"):
+            run_batch(data["model"], paths, out, resume=True)
+        assert run_batch(data["model"], paths, out, resume=True, threshold=10.0).scored == 1

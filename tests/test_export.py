@@ -126,6 +126,10 @@ def test_a_model_file_on_a_runtime_is_exported_once_into_the_cache(models, refer
     again = defectscope.load(models["patchcore"], runtime="onnxruntime")
     assert Path(again.detector.folder) == folder  # reused
     assert (folder / "model.onnx").stat().st_mtime_ns == stamp
+    (folder / "model.onnx").unlink()  # a damaged cache entry is made again, not a dead end
+    repaired = defectscope.load(models["patchcore"], runtime="onnxruntime")
+    assert (Path(repaired.detector.folder) / "model.onnx").is_file()
+    assert_agree(reference["patchcore"], repaired.predict(_images(synthetic_category)))
 
 
 def test_batches_of_any_size_give_the_same_scores(exported, synthetic_category):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from .errors import DefectscopeError
+from .errors import DefectscopeError, ModelFileError
 
 if TYPE_CHECKING:  # the heavy modules load on first use, not at import
     from .detectors.base import Detector
@@ -291,7 +291,15 @@ def load(path: str | Path, *, align: str | None = None, runtime: str | None = No
 
         if align not in (None, "none"):
             raise DefectscopeError(f"runtime={runtime!r}: exported models are scored without alignment")
-        model = load(cached_export(path), runtime=runtime)
+        folder = cached_export(path)
+        try:
+            model = load(folder, runtime=runtime)
+        except ModelFileError:  # a damaged cache entry (a file deleted, a disk error): made again, once
+            import shutil
+
+            log.warning("%s: the cached export is damaged; exporting %s again", folder, path)
+            shutil.rmtree(folder, ignore_errors=True)
+            model = load(cached_export(path), runtime=runtime)
         model.path, model.runtime = Path(path), runtime  # a reload re-exports the file if it changed
         return model
     from .align import Aligner

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import DefectscopeError
 from .inputs import expand_inputs
 from .rows import error_row
-from .sinks import check_output, open_sink
+from .sinks import check_output, exclusive, open_sink
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,11 @@ def run_batch(
             from .ray_engine import ray_session
 
             stack.enter_context(ray_session(address))
+        stack.enter_context(exclusive(out))  # before OUT is read or written: two runs never interleave parts
         sink = open_sink(out, kind, model=described, resume=resume, force=force, part_rows=part_rows,
                          flush_seconds=flush_seconds)
         summary = BatchSummary(out=out, kind=kind, engine=engine, inputs=len(entries))
-        todo = [e for e in entries if e.path not in sink.paths]
+        todo = [e for e in entries if sink.key(e.path) not in sink.paths]
         summary.skipped = len(entries) - len(todo)
         if notify is not None:
             already = f", {summary.skipped} already in {out}" if summary.skipped else ""

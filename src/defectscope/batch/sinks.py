@@ -24,6 +24,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +88,13 @@ def check_output(out: Path, *, resume: bool, force: bool) -> str:
 class Sink:
     """The common part: path keys, duplicate dropping, counts. Subclasses store the rows."""
 
-    def __init__(self, out: Path, checksum: str | None) -> None:
+    def __init__(self, out: Path, checksum: str | None, threshold: float | None = None) -> None:
         self.out = out
         self.checksum = checksum
-        self.paths: set[str] = set()  # every path in OUT: earlier runs' and this run's
+        self.threshold = threshold
+        self.paths: set[str] = set()  # every path in OUT (as :meth:`key` gives it): earlier runs' and this run's
         self.checksums: set[str] = set()  # model checksums of the rows already there
+        self.thresholds: set[float] = set()  # thresholds of the rows already there
         self.previous_rows = 0
         self.previous_errors = 0
         self.rows = 0  # written in this run
@@ -104,11 +108,21 @@ class Sink:
             raise OutputError(f"{self.out}: holds rows of another model (checksum {others[0][:12]}..., this model's "
                               f"is {(self.checksum or 'none')[:12]}...); --resume continues a run of the same model "
                               "(--force replaces OUT)")
+        if self.threshold is not None and any(abs(t - self.threshold) > 1e-12 * max(1.0, abs(t))
+                                              for t in self.thresholds):
+            shown = ", ".join(f"{t:.6g}" for t in sorted(self.thresholds))
+            raise OutputError(f"{self.out}: holds rows judged at threshold {shown}, this run judges at "
+                              f"{self.threshold:.6g}; resume with the same --threshold (--force replaces OUT)")
+
+    def key(self, path: str) -> str:
+        """The path as OUT stores it (the resume key)."""
+        return path
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Store ``rows`` (a row whose path is already in OUT is dropped and counted in ``duplicates``)."""
         fresh = []
         for row in rows:
+            row = {**row, "path": self.key(row["path"])}
             if row["path"] in self.paths:
                 self.duplicates += 1
                 continue
@@ -132,7 +146,7 @@ class ParquetSink(Sink):
 
     def __init__(self, out: Path, *, model: dict[str, Any], resume: bool, force: bool, part_rows: int = 10_000,
                  flush_seconds: float = 30.0) -> None:
-        super().__init__(out, model.get("checksum"))
+        super().__init__(out, model.get("checksum"), model.get("threshold"))
         import pyarrow.parquet  # noqa: F401 - fail here, before the work, when pyarrow is missing
 
         self.model = model
@@ -153,6 +167,11 @@ class ParquetSink(Sink):
         self.next_part = max((int(_PART.fullmatch(p.name).group(1)) + 1 for p in self._parts()), default=0)
         self._write_manifest("running")
 
+    def key(self, path: str) -> str:
+        """Parquet strings are UTF-8: a file name's undecodable bytes (kept by ``os.fsdecode`` as lone
+        surrogates) are stored as ``\\xNN`` escapes, losslessly readable, and that is the resume key."""
+        return text_path(path)
+
     def _parts(self) -> list[Path]:
         return sorted(p for p in self.out.iterdir() if _PART.fullmatch(p.name))
 
@@ -167,12 +186,13 @@ class ParquetSink(Sink):
                 self.runs = []  # only descriptive: the parts are the truth
         for part in self._parts():
             try:
-                table = pq.read_table(part, columns=["path", "error", "model_checksum"])
+                table = pq.read_table(part, columns=["path", "error", "model_checksum", "threshold"])
             except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
                 raise OutputError(f"{part}: cannot be read as a batch part ({exc}); move it away to resume") from exc
             paths = table.column("path").to_pylist()
             self.paths.update(paths)
             self.checksums.update(c for c in table.column("model_checksum").unique().to_pylist() if c)
+            self.thresholds.update(t for t in table.column("threshold").unique().to_pylist() if t is not None)
             self.previous_rows += len(paths)
             self.previous_errors += len(paths) - table.column("error").null_count
 
@@ -227,8 +247,9 @@ class ParquetSink(Sink):
 class CsvSink(Sink):
     """One CSV file, a header and a line per row, flushed per write; see the module docstring."""
 
-    def __init__(self, out: Path, *, checksum: str | None, resume: bool, force: bool) -> None:
-        super().__init__(out, checksum)
+    def __init__(self, out: Path, *, checksum: str | None, resume: bool, force: bool,
+                 threshold: float | None = None) -> None:
+        super().__init__(out, checksum, threshold)
         out.parent.mkdir(parents=True, exist_ok=True)
         existing = out.is_file() and out.stat().st_size > 0
         if existing and resume and not force:
@@ -261,6 +282,8 @@ class CsvSink(Sink):
                     self.previous_errors += record[index["error"]] != ""
                     if record[index["model_checksum"]]:
                         self.checksums.add(record[index["model_checksum"]])
+                    if record[index["threshold"]]:
+                        self.thresholds.add(float(record[index["threshold"]]))
                 good += len(pending)
                 pending = b""
         if pending:
@@ -283,7 +306,37 @@ def open_sink(out: Path, kind: str, *, model: dict[str, Any], resume: bool, forc
     if kind == "parquet":
         return ParquetSink(out, model=model, resume=resume, force=force, part_rows=part_rows,
                            flush_seconds=flush_seconds)
-    return CsvSink(out, checksum=model.get("checksum"), resume=resume, force=force)
+    return CsvSink(out, checksum=model.get("checksum"), resume=resume, force=force, threshold=model.get("threshold"))
+
+
+def text_path(path: str) -> str:
+    """``path`` with undecodable file-name bytes (lone surrogates) written as ``\\xNN`` escapes (valid UTF-8)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold OUT for this run: a second run on the same OUT at the same time is refused (its parts would
+    overwrite this run's). An advisory lock on a hidden file beside OUT, released when the process ends,
+    however it ends (kill -9 included)."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(f"{out}: another defectscope batch is writing it now; wait for that run to end, or "
+                              "give another OUT") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def read_output(out: Path) -> list[dict[str, Any]]:
