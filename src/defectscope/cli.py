@@ -312,8 +312,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     if "warning" in meta["threshold_info"]:
         print(f"defectscope: warning: {meta['threshold_info']['warning']}", file=sys.stderr)
-    for item in skipped:
-        print(f"defectscope: warning: skipped training image {item['error']}", file=sys.stderr)
+    # skipped training images: defectscope.fit logs each ("defectscope: warning: skipped training image ...")
     _print_suspects(meta["training"])
     return EXIT_SOME_FAILED if skipped else EXIT_OK
 
