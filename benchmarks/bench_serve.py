@@ -1,5 +1,5 @@
 """`defectscope serve` under load on loopback: requests/s, latency percentiles and mean batch size
-at 1, 4, 16 and 32 concurrent clients, with micro-batching off (--max-batch 1) and on (8).
+at 1, 4, 16 and 32 concurrent clients (--concurrency), with micro-batching off (--max-batch 1) and on (8).
 
     python benchmarks/bench_serve.py                       # bottle model (fitted once, cached), else synthetic
     python benchmarks/bench_serve.py --model my.dsmodel --images DIR --requests 200 --seconds 30
