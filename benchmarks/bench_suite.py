@@ -15,7 +15,8 @@ Sets (defaults are decided on the mean over all of them, never on one):
   Built once into ``--data-cache`` (default benchmarks/.suite-data, ignored by git).
 
 Each (method, parameters, set) cell is fitted from scratch and evaluated (image AUROC, pixel AUROC,
-AUPRO, fit seconds, predict images/s as ``evaluate`` measures it, and every test image's score
+AUPRO, fit seconds, predict images/s as ``evaluate`` measures it, the process's peak resident
+memory (the cell's own when one set is run per process), and every test image's score
 with the threshold, so score ensembles can be computed from stored cells) and stored as JSON under
 ``--out`` (default benchmarks/.suite-results), keyed by the detector's full parameters (defaults
 included); a later run reuses finished cells unless ``--force``.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +43,9 @@ SETS = ("bottle", "pill", "elpv-mono", "elpv-poly", "pill-rotated")
 METHODS = ("patchcore", "padim", "spade")
 #: parameters added after cells were stored, whose default reproduces the earlier behaviour exactly:
 #: left out of a cell's key while at that default
-NEUTRAL: dict[str, Any] = {"resize": "stretch", "rotations": 1}
+NEUTRAL: dict[str, Any] = {"resize": "stretch", "rotations": 1, "border_padding": "zeros"}
 COLUMNS = (("image_auroc", "image AUROC", 4), ("pixel_auroc", "pixel AUROC", 4), ("aupro", "AUPRO", 4),
-           ("fit_seconds", "fit s", 1), ("images_per_second", "predict img/s", 1))
+           ("fit_seconds", "fit s", 1), ("images_per_second", "predict img/s", 1), ("peak_rss_mb", "peak MB", 0))
 
 
 # ----------------------------------------------------------------------------------------- sets
@@ -103,6 +105,9 @@ def cell_path(out: Path, method: str, params: dict[str, Any], name: str, align: 
     for param, value in NEUTRAL.items():  # added later with the old behaviour as default: old cells stay valid
         if full.get(param) == value:
             del full[param]
+    if full.get("tiles") == 1:  # no tiling: the overlap means nothing
+        full.pop("tiles", None)
+        full.pop("tile_overlap", None)
     spec = {"m": method, "p": full, "s": name, **({"a": align} if align != "none" else {})}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return out / f"{method}-{name}-{key}.json"
@@ -127,7 +132,9 @@ def run_cell(method: str, params: dict[str, Any], name: str, cache: Path, align:
             "pixel_auroc": result["pixel_auroc"], "aupro": result["aupro"], "fit_seconds": fit_s,
             "images_per_second": result["images_per_second"], "n_train": len(split.train),
             "layers": list(detector.layers or []), "threshold": float(meta["threshold"]),
-            "scores": [[r["path"], r["label"], r["score"]] for r in result["images"]]}
+            "scores": [[r["path"], r["label"], r["score"]] for r in result["images"]],
+            # the process's peak resident memory so far: the cell's own only when it is the process's first
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def table(cells: list[dict[str, Any]]) -> str:

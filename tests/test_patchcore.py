@@ -338,3 +338,31 @@ def test_rotations_are_validated(bad):
 
     with pytest.raises(DefectscopeError, match="rotations"):
         PatchCore(image_size=SIZE, rotations=bad).fit(torch.zeros(2, 3, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("border", ["zeros", "exclude"])
+def test_local_average_matches_brute_force(border):
+    """Each cell's p x p neighbourhood mean: over all p^2 cells with zeros outside the map ("zeros", the
+    reference implementation's padding) or over the cells inside the map only ("exclude")."""
+    from defectscope.components.embedding import local_average
+
+    maps = torch.rand(2, 3, 6, 5)
+    (out,) = local_average([maps], 3, border)
+    expected = torch.empty_like(maps)
+    for y in range(6):
+        for x in range(5):
+            window = maps[:, :, max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+            total = window.sum(dim=(2, 3))
+            expected[:, :, y, x] = total / (9 if border == "zeros" else window.shape[2] * window.shape[3])
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_border_padding_is_checked_and_reaches_the_features():
+    with pytest.raises(Exception, match="border_padding"):
+        PatchCore(border_padding="reflect").fit(torch.zeros(2, 3, 64, 64))
+    images = torch.rand(1, 3, 128, 128)
+    zeros, exclude = PatchCore(image_size=128), PatchCore(image_size=128, border_padding="exclude")
+    exclude.set_extractor(zeros.extractor)
+    a, b = zeros._patch_features(images), exclude._patch_features(images)  # 16 x 16, the deeper layer's 8 x 8 upsampled
+    assert torch.equal(a[:, 4:-4, 4:-4], b[:, 4:-4, 4:-4])  # cells whose neighbourhoods lie inside both maps
+    assert not torch.allclose(a[:, 0, 0], b[:, 0, 0])

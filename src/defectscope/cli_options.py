@@ -86,6 +86,12 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
                     help="add every training image to the memory bank at R evenly spaced angles (0, 360/R, ...), "
                          "for parts photographed at any angle without --align; each copy stays in its image's "
                          "threshold fold (default 1: as given)")
+    pc.add_argument("--tile", type=number(int, 1, 8), default=None, metavar="N", dest="tiles",
+                    help="cut each photo, resized to N x N tiles of --image-size, into those tiles and score each "
+                         "(for small defects in large photos); maps are stitched back, the image score is the "
+                         "worst tile's (default 1: no tiling; about N^2 times the time)")
+    pc.add_argument("--tile-overlap", type=number(float, 0, 0.9), default=None, metavar="R",
+                    help="fraction of a tile shared with its neighbour (default 0.25)")
     pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
@@ -119,7 +125,7 @@ PARAM_OPTIONS = {
     "normalization": "normalization",
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
     "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
-    "threshold_images": "threshold_images", "knn_index": "knn_index", "rotations": "rotations",
+    "threshold_images": "threshold_images", "knn_index": "knn_index", "rotations": "rotations", "tiles": "tiles", "tile_overlap": "tile_overlap",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
 }
 

@@ -180,7 +180,7 @@ def fit_detector(
     loaded_paths: list[Path] = []
     sizes: list[tuple[int, int]] = []
     with progress_bar(total=len(paths), desc=f"fit {detector.method}", enabled=progress) as bar:
-        batches = iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner,
+        batches = iter_batches(paths, detector.input_shape, mean, std, batch_size=batch_size, transform=aligner,
                                resize=detector.resize)
         unaligned: list[str] = []
         unrefined: list[str] = []

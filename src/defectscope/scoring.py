@@ -97,7 +97,7 @@ def score_paths(
     start = 0
     mean, std = detector.input_stats
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
-        for batch in iter_batches(paths, detector.image_size, mean, std, batch_size=batch_size, transform=aligner,
+        for batch in iter_batches(paths, detector.input_shape, mean, std, batch_size=batch_size, transform=aligner,
                                   resize=detector.resize, prepare=getattr(detector, "prepare", None)):
             chunk = paths[start : start + batch_size]  # each batch is the next stretch of paths, in order
             start += len(chunk)

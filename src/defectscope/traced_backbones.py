@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .data.geometry import input_shape
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def cache_key(detector: Any, recorded_weights: Any) -> str:
     """sha256 (hex) of everything the traced extractor depends on (see the module docstring)."""
     spec = {"backbone": detector.backbone, "layers": list(detector.layers or []), "weights": detector.weights,
             "recorded": _identity(recorded_weights), "normalization": detector.normalization,
-            "input": list(detector.input_shape), "torch": torch.__version__, "timm": _version("timm"),
+            "input": list(input_shape(detector.image_size)), "torch": torch.__version__, "timm": _version("timm"),
             "defectscope": __version__}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -116,7 +117,7 @@ def use_cached_extractor(detector: Any, recorded_weights: Any) -> str:
         log.info("the backbone's weights differ from the ones the model file records: extractor not cached")
         return "built"
     try:
-        traced = _trace(built, detector.input_shape)
+        traced = _trace(built, input_shape(detector.image_size))  # the backbone sees tiles, not canvases
         if traced is None:
             return "built"
         from .files import replacing

@@ -16,7 +16,10 @@ import torch.nn.functional as F
 
 from ..errors import DefectscopeError
 
-__all__ = ["concat_layers", "default_multiscale_layers"]
+__all__ = ["BORDER_PADDINGS", "concat_layers", "default_multiscale_layers", "local_average"]
+
+#: how a p x p neighbourhood that crosses the map's edge is averaged (see :func:`local_average`)
+BORDER_PADDINGS = ("zeros", "exclude")
 
 
 def default_multiscale_layers(backbone: str) -> list[str] | None:
@@ -45,3 +48,20 @@ def concat_layers(maps: Sequence[torch.Tensor], mode: str = "nearest") -> torch.
             m = F.interpolate(m, size=tuple(target), mode=mode, **kwargs)
         out.append(m)
     return torch.cat(out, dim=1)
+
+
+def local_average(maps: Sequence[torch.Tensor], patch_size: int, border: str = "zeros") -> list[torch.Tensor]:
+    """Each (B, C, H, W) map averaged over every cell's p x p neighbourhood, stride 1, same size.
+
+    PatchCore's locally aware patch features (Roth et al. 2022, eq. 2-3). ``border`` decides the
+    neighbourhoods that cross the map's edge: "zeros" pads with zeros and divides by p^2, as the
+    paper's reference implementation (it unfolds zero-padded patches) and anomalib (AvgPool2d) do,
+    which shrinks edge features towards zero; "exclude" averages over the cells inside the map only.
+
+    Raises:
+        DefectscopeError: ``border`` is not one of :data:`BORDER_PADDINGS`.
+    """
+    if border not in BORDER_PADDINGS:
+        raise DefectscopeError(f"border_padding must be one of {', '.join(BORDER_PADDINGS)}, got {border!r}")
+    pad = patch_size // 2
+    return [F.avg_pool2d(m, patch_size, stride=1, padding=pad, count_include_pad=border == "zeros") for m in maps]

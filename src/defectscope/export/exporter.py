@@ -173,6 +173,9 @@ def _load_source(path: Path) -> tuple[Any, dict[str, Any]]:
             raise DefectscopeError(f"{path}: models fitted with --align cannot be exported yet (the alignment runs in "
                                    "OpenCV before the model, outside any graph); fit without --align to export")
         params = meta.get("params") or {}
+        if params.get("tiles", 1) != 1:
+            raise DefectscopeError(f"{path}: tiled models (--tile {params['tiles']}) cannot be exported yet (the graph "
+                                   "takes one input per image, not its tiles); fit without --tile to export")
         if params.get("resize", "stretch") != "stretch" or not isinstance(meta.get("image_size"), int):
             raise DefectscopeError(f"{path}: only models with a square input and the stretch protocol can be exported "
                                    f"yet (this one: image size {meta.get('image_size')}, --resize "

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..components.embedding import local_average
 from ..detectors.base import Detector, gaussian_blur
 from ..detectors.padim import PaDiM
 from ..detectors.patchcore import PatchCore
@@ -69,13 +70,12 @@ class PatchCoreGraph(_Graph):
             self.register_buffer("neighbours", neigh.to(torch.int64))
         self.target_dim = detector.target_dim
         self.patch_size = detector.patch_size
+        self.border_padding = detector.border_padding
 
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised -> (N, h, w, D), as PatchCore._patch_features (adaptive pooling
         over channels written as a matrix product with its fixed averaging matrix)."""
-        maps = self.extractor(x)
-        pad = self.patch_size // 2
-        maps = [F.avg_pool2d(m, self.patch_size, stride=1, padding=pad, count_include_pad=True) for m in maps]
+        maps = local_average(self.extractor(x), self.patch_size, self.border_padding)
         h, w = maps[0].shape[-2:]
         for m in maps[1:]:
             if m.shape[-1] * m.shape[-2] > h * w:

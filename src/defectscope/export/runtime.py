@@ -77,9 +77,19 @@ class RuntimeDetector:
     def __repr__(self) -> str:
         return f"<RuntimeDetector {self.method} on {self.runtime} from {self.folder}>"
 
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(S, S): exports are square, untiled models only."""
+        return (self.image_size, self.image_size)
+
     @staticmethod
-    def prepare(image: np.ndarray, size: int, mean: Any = (), std: Any = ()) -> np.ndarray:
-        """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1] (see :mod:`defectscope.export.preprocess`)."""
+    def prepare(image: np.ndarray, size: int | tuple[int, int], mean: Any = (), std: Any = ()) -> np.ndarray:
+        """(H, W, 3) uint8 -> (3, S, S) float32 in [0, 1] (see :mod:`defectscope.export.preprocess`);
+        ``size`` is S or (S, S)."""
+        if not isinstance(size, int):
+            if len(size) != 2 or size[0] != size[1]:
+                raise DefectscopeError(f"exported models take square inputs, not {size}")
+            size = int(size[0])
         return _prepare(image, size, mean, std)
 
     def predict(self, images: np.ndarray) -> Prediction:
