@@ -33,8 +33,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(data):
-    """predict's results for the test images, by path."""
-    results = defectscope.load(data["model"]).predict([str(p) for p in data["images"]], maps=False)
+    """predict's results for the test images, by path, on the runtime batch chooses by default."""
+    results = defectscope.load(data["model"], runtime="auto").predict([str(p) for p in data["images"]], maps=False)
     return {r.name: r for r in results}
 
 

@@ -13,6 +13,7 @@ import io
 import shutil
 import signal
 import struct
+import importlib.util
 import subprocess
 import sys
 import threading
@@ -403,6 +404,8 @@ def test_sighup_reloads_and_sigterm_drains_then_exits_0(model_file, images, tmp_
     log = server.log.read_text()
     assert "reloaded model=line" in log
     assert "model=line status=200" in log and "batch=1" in log
+    if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):  # the default runtime is auto
+        assert "runtime=onnxruntime (onnxruntime: the model's export" in log
 
 
 def test_a_taken_port_is_a_one_line_error_before_the_models_load():

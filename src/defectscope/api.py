@@ -142,6 +142,10 @@ class Model:
         self.path = path
         #: None: PyTorch; "onnxruntime" or "openvino": an exported model run on that runtime
         self.runtime = runtime
+        #: why this runtime, in words (set by ``load(runtime="auto")``)
+        self.runtime_reason = "as asked"
+        #: the runtime asked of :func:`load` ("auto" re-chooses on a reload)
+        self.requested_runtime = runtime
 
     # ----------------------------------------------------------------- description
     @property
@@ -176,7 +180,7 @@ class Model:
             "pixel_threshold": self.meta.get("pixel_threshold"), "fitted": training.get("created"),
             "n_train": training.get("n_images"), "align": (self.meta.get("align") or {}).get("mode", "none"),
             "checksum": self.checksum, "path": str(self.path) if self.path is not None else None,
-            "runtime": self.runtime or "torch",
+            "runtime": self.runtime or "torch", "runtime_reason": self.runtime_reason,
         }
 
     def __repr__(self) -> str:
@@ -263,6 +267,48 @@ class Model:
         return self.path
 
 
+#: what ``load(runtime=...)`` (and ``serve``/``batch --runtime``) accept; None is "torch"
+RUNTIME_CHOICES = ("auto", "torch", "onnxruntime", "openvino")
+#: the runtime "auto" picks for an exportable model file: measured faster than torch at equal results
+#: (benchmarks/bench_export.py; README "Exported models")
+AUTO_RUNTIME = "onnxruntime"
+
+
+def choose_runtime(path: str | Path, runtime: str | None) -> tuple[str | None, str]:
+    """The runtime :func:`load` uses for ``path`` when asked for ``runtime``, and why, in words.
+
+    "auto" gives onnxruntime for a model file that can be exported (PatchCore or PaDiM, no
+    alignment, no tiles, the stretch protocol, a square input) when the export extra (onnx,
+    onnxruntime) is installed, else torch; an exported folder runs on its own runtime. None and
+    "torch" give None (torch). Raises DefectscopeError for an unknown runtime.
+    """
+    if runtime not in (None, *RUNTIME_CHOICES):
+        raise DefectscopeError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIME_CHOICES)}")
+    if runtime in (None, "torch"):
+        return None, "torch, as asked"
+    if runtime != "auto":
+        return runtime, f"{runtime}, as asked"
+    from .export import INSTALL_HINT, is_exported
+
+    if is_exported(path):
+        return None, "the exported model's own runtime"
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        return None, f"torch: {' and '.join(missing)} not installed ({INSTALL_HINT} makes {AUTO_RUNTIME} the default)"
+    from .export.exporter import export_refusal
+    from .io import read_metadata
+
+    try:
+        reason = export_refusal(read_metadata(path))
+    except (OSError, DefectscopeError):
+        return None, "torch (the model file is checked as it loads)"
+    if reason is not None:
+        return None, f"torch: {reason}"
+    return AUTO_RUNTIME, f"{AUTO_RUNTIME}: the model's export, faster than torch at equal results"
+
+
 def load(path: str | Path, *, align: str | None = None, runtime: str | None = None) -> Model:
     """Load a model file written by ``defectscope fit`` or :meth:`Model.save`, or a folder written by
     ``defectscope export``.
@@ -275,9 +321,31 @@ def load(path: str | Path, *, align: str | None = None, runtime: str | None = No
     An exported model runs on onnxruntime or OpenVINO without importing torch; ``runtime``
     ("onnxruntime" or "openvino") overrides the export's default (see :mod:`defectscope.export`).
     A model file with a ``runtime`` is exported once into the cache (``$DEFECTSCOPE_CACHE/exports``)
-    and that export is run (``serve --runtime onnxruntime`` does this).
+    and that export is run. ``runtime="auto"`` (what ``serve`` and ``batch`` use by default) runs a
+    model file on onnxruntime when it can be exported and the export extra is installed, else on
+    torch (see :func:`choose_runtime`; an export that fails falls back to torch with a warning);
+    :attr:`Model.runtime` and :attr:`Model.runtime_reason` say which and why.
     """
     from .export import is_exported
+
+    if runtime == "auto":
+        chosen, reason = choose_runtime(path, runtime)
+        if chosen is not None and align not in (None, "none"):
+            chosen, reason = None, f"torch: --align {align} runs before the model, outside an exported graph"
+        if chosen is None:
+            model = load(path, align=align)
+        else:
+            try:
+                model = load(path, align=align, runtime=chosen)
+            except ModelFileError:
+                raise
+            except DefectscopeError as exc:  # the export itself failed (e.g. its agreement check)
+                log.warning("%s: no %s export (%s); scoring with torch", path, chosen, exc)
+                model, reason = load(path, align=align), f"torch: the {chosen} export failed ({exc})"
+        model.runtime_reason, model.requested_runtime = reason, "auto"
+        return model
+    if runtime == "torch":
+        runtime = None
 
     if is_exported(path):
         from .export.runtime import load_exported

@@ -48,18 +48,23 @@ class BatchScorer:
     column) into blocks of rows with the same code as the local engine."""
 
     def __init__(self, model: Any, checksum: str | None, threshold: float, batch_size: int, heatmaps: str | None,
-                 threads: int) -> None:
+                 threads: int, runtime: str | None = None) -> None:
         import ray
         import torch
 
         import defectscope
 
+        from ..export import set_threads
+
         torch.set_num_threads(threads)
+        set_threads(threads)  # onnxruntime / OpenVINO threads, for a runtime
         data = ray.get(model) if isinstance(model, ray.ObjectRef) else model
         with tempfile.TemporaryDirectory(prefix="defectscope-batch-") as tmp:
             path = Path(tmp) / "model.dsmodel"
             path.write_bytes(data)
-            self.model = defectscope.load(path)  # verifies the sha256 written in the file
+            # verifies the sha256 written in the file; a runtime's export is the one the driver made into
+            # this machine's cache (keyed by that sha256), made here once on another machine
+            self.model = defectscope.load(path, runtime=runtime)
         if self.model.checksum != checksum:
             raise DefectscopeError(f"worker on {socket.gethostname()}: the model's checksum {self.model.checksum} "
                                    f"is not the driver's {checksum}")
@@ -119,11 +124,13 @@ def ray_session(address: str | None = None) -> Iterator[None]:
 
 def score_ray(model_path: Path, checksum: str | None, paths: list[str], *, threshold: float,
               workers: int | None = None, threads: int = 1, batch_size: int = 16, heatmaps: Path | None = None,
-              progress: bool = False, info: dict[str, Any] | None = None) -> Iterator[list[dict[str, Any]]]:
+              progress: bool = False, info: dict[str, Any] | None = None,
+              runtime: str | None = None) -> Iterator[list[dict[str, Any]]]:
     """Yield the rows of ``paths`` block by block, in no fixed order, scored on the Ray cluster of this
     process's session (see :func:`ray_session`). ``workers``: actors in the pool (default: the
     cluster's CPUs / ``threads``); ``threads``: CPUs (torch threads) per actor. ``info`` (a dict)
-    receives the address, the worker count and the blocks."""
+    receives the address, the worker count and the blocks. ``runtime``: what every worker scores with
+    (None: torch; "onnxruntime" / "openvino": the model's export), never "auto", so all agree."""
     require_ray()
     import pyarrow as pa
     import ray
@@ -150,7 +157,7 @@ def score_ray(model_path: Path, checksum: str | None, paths: list[str], *, thres
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
             fn_constructor_kwargs={"model": model_ref, "checksum": checksum, "threshold": threshold,
                                    "batch_size": batch_size, "heatmaps": str(heatmaps) if heatmaps else None,
-                                   "threads": threads},
+                                   "threads": threads, "runtime": runtime},
             max_restarts=-1, max_task_retries=-1,  # a dead worker is restarted and its block retried
         )
     try:

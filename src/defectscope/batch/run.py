@@ -61,6 +61,7 @@ def run_batch(
     force: bool = False,
     part_rows: int = 10_000,
     flush_seconds: float = 30.0,
+    runtime: str = "auto",
     progress: bool = False,
     notify: Callable[[str], None] | None = None,
     on_rows: Callable[[int], None] | None = None,
@@ -70,7 +71,12 @@ def run_batch(
     model that cannot be loaded, options that do not fit the engine, or no input at all.
 
     ``notify`` gets one line before the scoring starts; ``on_rows`` the number of rows written in
-    this run so far, after each write (a progress hook)."""
+    this run so far, after each write (a progress hook).
+
+    ``runtime``: see :func:`defectscope.api.choose_runtime`; "auto" (default) scores an exportable
+    model with its onnxruntime export, made once into the cache here before any worker starts, and
+    every Ray worker then loads that same runtime. The runtime used is recorded in the run's entry
+    of the manifest (Parquet) and said through ``notify``."""
     out = Path(out)
     heatmaps = Path(heatmaps) if heatmaps is not None else None
     if engine not in ENGINES:
@@ -91,7 +97,8 @@ def run_batch(
         check_output_dir(heatmaps, "heatmap folder")
     import defectscope
 
-    model = defectscope.load(model_path)
+    model = defectscope.load(model_path, runtime=runtime)  # "auto": the export is made here, once
+    used_runtime = model.runtime or "torch"
     threshold = model.threshold if threshold is None else float(threshold)
     entries = list(expand_inputs(inputs, exclude=heatmaps))
     if not entries:
@@ -111,7 +118,7 @@ def run_batch(
         summary.skipped = len(entries) - len(todo)
         if notify is not None:
             already = f", {summary.skipped} already in {out}" if summary.skipped else ""
-            notify(f"{len(todo)} image(s) to score with --engine {engine}{already}")
+            notify(f"{len(todo)} image(s) to score with --engine {engine} on {model.runtime_reason if runtime == 'auto' else used_runtime}{already}")
         started, clock = datetime.now(timezone.utc), time.perf_counter()
         status = "interrupted"
         try:
@@ -126,14 +133,16 @@ def run_batch(
                                 error_row(entry.path, entry.error, threshold, model.checksum)])
                     if on_rows is not None:
                         on_rows(sink.rows)
-                summary.engine_info = {"threads": threads}
+                summary.engine_info = {"threads": threads, "runtime": used_runtime}
             else:
                 from .ray_engine import score_ray
 
                 sink.write([error_row(e.path, e.error, threshold, model.checksum) for e in todo if e.error is not None])
-                del model  # the driver only needed its checksum and threshold
+                del model  # the driver only needed its checksum, threshold and runtime (and made the export)
+                summary.engine_info["runtime"] = used_runtime
                 for rows in score_ray(Path(model_path), described["checksum"], paths, threshold=threshold,
                                       workers=workers, threads=threads or 1, batch_size=batch_size,
+                                      runtime=None if used_runtime == "torch" else used_runtime,
                                       heatmaps=heatmaps, progress=progress, info=summary.engine_info):
                     sink.write(rows)
                     if on_rows is not None:

@@ -28,7 +28,7 @@ from ..files import OutputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export_model", "cached_export", "measure_agreement", "OPSET", "SCORE_RTOL", "MAP_TOL"]
+__all__ = ["export_model", "export_refusal", "cached_export", "measure_agreement", "OPSET", "SCORE_RTOL", "MAP_TOL"]
 
 #: ONNX opset written (Resize, Pad reflect, Gather/ArgMax as used here are all older than this)
 OPSET = 17
@@ -150,6 +150,27 @@ def _check_output(output: Path) -> None:
         raise OutputError(f"{parent}: permission denied (cannot create {output.name} there)")
 
 
+def export_refusal(meta: dict[str, Any]) -> str | None:
+    """Why the model file with metadata ``meta`` cannot be exported, or None when it can (checked
+    from the metadata alone, before anything is loaded)."""
+    if meta.get("method") == "spade":
+        from .graph import REFUSED
+
+        return f"SPADE models cannot be exported: {REFUSED['spade']}"
+    if (meta.get("align") or {}).get("mode", "none") != "none":
+        return ("models fitted with --align cannot be exported yet (the alignment runs in OpenCV before the model, "
+                "outside any graph); fit without --align to export")
+    params = meta.get("params") or {}
+    if params.get("tiles", 1) != 1:
+        return (f"tiled models (--tile {params['tiles']}) cannot be exported yet (the graph takes one input per "
+                "image, not its tiles); fit without --tile to export")
+    if params.get("resize", "stretch") != "stretch" or not isinstance(meta.get("image_size"), int):
+        return (f"only models with a square input and the stretch protocol can be exported yet (this one: image "
+                f"size {meta.get('image_size')}, --resize {params.get('resize', 'stretch')}); the torch-free resize "
+                "reproduces stretch only")
+    return None
+
+
 def _load_source(path: Path) -> tuple[Any, dict[str, Any]]:
     """The fitted detector and metadata of a current model file; refusals with what to do."""
     from ..io import load_model_with_extras, read_metadata
@@ -165,21 +186,9 @@ def _load_source(path: Path) -> tuple[Any, dict[str, Any]]:
             raise ModelFileError(
                 f"{path}: written by an older defectscope (no {', '.join(missing).replace('_', ' ')} in its metadata), "
                 "which an export must carry; fit the model again with this version, then export it")
-        if meta.get("method") == "spade":
-            from .graph import REFUSED
-
-            raise DefectscopeError(f"{path}: SPADE models cannot be exported: {REFUSED['spade']}")
-        if (meta.get("align") or {}).get("mode", "none") != "none":
-            raise DefectscopeError(f"{path}: models fitted with --align cannot be exported yet (the alignment runs in "
-                                   "OpenCV before the model, outside any graph); fit without --align to export")
-        params = meta.get("params") or {}
-        if params.get("tiles", 1) != 1:
-            raise DefectscopeError(f"{path}: tiled models (--tile {params['tiles']}) cannot be exported yet (the graph "
-                                   "takes one input per image, not its tiles); fit without --tile to export")
-        if params.get("resize", "stretch") != "stretch" or not isinstance(meta.get("image_size"), int):
-            raise DefectscopeError(f"{path}: only models with a square input and the stretch protocol can be exported "
-                                   f"yet (this one: image size {meta.get('image_size')}, --resize "
-                                   f"{params.get('resize', 'stretch')}); the torch-free resize reproduces stretch only")
+        reason = export_refusal(meta)
+        if reason is not None:
+            raise DefectscopeError(f"{path}: {reason}")
     detector, meta, _ = load_model_with_extras(path)
     return detector, meta
 

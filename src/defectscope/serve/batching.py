@@ -38,8 +38,9 @@ def warm_up(model: defectscope.Model) -> defectscope.Model:
 
 
 def load_warm(path: Path, runtime: str | None = None) -> defectscope.Model:
-    """:func:`defectscope.load` (checksum verified, nothing unpickled) on ``runtime`` (None: PyTorch, or
-    "onnxruntime" / "openvino": the model's export, made once), then :func:`warm_up`."""
+    """:func:`defectscope.load` (checksum verified, nothing unpickled) on ``runtime`` (None or "torch":
+    PyTorch; "onnxruntime" / "openvino": the model's export, made once; "auto": onnxruntime when the
+    model can be exported, else PyTorch), then :func:`warm_up`."""
     return warm_up(defectscope.load(path, runtime=runtime))
 
 
@@ -167,7 +168,7 @@ class ModelSlot:
         assert self._reload_lock is not None
         async with self._reload_lock:
             try:
-                model = await asyncio.to_thread(load_warm, self.path, self.model.runtime)
+                model = await asyncio.to_thread(load_warm, self.path, self.model.requested_runtime)
             except Exception:
                 self.metrics.reloads.labels(self.name, "failed").inc()
                 raise
