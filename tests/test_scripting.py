@@ -151,3 +151,22 @@ def test_file_names_that_are_not_utf8_are_printed_not_crashed_on(model, syntheti
     json_out = _cli("predict", str(model), "-", "--json", stdin=odd + b"\n")
     row = json.loads(json_out.stdout.decode("utf-8"))  # strict UTF-8 JSON
     assert row["path"].endswith("lat\\xe9.png") and row["error"] is None
+
+
+def test_a_reader_that_stops_early_ends_predict_quietly(model, synthetic_category):
+    """`predict ... | head -1`: once the reader has gone, predict stops with 141 (128 + SIGPIPE, what a
+    shell reports) and says nothing on stderr, as Unix tools do."""
+    images = _images(synthetic_category)
+    proc = subprocess.Popen([sys.executable, "-m", "defectscope.cli", "predict", str(model), "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(str(images[0]).encode() + b"\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().startswith(str(images[0]).encode())
+        proc.stdout.close()  # the reader goes away; every later line has nowhere to go
+        proc.stdin.write(b"".join(str(p).encode() + b"\n" for p in images[1:]))
+        proc.stdin.close()
+        assert proc.wait(timeout=120) == 141
+        assert proc.stderr.read() == b""
+    finally:
+        proc.kill()

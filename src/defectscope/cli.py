@@ -654,6 +654,19 @@ COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "c
             "serve": cmd_serve, "export": cmd_export, "batch": cmd_batch}
 
 
+#: exit status after the reader of standard output went away (128 + SIGPIPE, what a shell reports for `yes | head`)
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that flushing it at exit raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup(args)
@@ -662,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     except DefectscopeError as exc:
         print(f"defectscope: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # `predict ... | head`: the reader has all it wants; stop quietly, as Unix tools do
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except OSError as exc:  # disk full, permissions, a folder vanished: one line naming the path, never a traceback
         from .files import os_error_message
 
