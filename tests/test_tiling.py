@@ -145,3 +145,28 @@ def test_tiled_models_are_not_exported(synthetic_category, tmp_path):
     model.save(tmp_path / "tiled.dsmodel")
     with pytest.raises(DefectscopeError, match="--tile"):
         export_model(tmp_path / "tiled.dsmodel", tmp_path / "out", "onnx")
+
+
+def test_tile_options_on_the_command_line(synthetic_category, tmp_path, capsys):
+    import json
+
+    from defectscope.cli import main
+    from defectscope.io import read_metadata
+
+    out = tmp_path / "tiled.dsmodel"
+    assert main(["fit", str(synthetic_category), "-o", str(out), "--image-size", "64", "--tile", "2",
+                 "--tile-overlap", "0.5", "--coreset-ratio", "0.2", "--no-progress"]) == 0
+    meta = read_metadata(out)
+    assert meta["params"]["tiles"] == 2 and meta["params"]["tile_overlap"] == 0.5
+    assert meta["training"]["details"]["tiles"] == 4
+    capsys.readouterr()
+    photo = mvtec_category(synthetic_category).test[-1].path
+    assert main(["predict", str(out), str(photo), "--json"]) in (0, 1)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["score"] > 0
+    for bad in (["--tile", "9"], ["--tile-overlap", "0.95"], ["--tile", "two"]):
+        with pytest.raises(SystemExit):
+            main(["fit", str(synthetic_category), "-o", str(tmp_path / "x.dsmodel"), *bad])
+        assert "--tile" in capsys.readouterr().err
+    assert main(["fit", str(synthetic_category), "-o", str(tmp_path / "p.dsmodel"), "--method", "padim",
+                 "--tile", "2"]) == 2
+    assert "tiles" in capsys.readouterr().err
