@@ -119,3 +119,83 @@ def test_batch_runs_on_auto_by_default_and_on_torch_when_asked(patchcore_file, s
         assert rows["torch"][path]["score"] == want.score  # torch when asked: the very same numbers
         assert rows["auto"][path]["score"] == pytest.approx(want.score, rel=SCORE_RTOL)
         assert rows["auto"][path]["judgement"] == rows["torch"][path]["judgement"] == want.judgement
+
+
+def _edited(source, target, old: bytes, new: bytes):
+    data = source.read_bytes()
+    assert old in data
+    target.write_bytes(data.replace(old, new, 1))
+    return target
+
+
+def test_a_damaged_or_edited_file_is_refused_even_with_its_export_cached(patchcore_file, tmp_path):
+    """The cached export is keyed by the checksum written in the file: the file is verified before it is used."""
+    from defectscope.errors import ModelFileError
+
+    assert defectscope.load(patchcore_file, runtime="auto").runtime == "onnxruntime"  # the export is cached now
+    truncated = tmp_path / "truncated.dsmodel"
+    truncated.write_bytes(patchcore_file.read_bytes()[:5000])
+    threshold = json.dumps(defectscope.load(patchcore_file).threshold).encode()
+    edited = _edited(patchcore_file, tmp_path / "edited.dsmodel", threshold, threshold[:-1] + b"9")
+    for bad in (truncated, edited):
+        for runtime in ("auto", "onnxruntime"):
+            with pytest.raises(ModelFileError, match="truncated|damaged or was edited"):
+                defectscope.load(bad, runtime=runtime)
+
+
+def test_an_unwritable_cache_falls_back_to_torch_under_auto(patchcore_file, monkeypatch, caplog):
+    import errno
+
+    import defectscope.export.exporter as exporter
+
+    def read_only(model_path, output, fmt="onnx", **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(output))
+
+    monkeypatch.setattr(exporter, "export_model", read_only)
+    with caplog.at_level(logging.WARNING, logger="defectscope"):
+        model = defectscope.load(patchcore_file, runtime="auto")
+    assert model.runtime is None and "read-only file system" in model.runtime_reason
+    with pytest.raises(OSError):  # asked for by name: the error, not a silent change of runtime
+        defectscope.load(patchcore_file, runtime="onnxruntime")
+
+
+@pytest.mark.parametrize("leftover", ["folder", "file"])
+def test_an_incomplete_cache_entry_is_made_again(patchcore_file, leftover):
+    from defectscope.export import EXPORT_FILE
+    from defectscope.export.exporter import cached_export
+
+    folder = cached_export(patchcore_file)
+    if leftover == "folder":
+        (folder / EXPORT_FILE).unlink()
+    else:
+        import shutil
+
+        shutil.rmtree(folder)
+        folder.write_text("not an export")
+    model = defectscope.load(patchcore_file, runtime="auto")
+    assert model.runtime == "onnxruntime" and (folder / EXPORT_FILE).is_file()
+
+
+def test_an_exported_folder_runs_on_its_own_runtime_and_refuses_torch(patchcore_file, tmp_path):
+    from defectscope.export.exporter import export_model
+
+    export_model(patchcore_file, tmp_path / "ov", "openvino")
+    assert choose_runtime(tmp_path / "ov", "auto") == ("openvino", "openvino: the exported model's own runtime")
+    assert defectscope.load(tmp_path / "ov", runtime="auto").runtime == "openvino"
+    with pytest.raises(DefectscopeError, match="exported model.*not torch.*model file"):
+        defectscope.load(tmp_path / "ov", runtime="torch")
+    assert main(["batch", str(tmp_path / "ov"), str(patchcore_file.parent), "-o", str(tmp_path / "o.csv"),
+                 "--runtime", "torch"]) == 2
+    with pytest.raises(DefectscopeError, match="unknown runtime 'onnx': use one of auto, torch, onnxruntime"):
+        defectscope.load(patchcore_file, runtime="onnx")
+    assert defectscope.load(patchcore_file).runtime_reason == "torch (defectscope.load's default)"
+
+
+def test_serve_warms_up_non_square_and_tiled_models(train, tmp_path):
+    pytest.importorskip("fastapi")
+    from defectscope.serve.batching import warm_up
+
+    for name, params in (("wide", {"image_size": (64, 96)}), ("tiled", {"image_size": 64, "tiles": 2})):
+        path = defectscope.fit(train, method="patchcore", **params).save(tmp_path / f"{name}.dsmodel")
+        model = warm_up(defectscope.load(path, runtime="auto"))
+        assert model.runtime is None and model.info()["tiles"] == params.get("tiles", 1)

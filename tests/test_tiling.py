@@ -63,8 +63,12 @@ def test_grid_refuses_wrong_sizes():
 def test_detector_checks_its_tiling():
     with pytest.raises(DefectscopeError, match="tiles"):
         PatchCore(tiles=0).fit(torch.zeros(2, 3, 64, 64))
-    with pytest.raises(DefectscopeError, match="2048"):  # the canvas of 8 x 8 tiles of 512 is too large
+    with pytest.raises(DefectscopeError, match="8 x 8 tiles of 512x512 overlapping by 0.0 make a 4096x4096 canvas, "
+                                               "over the 2048 px limit"):
         PatchCore(image_size=512, tiles=8, tile_overlap=0.0).fit(torch.zeros(2, 3, 64, 64))
+    det = PatchCore(image_size=32, tiles=np.int64(2), tile_overlap=np.float32(0.5), rotations=np.int32(2))
+    det.fit(torch.rand(2, 3, 48, 48))  # numpy numbers are numbers; stored as Python ones (the model file is JSON)
+    assert type(det.tiles) is int and type(det.tile_overlap) is float and type(det.rotations) is int
 
 
 def _canvases(paths, det):
@@ -167,6 +171,31 @@ def test_tile_options_on_the_command_line(synthetic_category, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["fit", str(synthetic_category), "-o", str(tmp_path / "x.dsmodel"), *bad])
         assert "--tile" in capsys.readouterr().err
-    assert main(["fit", str(synthetic_category), "-o", str(tmp_path / "p.dsmodel"), "--method", "padim",
-                 "--tile", "2"]) == 2
-    assert "tiles" in capsys.readouterr().err
+
+
+def test_tiny_photos_are_named_against_the_canvas_and_never_all_excluded(synthetic_category, tmp_path, caplog):
+    import logging
+    import shutil
+
+    import defectscope
+
+    small = tmp_path / "small"
+    small.mkdir()
+    for path in sorted((synthetic_category / "train" / "good").glob("*.png"))[:4]:
+        shutil.copy(path, small)
+    with caplog.at_level(logging.WARNING, logger="defectscope"):
+        model = defectscope.fit(small, method="patchcore", image_size=96, tiles=8, tile_overlap=0.0,
+                                exclude_outliers=True)
+    suspects = model.meta["training"]["suspects"]
+    assert len(suspects) == 4 and "far smaller than the 768x768 (8 x 8 tiles of 96x96) model input" in \
+        suspects[0]["reason"]
+    assert model.meta["training"]["n_images"] == 4 and "none excluded" in caplog.text
+
+
+def test_options_of_another_method_are_named_by_their_flags(synthetic_category, tmp_path, capsys):
+    from defectscope.cli import main
+
+    for option in (["--tile", "2"], ["--tile-overlap", "0.5"], ["--border-padding", "exclude"]):
+        assert main(["fit", str(synthetic_category), "-o", str(tmp_path / "p.dsmodel"), "--method", "padim",
+                     *option]) == 2
+        assert f"{option[0]} is a patchcore option; --method padim does not take it" in capsys.readouterr().err

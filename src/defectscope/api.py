@@ -142,8 +142,8 @@ class Model:
         self.path = path
         #: None: PyTorch; "onnxruntime" or "openvino": an exported model run on that runtime
         self.runtime = runtime
-        #: why this runtime, in words (set by ``load(runtime="auto")``)
-        self.runtime_reason = "as asked"
+        #: why this runtime, in words (``load`` sets it; see :func:`choose_runtime`)
+        self.runtime_reason = f"{runtime or 'torch'}, as asked"
         #: the runtime asked of :func:`load` ("auto" re-chooses on a reload)
         self.requested_runtime = runtime
 
@@ -181,6 +181,7 @@ class Model:
             "n_train": training.get("n_images"), "align": (self.meta.get("align") or {}).get("mode", "none"),
             "checksum": self.checksum, "path": str(self.path) if self.path is not None else None,
             "runtime": self.runtime or "torch", "runtime_reason": self.runtime_reason,
+            "tiles": getattr(self.detector, "tiles", 1), "tile_overlap": getattr(self.detector, "tile_overlap", None),
         }
 
     def __repr__(self) -> str:
@@ -279,19 +280,31 @@ def choose_runtime(path: str | Path, runtime: str | None) -> tuple[str | None, s
 
     "auto" gives onnxruntime for a model file that can be exported (PatchCore or PaDiM, no
     alignment, no tiles, the stretch protocol, a square input) when the export extra (onnx,
-    onnxruntime) is installed, else torch; an exported folder runs on its own runtime. None and
-    "torch" give None (torch). Raises DefectscopeError for an unknown runtime.
+    onnxruntime) is installed, else torch; an exported folder runs on its own runtime (None and
+    "auto" name it). None and "torch" give None (torch) for a model file. Raises DefectscopeError
+    for an unknown runtime, and for "torch" with an exported folder (it has no torch model).
     """
+    from .export import INSTALL_HINT, is_exported
+
     if runtime not in (None, *RUNTIME_CHOICES):
         raise DefectscopeError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIME_CHOICES)}")
-    if runtime in (None, "torch"):
+    if is_exported(path) and runtime in ("torch", "auto", None):
+        if runtime == "torch":
+            raise DefectscopeError(f"{path}: is an exported model, which runs on onnxruntime or OpenVINO, not torch; "
+                                   "give the model file it was exported from to score with torch")
+        from .export.runtime import DEFAULT_RUNTIME, read_export_meta
+
+        try:
+            own = DEFAULT_RUNTIME[read_export_meta(Path(path))["export"]["format"]]
+        except (DefectscopeError, KeyError):
+            return None, "the exported model's own runtime"  # load says what is wrong with the folder
+        return own, f"{own}: the exported model's own runtime"
+    if runtime is None:
+        return None, "torch (defectscope.load's default)"
+    if runtime == "torch":
         return None, "torch, as asked"
     if runtime != "auto":
         return runtime, f"{runtime}, as asked"
-    from .export import INSTALL_HINT, is_exported
-
-    if is_exported(path):
-        return None, "the exported model's own runtime"
     import importlib.util
 
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
@@ -328,24 +341,38 @@ def load(path: str | Path, *, align: str | None = None, runtime: str | None = No
     """
     from .export import is_exported
 
+    chosen, reason = choose_runtime(path, runtime)  # an unknown runtime, or torch for an export: refused here
     if runtime == "auto":
-        chosen, reason = choose_runtime(path, runtime)
-        if chosen is not None and align not in (None, "none"):
+        if chosen is not None and not is_exported(path) and align not in (None, "none"):
             chosen, reason = None, f"torch: --align {align} runs before the model, outside an exported graph"
         if chosen is None:
-            model = load(path, align=align)
+            model = _load_chosen(path, align, None)
         else:
             try:
-                model = load(path, align=align, runtime=chosen)
-            except ModelFileError:
+                model = _load_chosen(path, align, chosen)
+            except ModelFileError:  # the model file itself is missing, damaged or edited: never scored
                 raise
-            except DefectscopeError as exc:  # the export itself failed (e.g. its agreement check)
-                log.warning("%s: no %s export (%s); scoring with torch", path, chosen, exc)
-                model, reason = load(path, align=align), f"torch: the {chosen} export failed ({exc})"
+            except (DefectscopeError, OSError) as exc:  # the export failed: its agreement check, an unwritable cache
+                from .files import os_error_message
+
+                why = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+                if is_exported(path):
+                    raise
+                log.warning("%s: no %s export (%s); scoring with torch", path, chosen, why)
+                model, reason = _load_chosen(path, align, None), f"torch: the {chosen} export failed ({why})"
         model.runtime_reason, model.requested_runtime = reason, "auto"
         return model
     if runtime == "torch":
         runtime = None
+
+    model = _load_chosen(path, align, runtime)
+    model.runtime_reason = reason
+    return model
+
+
+def _load_chosen(path: str | Path, align: str | None, runtime: str | None) -> Model:
+    """:func:`load` once the runtime is chosen (None: torch for a model file, the export's own for a folder)."""
+    from .export import is_exported
 
     if is_exported(path):
         from .export.runtime import load_exported

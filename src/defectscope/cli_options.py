@@ -87,11 +87,15 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
                          "for parts photographed at any angle without --align; each copy stays in its image's "
                          "threshold fold (default 1: as given)")
     pc.add_argument("--tile", type=number(int, 1, 8), default=None, metavar="N", dest="tiles",
-                    help="cut each photo, resized to N x N tiles of --image-size, into those tiles and score each "
-                         "(for small defects in large photos); maps are stitched back, the image score is the "
-                         "worst tile's (default 1: no tiling; about N^2 times the time)")
+                    help="N in 1-8: resize each photo to a canvas of N x N tiles of --image-size and score every "
+                         "tile (for small defects in large photos); maps are stitched back, the image score is the "
+                         "worst tile's; the canvas (S + (N-1) x S x (1 - R) per side) must stay within 2048 px "
+                         "(default 1: no tiling; about N^2 times the time; see the README)")
     pc.add_argument("--tile-overlap", type=number(float, 0, 0.9), default=None, metavar="R",
-                    help="fraction of a tile shared with its neighbour (default 0.25)")
+                    help="R in 0-0.9: fraction of a tile shared with its neighbour (default 0.25)")
+    pc.add_argument("--border-padding", choices=["zeros", "exclude"], default=None,
+                    help="how the 3 x 3 neighbourhood of a border patch is averaged: zeros (default, the reference "
+                         "implementation's zero padding) or exclude (cells inside the map only)")
     pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
@@ -126,6 +130,7 @@ PARAM_OPTIONS = {
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
     "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
     "threshold_images": "threshold_images", "knn_index": "knn_index", "rotations": "rotations", "tiles": "tiles", "tile_overlap": "tile_overlap",
+    "border_padding": "border_padding",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
 }
 
@@ -140,10 +145,32 @@ def show_progress(args: argparse.Namespace) -> bool:
     return sys.stderr.isatty()
 
 
+#: the command-line flag of a parameter whose flag is not ``--`` + its name with dashes
+FLAGS = {"tiles": "--tile"}
+
+
+def flag(param: str) -> str:
+    """The command-line option that sets ``param``: ``tile_overlap`` -> ``--tile-overlap``."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
 def model_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The method parameters given on the command line. With one ``--method``, options of another
+    method are refused here, by their flags (``--tile is a PatchCore option; padim does not take it``)."""
     params = {}
     for option, name in PARAM_OPTIONS.items():
         value = getattr(args, option, None)
         if value is not None:
             params[name] = value
+    method = getattr(args, "method", None)
+    if isinstance(method, str):
+        from .detectors import METHODS, detector_class
+        from .errors import DefectscopeError
+
+        valid = set(detector_class(method)._param_names())
+        for name in params:
+            if name not in valid:
+                owners = [m for m in METHODS if m != method and name in detector_class(m)._param_names()]
+                whose = f"a {' and '.join(owners)} option" if owners else "not a method option"
+                raise DefectscopeError(f"{flag(name)} is {whose}; --method {method} does not take it")
     return params

@@ -163,6 +163,7 @@ def evaluate_detector(
         "layers": list(detector.layers or []),
         "image_size": detector.image_size,
         "resize": detector.resize,
+        "tiles": getattr(detector, "tiles", 1),
         "started": started,
     }
     out["protocol"] = protocol

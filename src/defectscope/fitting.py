@@ -97,6 +97,13 @@ def score_outliers(scores: np.ndarray, z: float = OUTLIER_Z) -> tuple[np.ndarray
     return np.nonzero(scores > cutoff)[0], cutoff
 
 
+def _input_text(detector: Detector) -> str:
+    """The model input in words: ``256x256``, or with tiles ``448x448 (2 x 2 tiles of 256x256)``."""
+    tiles = getattr(detector, "tiles", 1)
+    text = size_text(detector.input_shape)
+    return f"{text} ({tiles} x {tiles} tiles of {size_text(detector.image_size)})" if tiles > 1 else text
+
+
 def _suspects(detector: Detector, loaded: list[Path], sizes: list[tuple[int, int]]) -> tuple[list[dict[str, Any]], float]:
     """Training images to look at before trusting the threshold: score outliers and tiny images."""
     scores = detector.training_scores()
@@ -111,7 +118,7 @@ def _suspects(detector: Detector, loaded: list[Path], sizes: list[tuple[int, int
     for path, (h, w) in zip(loaded, sizes):
         if min(h, w) < side:
             item = found.setdefault(path, {"path": str(path), "score": None, "reason": ""})
-            tiny = f"{w}x{h} pixels, far smaller than the {size_text(detector.image_size)} model input"
+            tiny = f"{w}x{h} pixels, far smaller than the {_input_text(detector)} model input"
             item["reason"] = f"{item['reason']}; {tiny}" if item["reason"] else tiny
     return list(found.values()), cutoff
 
@@ -201,7 +208,11 @@ def fit_detector(
         detector.fit(images(), progress=progress)
     fit_seconds = time.perf_counter() - start
     suspects, cutoff = _suspects(detector, loaded_paths, sizes)
-    if exclude_outliers and suspects:
+    if exclude_outliers and suspects and 2 * len(suspects) >= len(loaded_paths):
+        log.warning("%d of %d training images are suspect: that is the training set, not outliers; none excluded "
+                    "(see the reasons above: a model input far larger than the photos, or images unlike each other)",
+                    len(suspects), len(loaded_paths))
+    elif exclude_outliers and suspects:
         bad = {Path(s["path"]) for s in suspects}
         log.info("fitting again without %d suspect training image(s)", len(bad))
         meta = fit_detector(detector, [p for p in paths if Path(p) not in bad], batch_size=batch_size,

@@ -113,6 +113,10 @@ def run_batch(
         stack.enter_context(exclusive(out))  # before OUT is read or written: two runs never interleave parts
         sink = open_sink(out, kind, model=described, resume=resume, force=force, part_rows=part_rows,
                          flush_seconds=flush_seconds)
+        earlier = sorted({r.get("runtime", "torch") for r in getattr(sink, "runs", [])} - {used_runtime})
+        if resume and earlier:  # scores agree within 1e-4 relative across runtimes (README), but say it
+            log.warning("%s: earlier runs scored with %s, this one with %s (scores agree within 1e-4 relative; "
+                        "--runtime %s keeps one runtime)", out, ", ".join(earlier), used_runtime, earlier[0])
         summary = BatchSummary(out=out, kind=kind, engine=engine, inputs=len(entries))
         todo = [e for e in entries if sink.key(e.path) not in sink.paths]
         summary.skipped = len(entries) - len(todo)

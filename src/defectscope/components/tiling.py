@@ -13,6 +13,7 @@ canvas is the tile and both functions are the identity.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +91,9 @@ def tile_grid(tile: tuple[int, int], n: int, overlap: float) -> TileGrid:
     Raises:
         DefectscopeError: ``n`` not an integer in [1, MAX_TILES] or ``overlap`` not in [0, 0.9].
     """
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TILES:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_TILES:
         raise DefectscopeError(f"tiles must be an integer between 1 and {MAX_TILES} (tiles per side), got {n!r}")
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap <= 0.9:
+    if isinstance(overlap, bool) or not isinstance(overlap, numbers.Real) or not 0 <= overlap <= 0.9:
         raise DefectscopeError(f"tile_overlap must be a fraction of a tile between 0 and 0.9, got {overlap!r}")
-    stride = (max(1, round(tile[0] * (1 - overlap))), max(1, round(tile[1] * (1 - overlap))))
-    return TileGrid((int(tile[0]), int(tile[1])), n, stride)
+    stride = (max(1, round(tile[0] * (1 - float(overlap)))), max(1, round(tile[1] * (1 - float(overlap)))))
+    return TileGrid((int(tile[0]), int(tile[1])), int(n), stride)

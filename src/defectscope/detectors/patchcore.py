@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from ..components.feature_store import FeatureStore
 from ..components.knn import BACKENDS, INDEXES, NearestNeighbors
 from ..components.rotation import rotate_images, rotation_angles
 from ..components.tiling import TileGrid, tile_grid
-from ..data.geometry import ImageSize, check_image_size, input_shape
+from ..data.geometry import MAX_SIDE, ImageSize, check_image_size, input_shape, size_text
 from ..errors import DefectscopeError
 from ..normalization import PATCHCORE_NORMALIZATION
 from ..progress import progress_bar
@@ -178,10 +179,18 @@ class PatchCore(Detector):
             raise DefectscopeError(f"knn_index must be one of {', '.join(INDEXES)}, got {self.knn_index!r}")
         if self.knn_index != "flat" and self.knn_backend != "faiss":
             raise DefectscopeError(f"knn_index={self.knn_index!r} needs knn_backend='faiss'")
-        if isinstance(self.rotations, bool) or not isinstance(self.rotations, int) or not 1 <= self.rotations <= 360:
+        if isinstance(self.rotations, bool) or not isinstance(self.rotations, numbers.Integral) \
+                or not 1 <= self.rotations <= 360:
             raise DefectscopeError(f"rotations must be an integer between 1 and 360 (evenly spaced angles), "
                                    f"got {self.rotations!r}")
-        check_image_size(self.tile_grid.canvas)  # tiles and overlap checked by tile_grid
+        self.rotations = int(self.rotations)
+        canvas = self.tile_grid.canvas  # tiles and overlap checked by tile_grid
+        self.tiles, self.tile_overlap = int(self.tiles), float(self.tile_overlap)  # numpy numbers: JSON-ready
+        if self.tiles > 1 and max(canvas) > MAX_SIDE:
+            raise DefectscopeError(f"{self.tiles} x {self.tiles} tiles of {size_text(self.image_size)} overlapping by "
+                                   f"{self.tile_overlap} make a {size_text(canvas)} canvas, over the {MAX_SIDE} px "
+                                   "limit: use fewer tiles, a smaller image size or more overlap")
+        check_image_size(canvas)
         if self.target_dim is not None and self.target_dim < 1:
             raise DefectscopeError(f"target_dim must be a positive integer, got {self.target_dim}")
 

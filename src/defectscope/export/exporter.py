@@ -112,18 +112,33 @@ def export_model(model_path: str | Path, output: str | Path, fmt: str = "onnx", 
 
 def cached_export(model_path: str | Path) -> Path:
     """The ONNX export of a model file, made once into ``$DEFECTSCOPE_CACHE/exports/<model sha256>-onnx``
-    (what ``defectscope.load(MODEL, runtime=...)`` runs); an export made meanwhile by another process is used."""
-    from ..io import read_metadata
+    (what ``defectscope.load(MODEL, runtime=...)`` runs); an export made meanwhile by another process is used.
+
+    The model file is read and its checksum verified first, exactly as a torch load does, so a damaged or
+    hand-edited file is refused even when an export of the original is cached. A cache entry that is not a
+    complete export (a leftover folder without its metadata, or a file) is removed and made again: exports
+    are written elsewhere and renamed into place, so an incomplete entry is never one being written.
+    """
+    from ..io import read_model_file
     from ..weights import cache_dir
 
     model_path = Path(model_path)
-    checksum = read_metadata(model_path).get("sha256") if model_path.is_file() else None
+    if model_path.is_dir():
+        _load_source(model_path)  # says what is wrong (an export, a folder)
+    _, meta = read_model_file(model_path)  # ModelFileError for a missing, damaged or edited file
+    checksum = meta.get("sha256")
     if checksum is None:
-        _load_source(model_path)  # says what is wrong (a folder, an older file)
+        _load_source(model_path)  # says what is wrong (an older file)
         raise ModelFileError(f"{model_path}: has no checksum to name its export by; fit it again")
     folder = cache_dir() / "exports" / f"{checksum}-onnx"
     if (folder / EXPORT_FILE).is_file():
         return folder
+    if folder.is_dir() or folder.is_file() or folder.is_symlink():  # an incomplete entry: made again
+        log.warning("%s: incomplete cached export; exporting %s again", folder, model_path)
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
     try:
         export_model(model_path, folder, "onnx")
     except (OSError, DefectscopeError):
@@ -165,8 +180,10 @@ def export_refusal(meta: dict[str, Any]) -> str | None:
         return (f"tiled models (--tile {params['tiles']}) cannot be exported yet (the graph takes one input per "
                 "image, not its tiles); fit without --tile to export")
     if params.get("resize", "stretch") != "stretch" or not isinstance(meta.get("image_size"), int):
+        size = meta.get("image_size")
+        shown = f"{size[1]}x{size[0]}" if isinstance(size, (list, tuple)) and len(size) == 2 else size
         return (f"only models with a square input and the stretch protocol can be exported yet (this one: image "
-                f"size {meta.get('image_size')}, --resize {params.get('resize', 'stretch')}); the torch-free resize "
+                f"size {shown}, --resize {params.get('resize', 'stretch')}); the torch-free resize "
                 "reproduces stretch only")
     return None
 

@@ -6,7 +6,7 @@ Routes (all but the first three need ``Authorization: Bearer <key>`` when an API
     GET  /healthz                       the process is up
     GET  /readyz                        the models are loaded and their batchers run (503 otherwise)
     GET  /metrics                       Prometheus text format
-    GET  /v1/models                     name, method, backbone, image size, threshold, fitted, checksum
+    GET  /v1/models                     name, method, backbone, image size, threshold, fitted, checksum, runtime
     POST /v1/models/{name}/predict      the image as the raw body or a multipart file; ?heatmap=1
     POST /v1/models/{name}/reload       load the model file again and swap it in
 
@@ -209,7 +209,8 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
 def _describe(name: str, model: defectscope.Model) -> dict[str, Any]:
     info = model.info()
     return {"name": name, "method": info["method"], "backbone": info["backbone"], "image_size": info["image_size"],
-            "threshold": info["threshold"], "fitted": info["fitted"], "checksum": info["checksum"]}
+            "threshold": info["threshold"], "fitted": info["fitted"], "checksum": info["checksum"],
+            "runtime": info["runtime"], "runtime_reason": info["runtime_reason"]}
 
 
 def _float_or_none(value: float | None) -> float | None:

@@ -32,8 +32,8 @@ log = logging.getLogger("defectscope.serve")
 
 def warm_up(model: defectscope.Model) -> defectscope.Model:
     """Score one blank image, so the first request does not pay for building the network."""
-    size = model.info()["image_size"] or 64
-    model.predict(np.zeros((size, size, 3), np.uint8), maps=False)
+    height, width = model.detector.input_shape  # any size would do: the photo is resized to the model input
+    model.predict(np.zeros((height, width, 3), np.uint8), maps=False)
     return model
 
 
@@ -174,5 +174,6 @@ class ModelSlot:
                 raise
             self.model = model
             self.metrics.reloads.labels(self.name, "ok").inc()
-            log.info("reloaded model=%s checksum=%s", self.name, model.checksum)
+            log.info("reloaded model=%s checksum=%s runtime=%s (%s)", self.name, model.checksum,
+                     model.runtime or "torch", model.runtime_reason)
             return model
