@@ -199,3 +199,17 @@ def test_serve_warms_up_non_square_and_tiled_models(train, tmp_path):
         path = defectscope.fit(train, method="patchcore", **params).save(tmp_path / f"{name}.dsmodel")
         model = warm_up(defectscope.load(path, runtime="auto"))
         assert model.runtime is None and model.info()["tiles"] == params.get("tiles", 1)
+
+
+def test_resuming_on_another_runtime_is_said(patchcore_file, synthetic_category, tmp_path, caplog):
+    from defectscope.batch import run_batch
+
+    images = _tests(synthetic_category)
+    out = tmp_path / "scores.parquet"
+    run_batch(patchcore_file, images[:3], out, runtime="torch")
+    with caplog.at_level(logging.WARNING, logger="defectscope"):
+        summary = run_batch(patchcore_file, images, out, resume=True)  # the default: auto, so onnxruntime
+    assert summary.scored == len(images) - 3
+    assert "earlier runs scored with torch, this one with onnxruntime" in caplog.text
+    runs = json.loads((out / "_manifest.json").read_text())["runs"]
+    assert [r["runtime"] for r in runs] == ["torch", "onnxruntime"]
