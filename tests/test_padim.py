@@ -28,7 +28,7 @@ def test_images() -> torch.Tensor:
 
 
 def make(**params) -> PaDiM:
-    params = {"image_size": SIZE, "d_reduced": 16, **params}
+    params = {"image_size": SIZE, "d_reduced": 16, "epsilon": 0.01, **params}  # the paper's epsilon: the math checks
     det = PaDiM(**params)
     det.set_extractor(TinyExtractor())
     return det
@@ -66,7 +66,7 @@ def test_maps_match_brute_force_numpy_reference(fitted: PaDiM, train: torch.Tens
     dist = np.zeros((4, 256))
     for pos in range(256):
         mu = tr[:, pos].mean(axis=0)
-        inv = np.linalg.inv(np.cov(tr[:, pos], rowvar=False) + 0.01 * np.eye(16))  # eq. 1
+        inv = np.linalg.inv(np.cov(tr[:, pos], rowvar=False) + fitted.epsilon_used * np.eye(16))  # eq. 1
         for b in range(4):
             dist[b, pos] = scipy_mahalanobis(te[b, pos], mu, inv)  # eq. 2
     ref_maps = fitted._finish_maps(torch.from_numpy(dist).float().view(4, 16, 16)).numpy()
@@ -211,3 +211,17 @@ def test_concat_layers_is_nearest_upsampling() -> None:
     assert default_multiscale_layers("wide_resnet50_2") == ["layer1", "layer2", "layer3"]
     assert default_multiscale_layers("tf_efficientnet_lite2") == ["blocks.1", "blocks.2", "blocks.4"]
     assert default_multiscale_layers("vit_tiny") is None
+
+
+def test_epsilon_defaults_by_backbone_and_is_recorded(train: torch.Tensor) -> None:
+    """None: 1.0 for EfficientNet-Lite (decided on the development suite), the paper's 0.01 for others; the
+    value used is in the fit details, and an explicit value wins."""
+    from defectscope.detectors.padim import default_epsilon
+
+    assert default_epsilon("tf_efficientnet_lite0") == 1.0 and default_epsilon("tf_efficientnet_lite2") == 1.0
+    assert default_epsilon("tf_efficientnet_lite0+tf_efficientnet_lite2") == 1.0
+    assert default_epsilon("resnet18") == 0.01 and default_epsilon("wide_resnet50_2") == 0.01
+    det = make(epsilon=None).fit(train)
+    assert det.epsilon is None and det.epsilon_used == 1.0 and det.fit_details_["epsilon"] == 1.0
+    with pytest.raises(DefectscopeError, match="epsilon"):
+        make(epsilon=True).fit(train)

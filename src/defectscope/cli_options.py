@@ -99,6 +99,9 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
+    pd.add_argument("--epsilon", type=number(float, 0, None, lo_open=True), default=None,
+                    help="covariance regulariser: Sigma = cov + epsilon I (default 1.0 for EfficientNet-Lite, measured "
+                         "on the development suite; the paper's 0.01 for other backbones)")
     sp = p.add_argument_group("spade")
     sp.add_argument("--k", type=positive_int, default=None, help="image-level nearest neighbours (default 5)")
     sp.add_argument("--top-k", type=positive_int, default=None, help="training images used for pixel matching (default 5)")
@@ -131,7 +134,7 @@ PARAM_OPTIONS = {
     "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
     "threshold_images": "threshold_images", "knn_index": "knn_index", "rotations": "rotations", "tiles": "tiles", "tile_overlap": "tile_overlap",
     "border_padding": "border_padding",
-    "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "k": "k", "top_k": "top_k",
+    "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "epsilon": "epsilon", "k": "k", "top_k": "top_k",
 }
 
 
