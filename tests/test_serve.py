@@ -99,7 +99,8 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
         raw = client.post(PREDICT.format(name="tiny"), content=images[1].read_bytes())
         assert raw.status_code == 200, raw.text
         body = raw.json()
-        assert set(body) == {"model", "score", "judgement", "threshold", "normalized_score", "latency_ms"}
+        assert set(body) == {"model", "score", "judgement", "threshold", "normalized_score", "notes", "latency_ms"}
+        assert body["notes"] == []
         assert body["model"] == "tiny" and body["latency_ms"] > 0
         assert body["score"] == pytest.approx(alone[images[1]], rel=1e-5)
         assert body["threshold"] == model.threshold and body["judgement"] == int(body["score"] >= model.threshold)
@@ -120,6 +121,14 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
         Image.fromarray(gray).save(deep)
         answer = client.post(PREDICT.format(name="tiny"), content=deep.read_bytes()).json()
         assert answer["score"] == pytest.approx(model.predict(deep).score, rel=1e-5)
+
+        # what the loader noticed reaches the client, as predict --json gives it
+        clear = tmp_path / "clear.png"
+        rgba = np.asarray(Image.open(images[1]).convert("RGBA")).copy()
+        rgba[:8, :8, 3] = 0
+        Image.fromarray(rgba).save(clear)
+        noted = client.post(PREDICT.format(name="tiny"), content=clear.read_bytes()).json()
+        assert noted["notes"] == model.predict(clear).notes and any("transparen" in n for n in noted["notes"])
 
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -186,6 +186,7 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
         answer: dict[str, Any] = {
             "model": name, "score": float(result.score), "judgement": int(result.judgement),
             "threshold": float(result.threshold), "normalized_score": _float_or_none(result.normalized_score),
+            "notes": list(result.notes),  # what the loader noticed: extra frames, transparency, odd ranges
         }
         if heatmap:
             answer["heatmap"] = await run_in_threadpool(_overlay_png_base64, result)
