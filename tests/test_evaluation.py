@@ -28,6 +28,7 @@ class ColourDetector:
     backbone = "none"
     layers = ["rgb"]
     image_size = SIZE
+    input_shape = (SIZE, SIZE)  # what the loader resizes photos to
     resize = "stretch"
     input_stats = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 

@@ -50,15 +50,16 @@ class TileGrid:
 
     def split(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) canvases -> (B x T, C, t_h, t_w) tiles; image b's tiles are rows b*T .. b*T+T-1.
+        With N = 1 the images themselves, of any size.
 
         Raises:
-            DefectscopeError: the images are not canvas-sized.
+            DefectscopeError: N > 1 and the images are not canvas-sized.
         """
+        if self.n == 1:  # no tiling: whatever the detector is given (tune's cached-feature tokens too)
+            return images
         if tuple(images.shape[-2:]) != self.canvas:
             raise DefectscopeError(f"tiling expects {self.canvas[0]}x{self.canvas[1]} inputs, got "
                                    f"{images.shape[-2]}x{images.shape[-1]}")
-        if self.n == 1:
-            return images
         th, tw = self.tile
         tiles = [images[:, :, y:y + th, x:x + tw] for y, x in self.origins()]
         return torch.stack(tiles, dim=1).reshape(-1, images.shape[1], th, tw)
