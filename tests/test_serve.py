@@ -130,6 +130,19 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
         noted = client.post(PREDICT.format(name="tiny"), content=clear.read_bytes()).json()
         assert noted["notes"] == model.predict(clear).notes and any("transparen" in n for n in noted["notes"])
 
+        # a 32-bit TIFF and a two-frame TIFF: decoded by the command line's rules (declared depth, first frame)
+        wide = tmp_path / "i32.tif"
+        Image.fromarray(np.asarray(Image.open(images[1]).convert("L")).astype(np.int32) * 300).save(wide)
+        frames = tmp_path / "frames.tif"
+        first = Image.open(images[1]).convert("RGB")
+        first.save(frames, save_all=True, append_images=[Image.open(images[0]).convert("RGB")])
+        for upload in (wide, frames):
+            sent = client.post(PREDICT.format(name="tiny"), content=upload.read_bytes()).json()
+            direct = model.predict(upload)
+            assert sent["score"] == pytest.approx(direct.score, rel=1e-5), upload.name
+            assert sent["notes"] == direct.notes, upload.name
+        assert any("2 frames" in n for n in model.predict(frames).notes)
+
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert 'id="model"' in page.text and 'type="file"' in page.text

@@ -77,15 +77,27 @@ def _open(path: str | Path) -> Image.Image:
         raise ImageLoadError(f"{path}: image data is truncated or corrupt: {_first_line(exc)}") from None
     try:
         with img:
-            frames = getattr(img, "n_frames", 1)
-            if frames > 1:
-                img.seek(0)
-            img.load()  # force the full decode so truncated/corrupt data is caught here
-            bits = _declared_bits(img)
-            oriented = ImageOps.exif_transpose(img)
-            oriented = oriented if oriented is not None else img.copy()
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
+            return first_frame(img)
+    except DECODE_ERRORS as exc:
         raise ImageLoadError(f"{path}: image data is truncated or corrupt: {_first_line(exc)}") from None
+
+
+#: what Pillow raises while decoding damaged data
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError)
+
+
+def first_frame(img: Image.Image) -> Image.Image:
+    """The fully decoded, EXIF-oriented first frame of an opened image, carrying in its ``info`` what
+    the RGB rules need: the bit depth the file declares and the number of frames it has. Every way an
+    image enters defectscope (a file, an upload to ``serve``) goes through here, so a file scores the
+    same however it arrives. Raises :data:`DECODE_ERRORS` for damaged data."""
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        img.seek(0)
+    img.load()  # force the full decode so truncated/corrupt data is caught here
+    bits = _declared_bits(img)
+    oriented = ImageOps.exif_transpose(img)
+    oriented = oriented if oriented is not None else img.copy()
     if bits is not None:
         oriented.info["defectscope_bits"] = bits
     if frames > 1:

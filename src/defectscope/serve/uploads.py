@@ -12,11 +12,12 @@ import io
 import warnings
 from collections.abc import AsyncIterator
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
+
+from ..data.images import DECODE_ERRORS, first_frame
 
 RAW_NAME = "request body"
 
@@ -85,11 +86,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image | np.ndarray:
-    """Decode the first frame of ``data`` with its EXIF orientation applied, as the command line
-    reads a file; the pixel count is checked from the header before the pixels are decoded.
-    16-bit images come back as uint16 arrays, which the API scales by 65535 as the command line
-    scales a 16-bit file; everything else as a PIL image (the API converts it to RGB).
+def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Decode the first frame of ``data`` with its EXIF orientation applied, exactly as the command line
+    reads a file (:func:`defectscope.data.images.first_frame`: the declared bit depth and the frame
+    count travel with the image, so the API scales and notes it as for a file); the pixel count is
+    checked from the header before the pixels are decoded.
 
     Raises ServeError: 400 empty or corrupt, 415 not an image, 413 too many pixels.
     """
@@ -113,14 +114,8 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image | np.nd
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
-            img.load()
-            sixteen = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
-            oriented = ImageOps.exif_transpose(img)
+            return first_frame(img)  # as the command line decodes a file: bit depth and frames kept for the rules
     except Image.DecompressionBombError:
         raise ServeError(413, too_many) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
+    except DECODE_ERRORS as exc:
         raise ServeError(400, f"{name}: image data is truncated or corrupt: {_first_line(exc)}") from None
-    oriented = oriented if oriented is not None else img
-    return np.asarray(oriented).astype(np.uint16) if sixteen else oriented
