@@ -225,3 +225,9 @@ def test_epsilon_defaults_by_backbone_and_is_recorded(train: torch.Tensor) -> No
     assert det.epsilon is None and det.epsilon_used == 1.0 and det.fit_details_["epsilon"] == 1.0
     with pytest.raises(DefectscopeError, match="epsilon"):
         make(epsilon=True).fit(train)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e7, 0.0, -1.0])
+def test_epsilon_out_of_range_is_refused_before_fitting(train: torch.Tensor, bad: float) -> None:
+    with pytest.raises(DefectscopeError, match=r"epsilon must be a number in \(0, 1e\+06\]"):
+        make(epsilon=bad).fit(train)

@@ -213,3 +213,20 @@ def test_resuming_on_another_runtime_is_said(patchcore_file, synthetic_category,
     assert "earlier runs scored with torch, this one with onnxruntime" in caplog.text
     runs = json.loads((out / "_manifest.json").read_text())["runs"]
     assert [r["runtime"] for r in runs] == ["torch", "onnxruntime"]
+
+
+@pytest.mark.parametrize("missing", ["sha256", "pixel_threshold"])
+def test_auto_keeps_torch_for_files_older_than_exports(patchcore_file, tmp_path, missing, caplog):
+    """Files written before checksums or pixel thresholds still load on torch; auto must not refuse them."""
+    from safetensors.torch import save_file
+
+    from defectscope.io import _META_KEY, read_model_file
+
+    tensors, meta = read_model_file(patchcore_file)
+    old = tmp_path / "old.dsmodel"  # written as an older defectscope wrote it: the key absent, no checksum over it
+    save_file(tensors, str(old), metadata={_META_KEY: json.dumps({k: v for k, v in meta.items()
+                                                                  if k not in (missing, "sha256")})})
+    with caplog.at_level(logging.WARNING, logger="defectscope"):
+        model = defectscope.load(old, runtime="auto")
+    assert model.runtime is None and "older defectscope" in model.runtime_reason
+    assert "has no checksum" in caplog.text

@@ -190,6 +190,7 @@ def test_tiny_photos_are_named_against_the_canvas_and_never_all_excluded(synthet
     assert len(suspects) == 4 and "far smaller than the 768x768 (8 x 8 tiles of 96x96) model input" in \
         suspects[0]["reason"]
     assert model.meta["training"]["n_images"] == 4 and "none excluded" in caplog.text
+    assert model.meta["training"]["exclusion_declined"] is True
 
 
 def test_options_of_another_method_are_named_by_their_flags(synthetic_category, tmp_path, capsys):
@@ -199,3 +200,6 @@ def test_options_of_another_method_are_named_by_their_flags(synthetic_category, 
         assert main(["fit", str(synthetic_category), "-o", str(tmp_path / "p.dsmodel"), "--method", "padim",
                      *option]) == 2
         assert f"{option[0]} is a patchcore option; --method padim does not take it" in capsys.readouterr().err
+    assert main(["benchmark", str(synthetic_category), "--methods", "padim", "spade", "--tile", "2",
+                 "-o", str(tmp_path / "bench")]) == 2
+    assert "--tile is a patchcore option; --methods padim spade do not take it" in capsys.readouterr().err

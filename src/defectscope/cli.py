@@ -330,9 +330,11 @@ def _print_suspects(training: dict[str, Any]) -> None:
         print(f"defectscope: warning: training image unlike the rest: {item['path']}: {item['reason']}",
               file=sys.stderr)
     if suspects:
+        remedy = ("check --image-size against the photos, or the folder's content" if training.get("exclusion_declined")
+                  else "look at them, remove them, or refit with --exclude-outliers")
         print(f"defectscope: warning: {len(suspects)} training image(s) may be defective or wrong, and they raise the "
-              "threshold for every part judged later: look at them, remove them, or refit with --exclude-outliers "
-              f"(rule: {training.get('outlier_rule')})", file=sys.stderr)
+              f"threshold for every part judged later: {remedy} (rule: {training.get('outlier_rule')})",
+              file=sys.stderr)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -99,7 +99,7 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
-    pd.add_argument("--epsilon", type=number(float, 0, None, lo_open=True), default=None,
+    pd.add_argument("--epsilon", type=number(float, 0, 1e6, lo_open=True), default=None,
                     help="covariance regulariser: Sigma = cov + epsilon I (default 1.0 for EfficientNet-Lite, measured "
                          "on the development suite; the paper's 0.01 for other backbones)")
     sp = p.add_argument_group("spade")
@@ -158,22 +158,26 @@ def flag(param: str) -> str:
 
 
 def model_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The method parameters given on the command line. With one ``--method``, options of another
-    method are refused here, by their flags (``--tile is a PatchCore option; padim does not take it``)."""
+    """The method parameters given on the command line. Options that none of the chosen methods
+    (``--method``, or benchmark's ``--methods``) take are refused here, by their flags
+    (``--tile is a patchcore option; --method padim does not take it``)."""
     params = {}
     for option, name in PARAM_OPTIONS.items():
         value = getattr(args, option, None)
         if value is not None:
             params[name] = value
-    method = getattr(args, "method", None)
-    if isinstance(method, str):
+    method, methods = getattr(args, "method", None), getattr(args, "methods", None)
+    chosen = [method] if isinstance(method, str) else list(methods or [])
+    if chosen and params:
         from .detectors import METHODS, detector_class
         from .errors import DefectscopeError
 
-        valid = set(detector_class(method)._param_names())
+        taken = {m: set(detector_class(m)._param_names()) for m in METHODS}
         for name in params:
-            if name not in valid:
-                owners = [m for m in METHODS if m != method and name in detector_class(m)._param_names()]
+            if not any(name in taken[m] for m in chosen if m in taken):
+                owners = [m for m in METHODS if name in taken[m]]
                 whose = f"a {' and '.join(owners)} option" if owners else "not a method option"
-                raise DefectscopeError(f"{flag(name)} is {whose}; --method {method} does not take it")
+                given = f"--method {method}" if isinstance(method, str) else f"--methods {' '.join(chosen)}"
+                takes = "does" if len(chosen) == 1 else "do"
+                raise DefectscopeError(f"{flag(name)} is {whose}; {given} {takes} not take it")
     return params

@@ -208,9 +208,10 @@ def fit_detector(
         detector.fit(images(), progress=progress)
     fit_seconds = time.perf_counter() - start
     suspects, cutoff = _suspects(detector, loaded_paths, sizes)
-    if exclude_outliers and suspects and 2 * len(suspects) >= len(loaded_paths):
-        log.warning("%d of %d training images are suspect: that is the training set, not outliers; none excluded "
-                    "(see the reasons above: a model input far larger than the photos, or images unlike each other)",
+    declined = bool(exclude_outliers and suspects and 2 * len(suspects) >= len(loaded_paths))
+    if declined:
+        log.warning("--exclude-outliers: %d of %d training images are suspect, which is the training set, not "
+                    "outliers: none excluded (each one's reason is listed with the suspects)",
                     len(suspects), len(loaded_paths))
     elif exclude_outliers and suspects:
         bad = {Path(s["path"]) for s in suspects}
@@ -223,7 +224,8 @@ def fit_detector(
         return meta
     threshold = threshold_from_scores(detector.training_scores(), threshold_quantile, detector.training_scores_kind)
     pixel = pixel_threshold_from_maxima(detector.training_map_maxima(), threshold_quantile)
-    training: dict[str, Any] = {"suspects": suspects, "outlier_rule": (
+    training: dict[str, Any] = {"suspects": suspects, **({"exclusion_declined": True} if declined else {}),
+                                "outlier_rule": (
         f"held-out score > median + {OUTLIER_Z} x MAD / 0.6745 (= {cutoff:.6g}), or shorter side < the input's "
         f"shorter side / {TINY_FACTOR}")}
     if aligner is not None:

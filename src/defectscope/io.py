@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -31,6 +32,8 @@ FORMAT_VERSION = 1
 _META_KEY = "defectscope"
 #: tensor-name prefixes of model parts that are not the detector's state (e.g. the alignment reference)
 EXTRA_PREFIXES: tuple[str, ...] = ("align.",)
+
+log = logging.getLogger(__name__)
 
 
 def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any],
@@ -121,6 +124,10 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path}: model file is truncated or corrupt ({exc}); re-create it with `defectscope fit`") from exc
     stored = meta.get(CHECKSUM_KEY)
+    if stored is None:  # files from before checksums: nothing to verify against, so say so
+        log.warning("%s: has no checksum (written before defectscope checked its model files): a damaged or "
+                    "hand-edited file cannot be told from a good one; `defectscope calibrate` or a new fit writes one",
+                    path)
     if stored is not None and model_checksum(tensors, meta) != stored:
         raise ModelFileError(
             f"{path}: model file is damaged or was edited: its content does not match the checksum written with "

@@ -58,16 +58,21 @@ def default_d_reduced(backbone: str, total_channels: int) -> int:
     return total_channels
 
 
+#: largest epsilon accepted: features vary on the order of 1-100, and far larger values flatten every distance
+MAX_EPSILON = 1e6
+
+
 def default_epsilon(backbone: str) -> float:
     """The covariance regulariser Sigma = cov + epsilon I when none is given: the paper's 0.01, except
-    for EfficientNet-Lite backbones, 1.0.
+    for EfficientNet-Lite backbones (an ensemble: when every member is one), 1.0.
 
     Decided on the development suite with tf_efficientnet_lite0 (README, "Accuracy beyond bottle"):
     image AUROC mean over five sets 0.8418 (0.01), 0.8613 (0.1), 0.8739 (0.3), 0.8851 (1.0), 0.8883
     (3.0); the four sets of parts in place peak at 1.0 and pill falls beyond it. The paper's value
     stays for every other backbone, where nothing was measured.
     """
-    return 1.0 if architecture(backbone).split("+")[0].startswith("tf_efficientnet_lite") else 0.01
+    members = [architecture(member) for member in backbone.split("+")]
+    return 1.0 if all("efficientnet_lite" in name for name in members) else 0.01
 
 
 def architecture(backbone: str) -> str:
@@ -143,8 +148,10 @@ class PaDiM(Detector):
         ):
             raise DefectscopeError(f"d_reduced must be a positive integer or None, got {self.d_reduced!r}")
         if self.epsilon is not None and (isinstance(self.epsilon, bool) or not isinstance(self.epsilon, numbers.Real)
-                                         or not self.epsilon > 0):
-            raise DefectscopeError(f"epsilon must be a number > 0 or None (the backbone's default), got {self.epsilon!r}")
+                                         or not 0 < self.epsilon <= MAX_EPSILON):
+            raise DefectscopeError(f"epsilon must be a number in (0, {MAX_EPSILON:g}] or None (the backbone's default), "
+                                   f"got {self.epsilon!r}: beyond that the regulariser swamps every feature and the "
+                                   "distances underflow to 0")
 
     @property
     def epsilon_used(self) -> float:

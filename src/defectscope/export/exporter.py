@@ -168,6 +168,10 @@ def _check_output(output: Path) -> None:
 def export_refusal(meta: dict[str, Any]) -> str | None:
     """Why the model file with metadata ``meta`` cannot be exported, or None when it can (checked
     from the metadata alone, before anything is loaded)."""
+    missing = [key for key in ("sha256", "pixel_threshold", "normalization") if key not in meta]
+    if missing:
+        return (f"written by an older defectscope (no {', '.join(missing).replace('_', ' ')} in its metadata), which "
+                "an export must carry; fit the model again with this version to export it")
     if meta.get("method") == "spade":
         from .graph import REFUSED
 
