@@ -216,7 +216,10 @@ def test_a_run_killed_mid_way_resumes_with_every_path_exactly_once(tmp_path, dat
     rows = read_output(out)
     assert sorted(r["path"] for r in rows) == paths  # every path exactly once
     assert all(r["error"] is None for r in rows)
-    assert json.loads((out / "_manifest.json").read_text())["status"] == "complete"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    killed, resumed = manifest["runs"]  # the killed run is listed, with the rows it left in whole parts
+    assert killed["status"] == "killed" and killed["rows"] == len(done) and resumed["status"] == "complete"
 
 
 # --------------------------------------------------------------------------- review fixes

@@ -179,9 +179,11 @@ class ParquetSink(Sink):
         import pyarrow.parquet as pq
 
         manifest = self.out / MANIFEST
+        status = None
         if manifest.is_file():
             try:
-                self.runs = list(json.loads(manifest.read_text()).get("runs", []))
+                recorded = json.loads(manifest.read_text())
+                self.runs, status = list(recorded.get("runs", [])), recorded.get("status")
             except ValueError:
                 self.runs = []  # only descriptive: the parts are the truth
         for part in self._parts():
@@ -195,6 +197,10 @@ class ParquetSink(Sink):
             self.thresholds.update(t for t in table.column("threshold").unique().to_pylist() if t is not None)
             self.previous_rows += len(paths)
             self.previous_errors += len(paths) - table.column("error").null_count
+        if status == "running":  # a run that never closed its manifest (killed): listed with the rows it left
+            left = self.previous_rows - sum(int(r.get("rows", 0)) for r in self.runs)
+            self.runs.append({"status": "killed", "rows": max(left, 0),
+                              "note": "the run ended without closing its manifest; found by --resume"})
 
     def _append(self, rows: list[dict[str, Any]]) -> None:
         if not self.buffer:
