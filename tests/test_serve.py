@@ -444,3 +444,17 @@ def test_a_taken_port_is_a_one_line_error_before_the_models_load():
         with pytest.raises(DefectscopeError, match=f"cannot listen on 127.0.0.1:{port}.*choose another --port"):
             check_port("127.0.0.1", port)
     check_port("127.0.0.1", 0)  # 0: any free port, nothing to check
+
+
+def test_max_pixels_above_pillows_cap_is_the_limit(monkeypatch):
+    """--max-pixels 500,000,000 must let a 225 M-pixel image decode: Pillow's own cap is raised to it (never
+    lowered), so the server's 413 from the header stays the only limit."""
+    from PIL import Image
+
+    from defectscope.serve.uploads import allow_decoding
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 178_956_970)
+    allow_decoding(500_000_000)
+    assert Image.MAX_IMAGE_PIXELS == 500_000_000
+    allow_decoding(1_000)
+    assert Image.MAX_IMAGE_PIXELS == 500_000_000

@@ -170,8 +170,10 @@ def export_refusal(meta: dict[str, Any]) -> str | None:
     from the metadata alone, before anything is loaded)."""
     missing = [key for key in ("sha256", "pixel_threshold", "normalization") if key not in meta]
     if missing:
+        remedy = ("`defectscope calibrate` writes one" if missing == ["sha256"]
+                  else "fit the model again with this version to export it")
         return (f"written by an older defectscope (no {', '.join(missing).replace('_', ' ')} in its metadata), which "
-                "an export must carry; fit the model again with this version to export it")
+                f"an export must carry; {remedy}")
     if meta.get("method") == "spade":
         from .graph import REFUSED
 

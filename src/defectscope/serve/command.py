@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .batching import load_warm
+    from .uploads import allow_decoding
 
     models = parse_models(args.models)
     check_port(args.host, args.port)  # before the models load: a taken port is a one-line error, exit 2
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
         api_key=read_api_key(args.api_key_file) if args.api_key_file is not None else None, handle_sighup=True,
     )
+    allow_decoding(args.max_pixels)  # --max-pixels decides, not Pillow's own cap
     for name in ("defectscope.serve", "uvicorn", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)
     loaded: dict[str, Any] = {}

@@ -86,6 +86,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def allow_decoding(max_pixels: int) -> None:
+    """Let Pillow decode images of up to ``max_pixels`` in this process: its own decompression-bomb cap
+    (about 179 M pixels) would otherwise answer for ``--max-pixels`` above it. Only raised, never lowered;
+    the server's own check (413 from the header) stays the limit."""
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, int(max_pixels))
+
+
 def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Decode the first frame of ``data`` with its EXIF orientation applied, exactly as the command line
     reads a file (:func:`defectscope.data.images.first_frame`: the declared bit depth and the frame
