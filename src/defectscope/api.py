@@ -292,11 +292,14 @@ def choose_runtime(path: str | Path, runtime: str | None) -> tuple[str | None, s
         if runtime == "torch":
             raise DefectscopeError(f"{path}: is an exported model, which runs on onnxruntime or OpenVINO, not torch; "
                                    "give the model file it was exported from to score with torch")
-        from .export.runtime import DEFAULT_RUNTIME, read_export_meta
+        import json
 
-        try:
-            own = DEFAULT_RUNTIME[read_export_meta(Path(path))["export"]["format"]]
-        except (DefectscopeError, KeyError):
+        from .export import EXPORT_FILE
+        from .export.runtime import DEFAULT_RUNTIME
+
+        try:  # the format only: the load that follows verifies the folder (and hashes its graph) once
+            own = DEFAULT_RUNTIME[json.loads((Path(path) / EXPORT_FILE).read_text())["export"]["format"]]
+        except (OSError, ValueError, KeyError, TypeError):
             return None, "the exported model's own runtime"  # load says what is wrong with the folder
         return own, f"{own}: the exported model's own runtime"
     if runtime is None:
