@@ -113,7 +113,9 @@ def run_batch(
         stack.enter_context(exclusive(out))  # before OUT is read or written: two runs never interleave parts
         sink = open_sink(out, kind, model=described, resume=resume, force=force, part_rows=part_rows,
                          flush_seconds=flush_seconds)
-        earlier = sorted({r.get("runtime", "torch") for r in getattr(sink, "runs", [])} - {used_runtime})
+        # runs from before the runtime was recorded were torch's; a killed run's runtime is not known
+        earlier = sorted({r.get("runtime", "torch") for r in getattr(sink, "runs", []) if r.get("status") != "killed"}
+                         - {used_runtime})
         if resume and earlier:  # scores agree within 1e-4 relative across runtimes (README), but say it
             log.warning("%s: earlier runs scored with %s, this one with %s (scores agree within 1e-4 relative; "
                         "--runtime %s keeps one runtime)", out, ", ".join(earlier), used_runtime, earlier[0])
@@ -122,7 +124,8 @@ def run_batch(
         summary.skipped = len(entries) - len(todo)
         if notify is not None:
             already = f", {summary.skipped} already in {out}" if summary.skipped else ""
-            notify(f"{len(todo)} image(s) to score with --engine {engine} on {model.runtime_reason if runtime == 'auto' else used_runtime}{already}")
+            on = model.runtime_reason if runtime == "auto" else used_runtime
+            notify(f"{len(todo)} image(s) to score with --engine {engine} on {on}{already}")
         started, clock = datetime.now(timezone.utc), time.perf_counter()
         status = "interrupted"
         try:
