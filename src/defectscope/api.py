@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 
 from .errors import DefectscopeError, ModelFileError
+from .export import RUNTIME_CHOICES
 
 if TYPE_CHECKING:  # the heavy modules load on first use, not at import
     from .detectors.base import Detector
@@ -268,8 +269,6 @@ class Model:
         return self.path
 
 
-#: what ``load(runtime=...)`` (and ``serve``/``batch --runtime``) accept; None is "torch"
-RUNTIME_CHOICES = ("auto", "torch", "onnxruntime", "openvino")
 #: the runtime "auto" picks for an exportable model file: measured faster than torch at equal results
 #: (benchmarks/bench_export.py; README "Exported models")
 AUTO_RUNTIME = "onnxruntime"

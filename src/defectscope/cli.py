@@ -18,6 +18,7 @@ from . import __version__
 from .cli_options import add_align_options, add_common, add_model_options, model_params, show_progress
 from .cli_types import finite_float, number, positive_int, probability_open, seed_int
 from .errors import DefectscopeError
+from .export import RUNTIME_CHOICES
 from .jsonout import dumps
 
 log = logging.getLogger("defectscope")
@@ -239,7 +240,7 @@ def _add_batch_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
                    help="write an overlay PNG per image into DIR (named after the path) and its path into the row")
     p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
-    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
+    p.add_argument("--runtime", choices=list(RUNTIME_CHOICES), default="auto",
                    help="what scores: auto (default: the model's export on onnxruntime, measured 1.2x faster than "
                         "torch at equal results, when the export extra is installed and the model can be exported, "
                         "else torch; the choice is said and recorded in the manifest), torch, onnxruntime or openvino")

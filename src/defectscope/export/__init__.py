@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["EXPORT_FILE", "FORMATS", "RUNTIMES", "INSTALL_HINT", "is_exported", "set_threads"]
+__all__ = ["EXPORT_FILE", "FORMATS", "RUNTIMES", "RUNTIME_CHOICES", "INSTALL_HINT", "is_exported", "set_threads"]
 
 #: the metadata file that makes a folder an exported model
 EXPORT_FILE = "defectscope-export.json"
@@ -29,6 +29,9 @@ FORMAT_VERSION = 1
 FORMATS: tuple[str, ...] = ("onnx", "openvino")
 #: what runs an exported model; an ONNX export runs on either, an OpenVINO one on OpenVINO only
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino")
+#: what ``defectscope.load(runtime=...)`` and ``serve``/``batch --runtime`` accept ("auto": see
+#: :func:`defectscope.api.choose_runtime`)
+RUNTIME_CHOICES: tuple[str, ...] = ("auto", "torch", *RUNTIMES)
 INSTALL_HINT = "pip install 'defectscope[export]'"
 
 _threads: list[int | None] = [None]

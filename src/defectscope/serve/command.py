@@ -15,6 +15,7 @@ from typing import Any
 
 from ..cli_types import number
 from ..errors import DefectscopeError
+from ..export import RUNTIME_CHOICES
 from . import EXTRA_HINT
 from .settings import Settings
 
@@ -64,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
                    help="file holding an API key: every route but /healthz, /readyz and the page then needs "
                         "'Authorization: Bearer <key>' (401 otherwise)")
-    p.add_argument("--runtime", choices=["auto", "torch", "onnxruntime", "openvino"], default="auto",
+    p.add_argument("--runtime", choices=list(RUNTIME_CHOICES), default="auto",
                    help="what scores: auto (default: the model's export on onnxruntime, measured 1.2x faster than "
                         "torch at equal results, when the export extra is installed and the model can be exported, "
                         "else torch; the choice and its reason are logged), torch, or the export on onnxruntime or "
