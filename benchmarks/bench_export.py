@@ -3,7 +3,7 @@
     python benchmarks/bench_export.py                  # bottle PatchCore fitted once into benchmarks/.export-data
     python benchmarks/bench_export.py --method padim --images 40 --threads 2
 
-One PatchCore (or PaDiM) model on MVTec AD bottle at the default settings (256 px, every training
+One PatchCore (or PaDiM) model on MVTec AD bottle at the default settings (PatchCore 288 px, PaDiM 256 px; every training
 image unless --train), exported to ONNX and to OpenVINO IR. Then the same --images bottle test images
 (every defect type, in order) are scored through ``defectscope.load(...).predict`` -- file decoding,
 resize and the model, as ``defectscope predict`` does -- by:
@@ -21,6 +21,8 @@ shared: the load average is printed before and after. Asserts nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -47,7 +49,12 @@ def _test_images(n: int) -> list[Path]:
 def _model(method: str, n_train: int | None, data: Path) -> Path:
     import defectscope
 
-    path = data / f"bottle-{method}-{n_train or 'all'}.dsmodel"
+    from defectscope.detectors import make_detector
+
+    # keyed on the method's default parameters, so a model cached under earlier defaults is not reused
+    params = json.dumps(make_detector(method).get_params(), sort_keys=True, default=str)
+    key = hashlib.sha256(params.encode()).hexdigest()[:12]
+    path = data / f"bottle-{method}-{n_train or 'all'}-{key}.dsmodel"
     if not path.exists():
         train = sorted((BOTTLE / "train" / "good").glob("*.png"))[:n_train]
         print(f"fitting {method} on {len(train)} bottle training images (once) ...", flush=True)

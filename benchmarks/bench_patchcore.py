@@ -3,7 +3,7 @@
     python benchmarks/bench_patchcore.py
     python benchmarks/bench_patchcore.py --coreset exact --knn-index ivf
 
-Bottle: fit on ../shared/data/mvtec_ad/bottle train/good (default 10 % coreset, 256 px),
+Bottle: fit on ../shared/data/mvtec_ad/bottle train/good (default 10 % coreset, PatchCore's default input: 288 px),
 fit seconds split into extraction (decode + backbone + patch features) / coreset / held-out
 threshold scores / save; predict images per second end to end from files (decode, resize,
 backbone, nearest neighbours, map, score); image and pixel AUROC; peak RSS of the process.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from defectscope.detectors.patchcore import PATCHCORE_IMAGE_SIZE
 from machine import BOTTLE, current_rss_mib, hardware_line, peak_rss_mib
 
 
@@ -95,7 +96,7 @@ def run_bottle(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratio", type=float, default=0.1, help="coreset ratio for bottle")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=PATCHCORE_IMAGE_SIZE, help="model input side (default: PatchCore's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--projection-dim", type=int, default=None, help="approximate coreset: project to this many dims")
     p.add_argument("--coreset", choices=["folds", "exact"], default="folds", help="coreset selection")

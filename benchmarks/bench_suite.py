@@ -43,7 +43,8 @@ SETS = ("bottle", "pill", "elpv-mono", "elpv-poly", "pill-rotated")
 METHODS = ("patchcore", "padim", "spade")
 #: parameters added after cells were stored, whose default reproduces the earlier behaviour exactly:
 #: left out of a cell's key while at that default
-NEUTRAL: dict[str, Any] = {"resize": "stretch", "rotations": 1, "border_padding": "zeros"}
+NEUTRAL: dict[str, Any] = {"resize": "stretch", "rotations": 1, "border_padding": "zeros",
+                           "layer_weighting": "channels"}  # (no longer PatchCore's default, but older cells' value)
 COLUMNS = (("image_auroc", "image AUROC", 4), ("pixel_auroc", "pixel AUROC", 4), ("aupro", "AUPRO", 4),
            ("fit_seconds", "fit s", 1), ("images_per_second", "predict img/s", 1), ("peak_rss_mb", "peak MB", 0))
 

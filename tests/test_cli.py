@@ -194,3 +194,23 @@ def test_rotations_option_is_checked_and_stored(synthetic_category, tmp_path, ca
     with pytest.raises(SystemExit) as exc:
         run(capsys, "fit", synthetic_category, "-o", tmp_path / "x.dsmodel", "--rotations", "0")
     assert exc.value.code == 2 and "out of range" in capsys.readouterr().err
+
+
+def test_patchcore_defaults_to_288_px_and_equal_layer_weighting(synthetic_category, tmp_path, capsys):
+    path = tmp_path / "default.dsmodel"
+    code, _, err = run(capsys, "fit", synthetic_category, "-o", path, "--coreset-ratio", "0.5")
+    assert code == 0, err
+    meta = read_metadata(path)
+    assert meta["image_size"] == 288 and meta["params"]["layer_weighting"] == "equal"
+    channels = tmp_path / "channels.dsmodel"
+    code, _, err = run(capsys, "fit", synthetic_category, "-o", channels, "--image-size", "64", "--coreset-ratio",
+                       "0.5", "--layer-weighting", "channels")
+    assert code == 0, err
+    assert read_metadata(channels)["params"]["layer_weighting"] == "channels"
+    padim = tmp_path / "padim.dsmodel"
+    code, _, err = run(capsys, "fit", synthetic_category, "-o", padim, "--method", "padim")
+    assert code == 0, err
+    assert read_metadata(padim)["image_size"] == 256
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "fit", synthetic_category, "-o", tmp_path / "x.dsmodel", "--layer-weighting", "width")
+    assert exc.value.code == 2 and "'width'" in capsys.readouterr().err

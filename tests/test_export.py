@@ -54,11 +54,11 @@ def assert_agree(reference: list, exported: list) -> None:
 
 @pytest.fixture(scope="module")
 def models(synthetic_category, tmp_path_factory):
-    """Small PatchCore (bank re-weighting on, target_dim pooling) and PaDiM model files."""
+    """Small PatchCore (bank re-weighting on, layers weighted equally, target_dim pooling) and PaDiM model files."""
     root = tmp_path_factory.mktemp("export-models")
     train = synthetic_category / "train" / "good"
     out = {}
-    for method, params in (("patchcore", {"coreset_ratio": 0.25, "target_dim": 100}), ("padim", {})):
+    for method, params in (("patchcore", {"coreset_ratio": 0.25, "layer_weighting": "equal", "target_dim": 100}), ("padim", {})):
         model = defectscope.fit(train, method=method, image_size=64, **params)
         out[method] = model.save(root / f"{method}.dsmodel")
     return out

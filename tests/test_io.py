@@ -148,3 +148,15 @@ def test_rotations_round_trip_and_old_files_load_as_one(small_model, tmp_path):
     old.write_bytes(path.read_bytes())
     update_metadata(old, {"params": {k: v for k, v in read_metadata(old)["params"].items() if k != "rotations"}})
     assert load_model(old)[0].rotations == 1
+
+
+def test_files_from_before_layer_weighting_keep_concatenating_channels(small_model, tmp_path):
+    detector, path, images = small_model
+    assert PatchCore().layer_weighting == "equal" and detector.layer_weighting == "equal"
+    old = tmp_path / "old.dsmodel"
+    old.write_bytes(path.read_bytes())
+    update_metadata(old, {"params": {k: v for k, v in read_metadata(old)["params"].items() if k != "layer_weighting"}})
+    loaded, _ = load_model(old)
+    assert loaded.layer_weighting == "channels"
+    # the same bank scored with the other weighting gives other scores: the parameter is not ignored
+    assert not np.allclose(loaded.predict(images).scores, detector.predict(images).scores)

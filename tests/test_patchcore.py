@@ -8,6 +8,7 @@ import torch
 
 from defectscope.data.images import preprocess, load_image
 from defectscope.data.layouts import mvtec_category
+from defectscope.components.embedding import layer_scales, weigh_layers
 from defectscope.detectors.patchcore import PatchCore
 from defectscope.metrics import image_auroc
 
@@ -366,3 +367,27 @@ def test_border_padding_is_checked_and_reaches_the_features():
     a, b = zeros._patch_features(images), exclude._patch_features(images)  # 16 x 16, the deeper layer's 8 x 8 upsampled
     assert torch.equal(a[:, 4:-4, 4:-4], b[:, 4:-4, 4:-4])  # cells whose neighbourhoods lie inside both maps
     assert not torch.allclose(a[:, 0, 0], b[:, 0, 0])
+
+
+def test_layer_weighting_is_checked_and_gives_every_layer_the_same_share():
+    with pytest.raises(Exception, match="layer_weighting"):
+        PatchCore(layer_weighting="layers").fit(torch.zeros(2, 3, 64, 64))
+    images = torch.rand(2, 3, 128, 128)
+    plain, equal = PatchCore(image_size=128, layer_weighting="channels"), PatchCore(image_size=128)
+    assert equal.layer_weighting == "equal"  # the default
+    equal.set_extractor(plain.extractor)
+    a, b = plain._patch_features(images), equal._patch_features(images)
+    widths = [m.shape[1] for m in plain._features(images)]  # lite0: blocks.2 40, blocks.4 112
+    assert len(set(widths)) > 1 and a.shape == b.shape and a.shape[-1] == sum(widths)
+    # brute force: layer l's channels times sqrt(total / (L x C_l)), i.e. each channel repeated that often
+    start, total = 0, sum(widths)
+    for c in widths:
+        scale = (total / (len(widths) * c)) ** 0.5
+        assert torch.allclose(b[..., start:start + c], a[..., start:start + c] * scale, rtol=1e-5, atol=1e-6)
+        start += c
+    # every layer now carries the same weight (channel count x squared scale); channels: its width
+    assert [c * s * s for c, s in zip(widths, layer_scales(widths, "equal"))] == pytest.approx([total / 2] * 2)
+    assert layer_scales(widths, "channels") == [1.0, 1.0]
+    # layers of equal width are left as they are
+    same = [torch.rand(1, 4, 8, 8), torch.rand(1, 4, 8, 8)]
+    assert all(torch.equal(x, y) for x, y in zip(weigh_layers(same, "equal"), same))

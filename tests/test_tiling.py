@@ -196,7 +196,8 @@ def test_tiny_photos_are_named_against_the_canvas_and_never_all_excluded(synthet
 def test_options_of_another_method_are_named_by_their_flags(synthetic_category, tmp_path, capsys):
     from defectscope.cli import main
 
-    for option in (["--tile", "2"], ["--tile-overlap", "0.5"], ["--border-padding", "exclude"]):
+    for option in (["--tile", "2"], ["--tile-overlap", "0.5"], ["--border-padding", "exclude"],
+                   ["--layer-weighting", "equal"]):
         assert main(["fit", str(synthetic_category), "-o", str(tmp_path / "p.dsmodel"), "--method", "padim",
                      *option]) == 2
         assert f"{option[0]} is a patchcore option; --method padim does not take it" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
                         "(ResNet); default depends on method and backbone")
     g.add_argument("--image-size", type=image_size, default=None, metavar="N|H,W",
                    help="model input: N x N, or H,W (height, width) for non-square parts; each side in [32, 2048] "
-                        "(default 256)")
+                        "(default 288 for patchcore, 256 for padim and spade)")
     g.add_argument("--resize", choices=list(RESIZE_CHOICES), default=None,
                    help="how photos become the input: stretch (straight to the input size, default), keep-aspect "
                         "(fit without distortion, pad the rest) or crop (resize each side to size / 0.875, then "
@@ -96,6 +96,10 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     pc.add_argument("--border-padding", choices=["zeros", "exclude"], default=None,
                     help="how the 3 x 3 neighbourhood of a border patch is averaged: zeros (default, the reference "
                          "implementation's zero padding) or exclude (cells inside the map only)")
+    pc.add_argument("--layer-weighting", choices=["channels", "equal"], default=None,
+                    help="how much each feature layer counts in a patch distance: equal (default; every layer alike, "
+                         "as the reference implementation) or channels (every channel once, as anomalib and model "
+                         "files from before this option); see the README")
     pc.add_argument("--num-neighbors", type=positive_int, default=None, help="b in the image-score re-weighting (default 9)")
     pd = p.add_argument_group("padim")
     pd.add_argument("--d-reduced", type=positive_int, default=None, help="random channels kept (default by backbone)")
@@ -133,7 +137,7 @@ PARAM_OPTIONS = {
     "coreset_ratio": "coreset_ratio", "coreset_eps": "coreset_eps", "projection_dim": "projection_dim",
     "coreset": "coreset", "max_bank_size": "max_bank_size", "folds": "folds",
     "threshold_images": "threshold_images", "knn_index": "knn_index", "rotations": "rotations", "tiles": "tiles", "tile_overlap": "tile_overlap",
-    "border_padding": "border_padding",
+    "border_padding": "border_padding", "layer_weighting": "layer_weighting",
     "num_neighbors": "num_neighbors", "d_reduced": "d_reduced", "epsilon": "epsilon", "k": "k", "top_k": "top_k",
 }
 

@@ -16,10 +16,13 @@ import torch.nn.functional as F
 
 from ..errors import DefectscopeError
 
-__all__ = ["BORDER_PADDINGS", "concat_layers", "default_multiscale_layers", "local_average"]
+__all__ = ["BORDER_PADDINGS", "LAYER_WEIGHTINGS", "concat_layers", "default_multiscale_layers", "layer_scales",
+           "local_average", "weigh_layers"]
 
 #: how a p x p neighbourhood that crosses the map's edge is averaged (see :func:`local_average`)
 BORDER_PADDINGS = ("zeros", "exclude")
+#: how much each layer counts in a patch distance (see :func:`weigh_layers`)
+LAYER_WEIGHTINGS = ("channels", "equal")
 
 
 def default_multiscale_layers(backbone: str) -> list[str] | None:
@@ -65,3 +68,35 @@ def local_average(maps: Sequence[torch.Tensor], patch_size: int, border: str = "
         raise DefectscopeError(f"border_padding must be one of {', '.join(BORDER_PADDINGS)}, got {border!r}")
     pad = patch_size // 2
     return [F.avg_pool2d(m, patch_size, stride=1, padding=pad, count_include_pad=border == "zeros") for m in maps]
+
+
+def layer_scales(channels: Sequence[int], weighting: str) -> list[float]:
+    """The factor each layer's map is multiplied by before concatenation; see :func:`weigh_layers`.
+
+    Raises:
+        DefectscopeError: ``weighting`` is not one of :data:`LAYER_WEIGHTINGS`.
+    """
+    if weighting not in LAYER_WEIGHTINGS:
+        raise DefectscopeError(f"layer_weighting must be one of {', '.join(LAYER_WEIGHTINGS)}, got {weighting!r}")
+    if weighting == "channels":
+        return [1.0] * len(channels)
+    total, n = sum(channels), len(channels)
+    return [(total / (n * c)) ** 0.5 for c in channels]
+
+
+def weigh_layers(maps: Sequence[torch.Tensor], weighting: str = "channels") -> list[torch.Tensor]:
+    """Each (B, C_l, H_l, W_l) map scaled so that the layers count in a squared distance as ``weighting`` says.
+
+    "channels" leaves them as they are: every channel counts once, so a layer counts in proportion
+    to its width (anomalib's concatenation). "equal" gives every layer the same number of
+    dimensions' worth, as the PatchCore reference implementation does by mapping each layer's
+    patch features to one common dimension before aggregating them (Roth et al. 2022, their
+    ``Preprocessing``/``MeanMapper``): layer l is multiplied by sqrt(sum_k C_k / (L x C_l)), which
+    equals repeating each of its channels sum_k C_k / (L x C_l) times; with layers of equal width
+    nothing changes.
+
+    Raises:
+        DefectscopeError: ``weighting`` is not one of :data:`LAYER_WEIGHTINGS`.
+    """
+    scales = layer_scales([m.shape[1] for m in maps], weighting)
+    return [m if s == 1.0 else m * s for m, s in zip(maps, scales)]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..components.embedding import local_average
+from ..components.embedding import local_average, weigh_layers
 from ..detectors.base import Detector, gaussian_blur
 from ..detectors.padim import PaDiM
 from ..detectors.patchcore import PatchCore
@@ -71,11 +71,13 @@ class PatchCoreGraph(_Graph):
         self.target_dim = detector.target_dim
         self.patch_size = detector.patch_size
         self.border_padding = detector.border_padding
+        self.layer_weighting = detector.layer_weighting
 
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised -> (N, h, w, D), as PatchCore._patch_features (adaptive pooling
         over channels written as a matrix product with its fixed averaging matrix)."""
-        maps = local_average(self.extractor(x), self.patch_size, self.border_padding)
+        maps = weigh_layers(local_average(self.extractor(x), self.patch_size, self.border_padding),
+                            self.layer_weighting)
         h, w = maps[0].shape[-2:]
         for m in maps[1:]:
             if m.shape[-1] * m.shape[-2] > h * w:
