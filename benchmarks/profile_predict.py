@@ -54,7 +54,7 @@ def main() -> None:
                 dist, idx = index.search(feats.reshape(-1, d), 1)
                 t2 = time.perf_counter()
                 dist, idx = dist[:, 0].reshape(b, h * w), idx[:, 0].reshape(b, h * w)
-                det._image_scores(feats.reshape(b, h * w, d), dist, idx)
+                det._image_scores(feats.reshape(b, h * w, d), dist, idx, det.memory_bank_, index)
                 det._finish_maps(dist.reshape(b, h, w))
                 t3 = time.perf_counter()
                 t_feat, t_search, t_rest = t_feat + t1 - t0, t_search + t2 - t1, t_rest + t3 - t2

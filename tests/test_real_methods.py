@@ -2,8 +2,8 @@
 
 Bottle floors: the reference implementations' (anomalib: PatchCore image AUROC 1.000), PatchCore at
 1 % of the patches for speed; PatchCore's pixel floor follows its default normalisation (the
-weights' own statistics, decided on the development suite: 0.9844 at 1 % and 288 px, against 0.9873
-with ImageNet's at 256 px). Pill floors: this revision's development-suite figures (README, "Accuracy beyond
+weights' own statistics, 288 px and layers weighted equally, decided on the development suite: 0.9876
+at 1 %; 0.9873 with ImageNet's statistics at 256 px, channels concatenated). Pill floors: this revision's development-suite figures (README, "Accuracy beyond
 bottle") less about 0.005, so that a default that slips on a second kind of part fails here too.
 """
 
@@ -23,13 +23,13 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 # method -> (parameters, image AUROC floor, pixel AUROC floor)
 FLOORS = {
-    "patchcore": ({"coreset_ratio": 0.01}, 0.999, 0.982),
+    "patchcore": ({"coreset_ratio": 0.01}, 0.999, 0.985),
     "padim": ({}, 0.998, 0.982),
     "spade": ({}, 0.97, 0.96),
 }
-#: pill: (image AUROC floor, pixel AUROC floor) at each method's defaults (measured: PatchCore 0.9542 / 0.9742
-#: at 288 px, PaDiM 0.8953 / 0.9615 with epsilon 1.0, SPADE 0.7578 / 0.9465 with k = 5)
-PILL_FLOORS = {"patchcore": (0.950, 0.970), "padim": (0.890, 0.955), "spade": (0.750, 0.940)}
+#: pill: (image AUROC floor, pixel AUROC floor) at each method's defaults (measured: PatchCore 0.9615 / 0.9784
+#: at 288 px with layers weighted equally, PaDiM 0.8953 / 0.9615 with epsilon 1.0, SPADE 0.7578 / 0.9465 with k = 5)
+PILL_FLOORS = {"patchcore": (0.955, 0.973), "padim": (0.890, 0.955), "spade": (0.750, 0.940)}
 
 
 def _defaults_on(method: str, params: dict, data: Path, n_good: int, n_defective: int,
