@@ -95,7 +95,7 @@ def fit_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         paths = scaling_images(args.child, Path(tmp))
-        det = PatchCore(coreset=args.coreset)
+        det = PatchCore(coreset=args.coreset, **json.loads(args.params))
         det.extractor  # the backbone is built before timing (once per process)
         base_rss = current_rss_mib()
         t0 = time.perf_counter()
@@ -142,14 +142,19 @@ def sampled_radius(det: Any, paths: list[Path], n_images: int) -> float:
 
 
 def run_scaling(args: argparse.Namespace) -> None:
-    print(f"\nscaling: PatchCore defaults (coreset {args.coreset}), 256 px, lite0, ELPV cells (flipped copies "
+    from defectscope.detectors.patchcore import PatchCore
+
+    params = json.loads(args.params)
+    det = PatchCore(coreset=args.coreset, **params)
+    print(f"\nscaling: PatchCore defaults{' + ' + args.params if params else ''} (coreset {args.coreset}), "
+          f"{det.image_size} px, layer weighting {det.layer_weighting}, {det.backbone}, ELPV cells (flipped copies "
           f"past 2,624), each size in a fresh process; predict on the demo's 413 mono test cells", flush=True)
     head = ("| images | fit s | extraction | coreset | threshold | save | s/image | peak RSS MiB (before fit) | "
             "bank | chunks | radius reported / sampled | predict img/s |")
     print(head + "\n|" + "---|" * 12, flush=True)
     for n in args.sizes:
         cmd = [sys.executable, __file__, "--child", str(n), "--coreset", args.coreset, "--threads", str(args.threads),
-               "--radius-sample", str(args.radius_sample)]
+               "--radius-sample", str(args.radius_sample), "--params", args.params]
         r = child_result(cmd)
         if isinstance(r, str):
             print(f"| {n} | failed: {r} |", flush=True)
@@ -208,7 +213,8 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--coresets", nargs="+", choices=["folds", "exact"], default=["folds", "exact"])
     p.add_argument("--coreset", choices=["folds", "exact"], default="folds", help="coreset mode of the scaling run")
-    p.add_argument("--params", default="{}", help="extra PatchCore parameters for the accuracy part, as JSON")
+    p.add_argument("--params", default="{}", help="extra PatchCore parameters for both parts, as JSON (session 4's "
+                   "defaults: '{\"image_size\": 256, \"layer_weighting\": \"channels\"}')")
     p.add_argument("--radius-sample", type=int, default=20, help="training images whose patches the sampled radius covers")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)

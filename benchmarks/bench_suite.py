@@ -41,10 +41,6 @@ from machine import SHARED_DATA, hardware_line
 HERE = Path(__file__).resolve().parent
 SETS = ("bottle", "pill", "elpv-mono", "elpv-poly", "pill-rotated")
 METHODS = ("patchcore", "padim", "spade")
-#: parameters added after cells were stored, whose default reproduces the earlier behaviour exactly:
-#: left out of a cell's key while at that default
-NEUTRAL: dict[str, Any] = {"resize": "stretch", "rotations": 1, "border_padding": "zeros",
-                           "layer_weighting": "channels"}  # (no longer PatchCore's default, but older cells' value)
 COLUMNS = (("image_auroc", "image AUROC", 4), ("pixel_auroc", "pixel AUROC", 4), ("aupro", "AUPRO", 4),
            ("fit_seconds", "fit s", 1), ("images_per_second", "predict img/s", 1), ("peak_rss_mb", "peak MB", 0))
 
@@ -100,15 +96,10 @@ def load_set(name: str, cache: Path) -> Any:
 def cell_path(out: Path, method: str, params: dict[str, Any], name: str, align: str = "none") -> Path:
     """The cell's file: keyed by the detector's full parameters (defaults included, so a changed default
     never reuses an old cell), the set and the alignment."""
-    from defectscope.detectors import make_detector
+    from defectscope.detectors import comparable_params, make_detector
 
-    full = make_detector(method, **params).get_params()
-    for param, value in NEUTRAL.items():  # added later with the old behaviour as default: old cells stay valid
-        if full.get(param) == value:
-            del full[param]
-    if full.get("tiles") == 1:  # no tiling: the overlap means nothing
-        full.pop("tiles", None)
-        full.pop("tile_overlap", None)
+    # parameters added later, at the value that reproduces the old computation, are left out: old cells stay valid
+    full = comparable_params(make_detector(method, **params).get_params())
     spec = {"m": method, "p": full, "s": name, **({"a": align} if align != "none" else {})}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return out / f"{method}-{name}-{key}.json"

@@ -34,7 +34,7 @@ def _cli_scores(model_path, paths, capsys) -> dict[str, float]:
 
 def test_load_describes_the_model(model, model_path):
     info = model.info()
-    assert info["method"] == "patchcore" and info["image_size"] == 128
+    assert info["method"] == "patchcore" and info["image_size"] == 128 and info["layer_weighting"] == "equal"
     assert info["checksum"] == model.checksum and len(model.checksum) == 64
     assert info["path"] == str(model_path) and info["fitted"]
     assert model.threshold > 0 and model.pixel_threshold > 0

@@ -145,3 +145,25 @@ def test_bad_arguments(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert "unknown category nope" in err and "cat_a, cat_b" in err
     assert main(["benchmark", str(root), "-o", str(tmp_path), "--methods", "spade", "--d-reduced", "5"]) == 2
     assert "--d-reduced is a padim option; --methods spade does not take it" in capsys.readouterr().err
+
+
+def test_cells_of_an_earlier_version_are_reused_when_they_compute_the_same(
+        first_run: dict, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """An earlier version keyed cells on every parameter it had: a cell written before layer_weighting existed
+    (plain concatenation) is found again by `--layer-weighting channels`, not by the new default."""
+    out = _copy(first_run, tmp_path)
+    cells = out / "cells"
+    for path in cells.glob("patchcore-*.json"):  # rewrite them as the earlier version did: other key, no parameter
+        cell = json.loads(path.read_text())
+        assert cell["params"].pop("layer_weighting") == "equal"
+        path.unlink()
+        (cells / f"patchcore-{cell['category']}-0123456789ab.json").write_text(json.dumps(cell))
+    calls: list[str] = []
+    monkeypatch.setattr(benchmark, "run_cell", _fake_cell(calls))
+    args = ["benchmark", str(root), *ARGS, "-o", str(out), "--categories", *GOOD_CATS, "--methods", "patchcore"]
+    assert main([*args, "--layer-weighting", "channels"]) == 0
+    assert calls == [] and capsys.readouterr().err.count("0123456789ab.json; --force recomputes)") == 2
+    assert main(args) == 0  # the default, equal, computes something else
+    assert sorted(calls) == ["patchcore/cat_a", "patchcore/cat_b"]
+    assert "layer weighting equal" in (out / "benchmark.md").read_text()

@@ -93,7 +93,7 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
         info = model.info()
         listed = client.get("/v1/models").json()["models"]
         assert listed == [{"name": "tiny", "method": "patchcore", "backbone": info["backbone"], "image_size": 64,
-                           "threshold": model.threshold, "fitted": info["fitted"], "checksum": model.checksum,
+                           "layer_weighting": "equal", "threshold": model.threshold, "fitted": info["fitted"], "checksum": model.checksum,
                            "runtime": "torch", "runtime_reason": "torch (defectscope.load's default)"}]
 
         raw = client.post(PREDICT.format(name="tiny"), content=images[1].read_bytes())

@@ -173,7 +173,7 @@ class Model:
 
     def info(self) -> dict[str, Any]:
         """What a user asks of a model first: method, backbone, layers, image size, thresholds, the
-        training data and date, the checksum and the file."""
+        training data and date, the checksum and the file (``layer_weighting``: PatchCore's, else None)."""
         training = self.meta.get("training", {})
         return {
             "method": self.method, "backbone": self.detector.backbone, "layers": list(self.detector.layers or []),
@@ -183,6 +183,7 @@ class Model:
             "checksum": self.checksum, "path": str(self.path) if self.path is not None else None,
             "runtime": self.runtime or "torch", "runtime_reason": self.runtime_reason,
             "tiles": getattr(self.detector, "tiles", 1), "tile_overlap": getattr(self.detector, "tile_overlap", None),
+            "layer_weighting": getattr(self.detector, "layer_weighting", None),
         }
 
     def __repr__(self) -> str:

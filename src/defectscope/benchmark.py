@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.datasets import Category, discover
-from .detectors import detector_class, make_detector
+from .detectors import comparable_params, detector_class, make_detector
 from .errors import DataLayoutError, DefectscopeError
 from .files import replacing
 from .jsonout import dumps
@@ -55,10 +55,27 @@ def method_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell_key(method: str, full_params: dict[str, Any], data_path: Path) -> str:
-    """12 hex digits identifying a cell's settings: method, all parameters, the category's data."""
-    blob = json.dumps({"method": method, "params": full_params, "data": str(Path(data_path).resolve())},
-                      sort_keys=True, default=str)
+    """12 hex digits identifying a cell's settings: method, all parameters (as
+    :func:`~defectscope.detectors.comparable_params` gives them: parameters added later are left out
+    while at the value that computes as before), the category's data."""
+    blob = json.dumps({"method": method, "params": comparable_params(full_params),
+                       "data": str(Path(data_path).resolve())}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _equivalent_cell(cells_dir: Path, stem_prefix: str, method: str, full_params: dict[str, Any],
+                     data_path: Path) -> tuple[Path, dict[str, Any]] | None:
+    """A finished cell stored under another key (by an earlier version, which keyed on every parameter it
+    had) whose settings compute the same: same method and data, equal comparable parameters."""
+    want = comparable_params(full_params)
+    data = str(Path(data_path).resolve())
+    for path in sorted(cells_dir.glob(f"{stem_prefix}-*.json")):
+        cell = _read_cell(path)
+        if (cell is not None and cell.get("method") == method and isinstance(cell.get("params"), dict)
+                and str(Path(str(cell.get("data", ""))).resolve()) == data
+                and comparable_params(cell["params"]) == want):
+            return path, cell
+    return None
 
 
 def _safe(name: str) -> str:
@@ -173,8 +190,14 @@ def run_benchmark(
             base = {"method": method, "category": category.name, "layout": category.layout,
                     "data": str(category.path), "backbone": full["backbone"], "params": full, "key": key}
             stored = None if force else _read_cell(cell_path)
+            found_at = cell_path
+            if stored is None and not force:
+                equivalent = _equivalent_cell(cell_path.parent, f"{_safe(method)}-{_safe(category.name)}", method,
+                                              full, category.path)
+                if equivalent is not None:
+                    found_at, stored = equivalent
             if stored is not None:
-                say(f"{method} / {category.name}: done before, skipped ({cell_path}; --force recomputes)")
+                say(f"{method} / {category.name}: done before, skipped ({found_at}; --force recomputes)")
                 cells.append(stored)
                 continue
             say(f"{method} / {category.name}: fitting and evaluating")
@@ -236,7 +259,9 @@ def format_markdown(cells: Sequence[dict[str, Any]]) -> str:
         layers = next((c.get("layers") for c in group if c.get("layers")), None)
         parts.append(f"### {method} ({first.get('backbone')}"
                      + (f", {','.join(layers)}" if layers else "")
-                     + f", image size {first.get('params', {}).get('image_size')})")
+                     + f", image size {first.get('params', {}).get('image_size')}"
+                     + (f", layer weighting {first['params']['layer_weighting']}"
+                        if "layer_weighting" in first.get("params", {}) else "") + ")")
         parts.append("")
         parts += [header, rule]
         for c in group:

@@ -16,6 +16,24 @@ METHODS: dict[str, str] = {
 }
 
 
+#: parameters added after model files and benchmark cells existed, each at the value that reproduces the
+#: earlier computation (layer_weighting: no longer PatchCore's default, but what files and cells had before it)
+NEUTRAL_PARAMS: dict[str, Any] = {"resize": "stretch", "rotations": 1, "border_padding": "zeros",
+                                  "layer_weighting": "channels"}
+
+
+def comparable_params(full: dict[str, Any]) -> dict[str, Any]:
+    """``full`` (a detector's ``get_params()``) without the parameters at their :data:`NEUTRAL_PARAMS` value,
+    and without ``tile_overlap`` when there are no tiles: two settings that compute the same get the same
+    dict, whichever version wrote them. Benchmark cells are keyed on it, so an upgrade that adds a
+    parameter does not recompute them."""
+    out = {k: v for k, v in full.items() if not (k in NEUTRAL_PARAMS and v == NEUTRAL_PARAMS[k])}
+    if out.get("tiles") == 1:  # no tiling: the overlap means nothing
+        out.pop("tiles", None)
+        out.pop("tile_overlap", None)
+    return out
+
+
 def detector_class(method: str) -> type[Detector]:
     """The detector class for a method name; unknown names list the valid ones."""
     try:
@@ -38,4 +56,5 @@ def make_detector(method: str, **params: Any) -> Detector:
     return cls(**params)
 
 
-__all__ = ["Detector", "Prediction", "METHODS", "detector_class", "make_detector"]
+__all__ = ["Detector", "Prediction", "METHODS", "NEUTRAL_PARAMS", "comparable_params", "detector_class",
+           "make_detector"]

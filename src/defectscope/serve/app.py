@@ -210,6 +210,7 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
 def _describe(name: str, model: defectscope.Model) -> dict[str, Any]:
     info = model.info()
     return {"name": name, "method": info["method"], "backbone": info["backbone"], "image_size": info["image_size"],
+            "layer_weighting": info["layer_weighting"],
             "threshold": info["threshold"], "fitted": info["fitted"], "checksum": info["checksum"],
             "runtime": info["runtime"], "runtime_reason": info["runtime_reason"]}
 
