@@ -21,9 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 
 from . import __version__
-from .detectors import make_detector
+from .detectors import NEUTRAL_PARAMS, detector_class, make_detector
 from .detectors.base import Detector
-from .detectors.patchcore import LEGACY_LAYER_WEIGHTING
 from .errors import ModelFileError
 from .files import OutputError, replacing
 from .normalization import LEGACY_NORMALIZATION
@@ -206,10 +205,11 @@ def load_model_with_extras(path: str | Path) -> tuple[Detector, dict[str, Any], 
         params.setdefault("normalization", LEGACY_NORMALIZATION)
         if meta["method"] == "spade":  # files from before global_layer pooled the deepest map layer
             params.setdefault("global_layer", "maps")
-        if meta["method"] == "patchcore":  # files from before rotation-augmented banks: each image once
-            params.setdefault("rotations", 1)
-            # files from before layer_weighting concatenated the layers' channels as they were
-            params.setdefault("layer_weighting", LEGACY_LAYER_WEIGHTING)
+        # parameters added since (rotations, layer_weighting, ...): the value that computes as files did before
+        taken = detector_class(meta["method"])._param_names()
+        for name, value in NEUTRAL_PARAMS.items():
+            if name in taken:
+                params.setdefault(name, value)
         if meta["method"] == "patchcore" and "coreset" not in params:
             # files written before the fold selection: one greedy over all (or a random subset of the)
             # patches, no bank cap; coreset_candidates was retired with it

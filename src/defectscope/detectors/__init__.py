@@ -17,7 +17,8 @@ METHODS: dict[str, str] = {
 
 
 #: parameters added after model files and benchmark cells existed, each at the value that reproduces the
-#: earlier computation (layer_weighting: no longer PatchCore's default, but what files and cells had before it)
+#: earlier computation: a model file without one loads with this value (io.py), and a benchmark cell's key
+#: leaves it out at this value (layer_weighting: no longer PatchCore's default, but what came before it)
 NEUTRAL_PARAMS: dict[str, Any] = {"resize": "stretch", "rotations": 1, "border_padding": "zeros",
                                   "layer_weighting": "channels"}
 

@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 #: suite's mean in session 5 (README, "Accuracy beyond bottle"); PaDiM and SPADE keep the base 256 px
 PATCHCORE_IMAGE_SIZE = 288
 PATCHCORE_LAYER_WEIGHTING = "equal"
-#: what model files written before the layer_weighting parameter used: plain concatenation
-LEGACY_LAYER_WEIGHTING = "channels"
 
 #: coreset selections: per-fold chunks (linear, default) or one greedy over all patches
 CORESETS = ("folds", "exact")
