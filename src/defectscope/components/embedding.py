@@ -16,13 +16,19 @@ import torch.nn.functional as F
 
 from ..errors import DefectscopeError
 
-__all__ = ["BORDER_PADDINGS", "LAYER_WEIGHTINGS", "concat_layers", "default_multiscale_layers", "layer_scales",
-           "local_average", "weigh_layers"]
+__all__ = ["BORDER_PADDINGS", "LAYER_WEIGHTINGS", "check_choice", "concat_layers", "default_multiscale_layers",
+           "layer_scales", "local_average", "weigh_layers"]
 
 #: how a p x p neighbourhood that crosses the map's edge is averaged (see :func:`local_average`)
 BORDER_PADDINGS = ("zeros", "exclude")
 #: how much each layer counts in a patch distance (see :func:`weigh_layers`)
 LAYER_WEIGHTINGS = ("channels", "equal")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    """Raise DefectscopeError naming ``name``, ``value`` and the ``choices`` when ``value`` is not one of them."""
+    if value not in choices:
+        raise DefectscopeError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def default_multiscale_layers(backbone: str) -> list[str] | None:
@@ -64,8 +70,7 @@ def local_average(maps: Sequence[torch.Tensor], patch_size: int, border: str = "
     Raises:
         DefectscopeError: ``border`` is not one of :data:`BORDER_PADDINGS`.
     """
-    if border not in BORDER_PADDINGS:
-        raise DefectscopeError(f"border_padding must be one of {', '.join(BORDER_PADDINGS)}, got {border!r}")
+    check_choice("border_padding", border, BORDER_PADDINGS)
     pad = patch_size // 2
     return [F.avg_pool2d(m, patch_size, stride=1, padding=pad, count_include_pad=border == "zeros") for m in maps]
 
@@ -76,8 +81,7 @@ def layer_scales(channels: Sequence[int], weighting: str) -> list[float]:
     Raises:
         DefectscopeError: ``weighting`` is not one of :data:`LAYER_WEIGHTINGS`.
     """
-    if weighting not in LAYER_WEIGHTINGS:
-        raise DefectscopeError(f"layer_weighting must be one of {', '.join(LAYER_WEIGHTINGS)}, got {weighting!r}")
+    check_choice("layer_weighting", weighting, LAYER_WEIGHTINGS)
     if weighting == "channels":
         return [1.0] * len(channels)
     total, n = sum(channels), len(channels)

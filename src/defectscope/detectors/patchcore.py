@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..components.coreset import KCenterResult, kcenter
-from ..components.embedding import BORDER_PADDINGS, LAYER_WEIGHTINGS, concat_layers, local_average, weigh_layers
+from ..components.embedding import (BORDER_PADDINGS, LAYER_WEIGHTINGS, check_choice, concat_layers, local_average,
+                                    weigh_layers)
 from ..components.feature_store import FeatureStore
 from ..components.knn import BACKENDS, INDEXES, NearestNeighbors
 from ..components.rotation import rotate_images, rotation_angles
@@ -184,12 +185,8 @@ class PatchCore(Detector):
             raise DefectscopeError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise DefectscopeError(f"patch_size must be a positive odd integer, got {self.patch_size}")
-        if self.border_padding not in BORDER_PADDINGS:
-            raise DefectscopeError(f"border_padding must be one of {', '.join(BORDER_PADDINGS)}, "
-                                   f"got {self.border_padding!r}")
-        if self.layer_weighting not in LAYER_WEIGHTINGS:
-            raise DefectscopeError(f"layer_weighting must be one of {', '.join(LAYER_WEIGHTINGS)}, "
-                                   f"got {self.layer_weighting!r}")
+        check_choice("border_padding", self.border_padding, BORDER_PADDINGS)
+        check_choice("layer_weighting", self.layer_weighting, LAYER_WEIGHTINGS)
         if self.knn_backend not in BACKENDS:
             raise DefectscopeError(f"knn_backend must be one of {', '.join(BACKENDS)}, got {self.knn_backend!r}")
         if self.knn_index not in INDEXES:
