@@ -70,12 +70,24 @@ def timed_run(name: str, work: Path, reuse: bool, model: Path, listing: Path, **
 
     first: list[float] = []
     start = time.perf_counter()
-    summary = run_batch(model, [str(listing)], out, force=True,
-                        on_rows=lambda n: first or first.append(time.perf_counter() - start), **options)
-    result = {"seconds": round(summary.seconds, 2), "images": summary.scored, "errors": summary.errors,
-              "images_per_s": round(summary.images_per_second, 2),
-              "first_row_s": round(first[0], 2) if first else None, "load_before": before, "load_after": load_average(),
-              **{k: v for k, v in summary.engine_info.items() if k in ("workers", "threads", "blocks", "block_rows")}}
+    summary = run_batch(
+        model,
+        [str(listing)],
+        out,
+        force=True,
+        on_rows=lambda n: first or first.append(time.perf_counter() - start),
+        **options,
+    )
+    result = {
+        "seconds": round(summary.seconds, 2),
+        "images": summary.scored,
+        "errors": summary.errors,
+        "images_per_s": round(summary.images_per_second, 2),
+        "first_row_s": round(first[0], 2) if first else None,
+        "load_before": before,
+        "load_after": load_average(),
+        **{k: v for k, v in summary.engine_info.items() if k in ("workers", "threads", "blocks", "block_rows")},
+    }
     saved.write_text(json.dumps(result) + "\n")
     return result
 
@@ -93,15 +105,24 @@ def block_overhead(n_blocks: int, block_rows: int, workers: int) -> dict:
     def run(n: int) -> float:
         blocks = [pa.table({"path": [f"/archive/cell{i:07d}.png" for i in range(block_rows)]}) for _ in range(n)]
         start = time.perf_counter()
-        ds = ray.data.from_arrow(blocks).map_batches(_Identity, batch_size=None, batch_format="pyarrow",
-                                                      compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _Identity,
+            batch_size=None,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=1,
+        )
         for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             pass
         return time.perf_counter() - start
 
     one, many = run(1), run(n_blocks)
-    return {"one_block_s": round(one, 3), "blocks": n_blocks, "all_blocks_s": round(many, 3),
-            "per_block_ms": round(1000 * (many - one) / max(1, n_blocks - 1), 2)}
+    return {
+        "one_block_s": round(one, 3),
+        "blocks": n_blocks,
+        "all_blocks_s": round(many, 3),
+        "per_block_ms": round(1000 * (many - one) / max(1, n_blocks - 1), 2),
+    }
 
 
 def driver_ceiling(work: Path, n: int = 200_000) -> dict:
@@ -111,9 +132,19 @@ def driver_ceiling(work: Path, n: int = 200_000) -> dict:
     from defectscope.batch.rows import arrow_schema
     from defectscope.batch.sinks import ParquetSink
 
-    rows = [{"path": f"/archive/line-{i % 7}/2026-11-30/cell{i:09d}.png", "score": 20.0 + i % 97 / 7,
-             "judgement": i % 2, "threshold": 30.8, "normalized_score": 0.8, "error": None, "heatmap": None,
-             "model_checksum": "d" * 64} for i in range(n)]
+    rows = [
+        {
+            "path": f"/archive/line-{i % 7}/2026-11-30/cell{i:09d}.png",
+            "score": 20.0 + i % 97 / 7,
+            "judgement": i % 2,
+            "threshold": 30.8,
+            "normalized_score": 0.8,
+            "error": None,
+            "heatmap": None,
+            "model_checksum": "d" * 64,
+        }
+        for i in range(n)
+    ]
     blocks = [pa.Table.from_pylist(rows[i : i + 1024], schema=arrow_schema()) for i in range(0, n, 1024)]
     out = work / "driver.parquet"
     import shutil
@@ -126,8 +157,12 @@ def driver_ceiling(work: Path, n: int = 200_000) -> dict:
     sink.close("complete", {})
     seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in out.glob("part-*.parquet"))
-    return {"rows": n, "seconds": round(seconds, 2), "rows_per_s": round(n / seconds),
-            "parquet_bytes_per_row": round(size / n, 1)}
+    return {
+        "rows": n,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(n / seconds),
+        "parquet_bytes_per_row": round(size / n, 1),
+    }
 
 
 def main() -> None:
@@ -149,8 +184,11 @@ def main() -> None:
     paths = cell_paths(args.images)
     listing = args.work / "cells.txt"
     listing.write_text("\n".join(paths) + "\n")
-    report["runs"] = {"local": timed_run("local", args.work, args.reuse_runs, model, listing,
-                                         batch_size=args.batch_size, threads=cores)}
+    report["runs"] = {
+        "local": timed_run(
+            "local", args.work, args.reuse_runs, model, listing, batch_size=args.batch_size, threads=cores
+        )
+    }
     print("local", report["runs"]["local"], file=sys.stderr, flush=True)
     import ray
 
@@ -158,9 +196,17 @@ def main() -> None:
     ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
     report["ray_init_s"] = round(time.perf_counter() - start, 2)
     for workers in (1, 2):
-        report["runs"][f"ray_{workers}"] = timed_run(f"ray_{workers}", args.work, args.reuse_runs, model, listing,
-                                                     engine="ray", workers=workers, threads=1,
-                                                     batch_size=args.batch_size)
+        report["runs"][f"ray_{workers}"] = timed_run(
+            f"ray_{workers}",
+            args.work,
+            args.reuse_runs,
+            model,
+            listing,
+            engine="ray",
+            workers=workers,
+            threads=1,
+            batch_size=args.batch_size,
+        )
         print(f"ray {workers}", report["runs"][f"ray_{workers}"], file=sys.stderr, flush=True)
     last = report["runs"]["ray_2"]
     report["block_overhead"] = block_overhead(last["blocks"], last["block_rows"], 2)
@@ -173,19 +219,26 @@ def main() -> None:
     need = 10_000_000 / 86_400
     file_bytes = sum(Path(p).stat().st_size for p in paths) / len(paths)
     report["paper"] = {
-        "images_per_s_needed": round(need, 1), "per_core_images_per_s": per_core,
-        "cores_at_full_use": math.ceil(need / per_core), "cores_at_70_percent": math.ceil(need / per_core / 0.7),
-        "mean_image_bytes": round(file_bytes), "model_bytes": model.stat().st_size,
+        "images_per_s_needed": round(need, 1),
+        "per_core_images_per_s": per_core,
+        "cores_at_full_use": math.ceil(need / per_core),
+        "cores_at_70_percent": math.ceil(need / per_core / 0.7),
+        "mean_image_bytes": round(file_bytes),
+        "model_bytes": model.stat().st_size,
         "path_bytes": round(sum(len(p.encode()) for p in paths) / len(paths)),
         "row_bytes_parquet": report["driver"]["parquet_bytes_per_row"],
         "driver_ceiling_images_per_s": report["driver"]["rows_per_s"],
     }
     (args.work / "bench_batch.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
-    print("\n| run | images/s | s in all | first row after (s) | load average before / after |\n|---|---:|---:|---:|---|")
+    print(
+        "\n| run | images/s | s in all | first row after (s) | load average before / after |\n|---|---:|---:|---:|---|"
+    )
     for name, run in report["runs"].items():
-        print(f"| {name} | {run['images_per_s']} | {run['seconds']} | {run['first_row_s']} | "
-              f"{run['load_before']} / {run['load_after']} |")
+        print(
+            f"| {name} | {run['images_per_s']} | {run['seconds']} | {run['first_row_s']} | "
+            f"{run['load_before']} / {run['load_after']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import sys
 import time
 
 import torch
-
 from machine import hardware_line
 
 
@@ -34,7 +33,9 @@ def main() -> None:
     s = timed(lambda: model_checksum(padim, {}))
     print(f"checksum, PaDiM inverse covariances (508 MB): {1000 * s:.0f} ms ({0.508 / s:.2f} GB/s)")
     for path in sys.argv[1:]:
-        print(f"read_model_file({path}) with verification: {1000 * timed(lambda: read_model_file(path)):.1f} ms")
+        print(
+            f"read_model_file({path}) with verification: {1000 * timed(lambda path=path: read_model_file(path)):.1f} ms"
+        )
 
 
 if __name__ == "__main__":

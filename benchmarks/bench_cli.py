@@ -36,7 +36,7 @@ t = [time.perf_counter()]
 import torch
 t.append(time.perf_counter())
 import defectscope.api as api
-from defectscope.cli import main
+from defectscope.cli.commands import main
 t.append(time.perf_counter())
 model = api.load(sys.argv[1])
 t.append(time.perf_counter())
@@ -50,10 +50,14 @@ model.predict(sys.argv[2], maps=False)
 t.append(time.perf_counter())
 print(" ".join(f"{b - a:.3f}" for a, b in zip(t, t[1:])))
 """
-_STEP_NAMES = ("import torch", "import defectscope (api, cli)",
-               "defectscope.load: model file read + checksum, cached traced backbone loaded",
-               "backbone built + weights loaded (0 on a cache hit: done by load)", "first forward (1 x 3 x S x S)",
-               "rest of the first predict (decode, resize, kNN, score)")
+_STEP_NAMES = (
+    "import torch",
+    "import defectscope (api, cli)",
+    "defectscope.load: model file read + checksum, cached traced backbone loaded",
+    "backbone built + weights loaded (0 on a cache hit: done by load)",
+    "first forward (1 x 3 x S x S)",
+    "rest of the first predict (decode, resize, kNN, score)",
+)
 
 
 def _wall(cmd: list[str], **kw) -> float:
@@ -87,18 +91,24 @@ def main() -> None:
     images = (images * (args.images // len(images) + 1))[: args.images]
     print(hardware_line(), flush=True)
 
-    print("\n| command | wall s (median of %d) |\n|---|---:|" % args.repeats)
+    print(f"\n| command | wall s (median of {args.repeats}) |\n|---|---:|")
     print(f"| `defectscope --help` | {_median([*CLI, '--help'], args.repeats):.2f} |")
     print(f"| `defectscope predict --help` | {_median([*CLI, 'predict', '--help'], args.repeats):.2f} |")
     one = _median([*CLI, "predict", str(model), str(images[0])], args.repeats)
     print(f"| `defectscope predict MODEL one.png` (cold) | {one:.2f} |")
     python = _median([sys.executable, "-c", "pass"], args.repeats)
 
-    runs = [[float(v) for v in subprocess.run([sys.executable, "-c", _STEPS, str(model), str(images[0])], check=True,
-                                              capture_output=True, text=True).stdout.split()]
-            for _ in range(args.repeats)]
+    runs = [
+        [
+            float(v)
+            for v in subprocess.run(
+                [sys.executable, "-c", _STEPS, str(model), str(images[0])], check=True, capture_output=True, text=True
+            ).stdout.split()
+        ]
+        for _ in range(args.repeats)
+    ]
     steps = [statistics.median(r[i] for r in runs) for i in range(len(_STEP_NAMES))]
-    print("\nCold path of one image, step by step (fresh interpreter, median of %d):\n" % args.repeats)
+    print(f"\nCold path of one image, step by step (fresh interpreter, median of {args.repeats}):\n")
     print("| step | s |\n|---|---:|")
     print(f"| Python start (`python -c pass`) | {python:.2f} |")
     for name, value in zip(_STEP_NAMES, steps):
@@ -112,10 +122,14 @@ def main() -> None:
     stdin_s = time.perf_counter() - start
     print(f"\n{len(images)} bottle test images:\n")
     print("| how | s in all | s per image |\n|---|---:|---:|")
-    print(f"| `find ... -exec defectscope predict MODEL {{}} \\;` (one process per image) | {exec_s:.1f} | "
-          f"{exec_s / len(images):.2f} |")
-    print(f"| `find ... -print0 \\| defectscope predict MODEL - -0` (one process) | {stdin_s:.1f} | "
-          f"{stdin_s / len(images):.3f} |")
+    print(
+        f"| `find ... -exec defectscope predict MODEL {{}} \\;` (one process per image) | {exec_s:.1f} | "
+        f"{exec_s / len(images):.2f} |"
+    )
+    print(
+        f"| `find ... -print0 \\| defectscope predict MODEL - -0` (one process) | {stdin_s:.1f} | "
+        f"{stdin_s / len(images):.3f} |"
+    )
 
 
 if __name__ == "__main__":

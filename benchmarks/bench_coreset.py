@@ -78,7 +78,9 @@ def main() -> None:
     n, d = x.shape
     k = max(1, int(round(n * args.ratio)))
     k_target = int(round(n * args.target_ratio))
-    print(f"features: {n} x {d} ({source}), {x.numel() * 4 / 2**20:.0f} MiB float32; threads={args.threads}", flush=True)
+    print(
+        f"features: {n} x {d} ({source}), {x.numel() * 4 / 2**20:.0f} MiB float32; threads={args.threads}", flush=True
+    )
     print(f"select {k} ({args.ratio:.0%}), extrapolate to {k_target} ({args.target_ratio:.0%})", flush=True)
     print(f"jl_dim(N, eps=0.9) = {jl_dim(n, 0.9)}, eps=0.5 -> {jl_dim(n, 0.5)}  (>= D means no projection)", flush=True)
 
@@ -88,13 +90,19 @@ def main() -> None:
     variants += [(f"projection_dim={dim}", {"projection_dim": dim}) for dim in args.dims]
 
     results: dict[str, float] = {}
-    print(f"\n{'variant':34s} {'select s':>9s} {'centres/s':>10s} {f'{k_target} est s':>12s} {'radius':>9s} {'vs exact':>9s}", flush=True)
+    print(
+        f"\n{'variant':34s} {'select s':>9s} {'centres/s':>10s} {f'{k_target} est s':>12s} {'radius':>9s} {'vs exact':>9s}",
+        flush=True,
+    )
 
     def report(name: str, seconds: float, sel: torch.Tensor) -> None:
         rate = k / seconds
         radius = coverage_radius(x, sel)
         base = results.setdefault("exact", radius)  # the first variant run is the exact one
-        print(f"{name:34s} {seconds:9.2f} {rate:10.1f} {k_target / rate:12.1f} {radius:9.4f} {radius / base:9.3f}", flush=True)
+        print(
+            f"{name:34s} {seconds:9.2f} {rate:10.1f} {k_target / rate:12.1f} {radius:9.4f} {radius / base:9.3f}",
+            flush=True,
+        )
 
     for name, kwargs in variants:
         t0 = time.perf_counter()
@@ -116,8 +124,7 @@ def main() -> None:
     # random subset as a floor for comparison
     rand = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:k]
     r = coverage_radius(x, rand)
-    print(f"{'random subset (for scale)':34s} {'':9s} {'':10s} {'':12s} {r:9.4f} "
-          f"{r / results['exact']:9.3f}")
+    print(f"{'random subset (for scale)':34s} {'':9s} {'':10s} {'':12s} {r:9.4f} {r / results['exact']:9.3f}")
     print("\nradius: max distance of any point to its nearest selected centre, in the original space", flush=True)
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from machine import BOTTLE, hardware_line
 
 HERE = Path(__file__).resolve().parent
@@ -48,7 +47,6 @@ def _test_images(n: int) -> list[Path]:
 
 def _model(method: str, n_train: int | None, data: Path) -> Path:
     import defectscope
-
     from defectscope.detectors import make_detector
 
     # keyed on the method's default parameters, so a model cached under earlier defaults is not reused
@@ -99,8 +97,12 @@ def main() -> None:
     onnx_dir, ir_dir = _export(model_path, "onnx", args.data), _export(model_path, "openvino", args.data)
     images = _test_images(args.images)
     print(hardware_line())
-    runs = [("torch (model file)", model_path, None), ("onnxruntime (ONNX)", onnx_dir, "onnxruntime"),
-            ("OpenVINO (ONNX)", onnx_dir, "openvino"), ("OpenVINO (IR)", ir_dir, "openvino")]
+    runs = [
+        ("torch (model file)", model_path, None),
+        ("onnxruntime (ONNX)", onnx_dir, "onnxruntime"),
+        ("OpenVINO (ONNX)", onnx_dir, "openvino"),
+        ("OpenVINO (IR)", ir_dir, "openvino"),
+    ]
     rows, reference = [], None
     for name, path, runtime in runs:
         model = defectscope.load(path, runtime=runtime) if runtime else defectscope.load(path)
@@ -110,14 +112,19 @@ def main() -> None:
             rows.append((name, len(images) / seconds, "-", "-", "-"))
             continue
         rel = max(abs(b.score / a.score - 1.0) for a, b in zip(reference, results))
-        maps = max(float(np.abs(a.anomaly_map - b.anomaly_map).max() / np.ptp(a.anomaly_map))
-                   for a, b in zip(reference, results))
+        maps = max(
+            float(np.abs(a.anomaly_map - b.anomaly_map).max() / np.ptp(a.anomaly_map))
+            for a, b in zip(reference, results)
+        )
         same = all(a.judgement == b.judgement for a, b in zip(reference, results))
         rows.append((name, len(images) / seconds, f"{rel:.1e}", f"{maps:.1e}", "yes" if same else "NO"))
     info = defectscope.load(model_path).info()
-    print(f"\n{args.method} on bottle, {info['image_size']} px, {info['n_train']} training images; {len(images)} test "
-          f"images, batch {args.batch_size}, {args.threads} threads each; load average after: "
-          + " ".join(f"{v:.2f}" for v in os.getloadavg()) + "\n")
+    print(
+        f"\n{args.method} on bottle, {info['image_size']} px, {info['n_train']} training images; {len(images)} test "
+        f"images, batch {args.batch_size}, {args.threads} threads each; load average after: "
+        + " ".join(f"{v:.2f}" for v in os.getloadavg())
+        + "\n"
+    )
     print("| runtime | images/s | max score difference (relative) | max map difference (of range) | same judgements |")
     print("|---|---:|---:|---:|:---:|")
     for name, speed, rel, maps, same in rows:

@@ -22,7 +22,6 @@ import time
 
 import numpy as np
 import torch
-
 from machine import BOTTLE, hardware_line, peak_rss_mib
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
@@ -37,8 +36,12 @@ def search_stats(nn: object, queries: torch.Tensor, exact: tuple[torch.Tensor, t
     if exact is not None:
         d0, i0 = exact[0][:, 0].double(), exact[1][:, 0]
         rel = (dist[:, 0].double() - d0) / d0.clamp_min(1e-12)
-        out.update(recall=float((idx[:, 0] == i0).double().mean()), rel_max=float(rel.max()),
-                   rel_mean=float(rel.mean()), worse=int((rel > 0.5).sum()))
+        out.update(
+            recall=float((idx[:, 0] == i0).double().mean()),
+            rel_max=float(rel.max()),
+            rel_mean=float(rel.mean()),
+            worse=int((rel > 0.5).sum()),
+        )
     return out
 
 
@@ -54,8 +57,8 @@ def run_bottle(args: argparse.Namespace) -> None:
     from defectscope.data.images import load_image, load_mask, preprocess
     from defectscope.data.layouts import mvtec_category
     from defectscope.detectors.patchcore import PatchCore
+    from defectscope.evaluation.metrics import PixelMetrics, image_auroc
     from defectscope.fitting import fit_detector
-    from defectscope.metrics import PixelMetrics, image_auroc
 
     split = mvtec_category(BOTTLE)
     det = PatchCore(image_size=args.image_size, coreset_ratio=args.coreset_ratio, seed=0)
@@ -63,24 +66,36 @@ def run_bottle(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     fit_detector(det, split.train, batch_size=args.batch_size)
     bank, groups = det.memory_bank_, det.bank_image_
-    print(f"bottle: fit {time.perf_counter() - t0:.1f} s on {len(split.train)} images, coreset ratio "
-          f"{args.coreset_ratio}, bank {tuple(bank.shape)}", flush=True)
+    print(
+        f"bottle: fit {time.perf_counter() - t0:.1f} s on {len(split.train)} images, coreset ratio "
+        f"{args.coreset_ratio}, bank {tuple(bank.shape)}",
+        flush=True,
+    )
 
     size = det.image_size
     mean, std = det.input_stats
     images = torch.stack([preprocess(load_image(s.path), size, mean, std) for s in split.test])
     labels = np.array([s.label for s in split.test])
-    masks = np.stack([load_mask(s.mask_path, (size, size)) if s.mask_path is not None else np.zeros((size, size), bool)
-                      for s in split.test])
+    masks = np.stack(
+        [
+            load_mask(s.mask_path, (size, size)) if s.mask_path is not None else np.zeros((size, size), bool)
+            for s in split.test
+        ]
+    )
     with torch.inference_mode():
-        feats = torch.cat([det._patch_features(images[i : i + args.batch_size])
-                           for i in range(0, len(images), args.batch_size)])
+        feats = torch.cat(
+            [det._patch_features(images[i : i + args.batch_size]) for i in range(0, len(images), args.batch_size)]
+        )
     queries = feats.reshape(-1, feats.shape[-1]).contiguous()
-    print(f"queries: {queries.shape[0]} patch features of {len(images)} test images "
-          f"({int(labels.sum())} defective)", flush=True)
+    print(
+        f"queries: {queries.shape[0]} patch features of {len(images)} test images ({int(labels.sum())} defective)",
+        flush=True,
+    )
 
-    print("\n| index | build s | queries/s (k=1) | recall@1 | rel. dist. error max / mean | queries > 1.5x | "
-          "image AUROC | pixel AUROC |")
+    print(
+        "\n| index | build s | queries/s (k=1) | recall@1 | rel. dist. error max / mean | queries > 1.5x | "
+        "image AUROC | pixel AUROC |"
+    )
     print("|---|---|---|---|---|---|---|---|", flush=True)
     exact = None
     for kind in INDEX_KINDS:
@@ -126,8 +141,10 @@ def run_large(args: argparse.Namespace) -> None:
     n, d = args.large, 152
     bank = clustered_bank(n, d, seed=0)
     g = torch.Generator().manual_seed(1)
-    queries = bank[torch.randint(0, n, (args.large_queries,), generator=g)] + 0.5 * torch.randn(args.large_queries, d, generator=g)
-    print(f"\nsynthetic bank {n} x {d} ({int(n ** 0.5)} clusters), {args.large_queries} queries near its entries:")
+    queries = bank[torch.randint(0, n, (args.large_queries,), generator=g)] + 0.5 * torch.randn(
+        args.large_queries, d, generator=g
+    )
+    print(f"\nsynthetic bank {n} x {d} ({int(n**0.5)} clusters), {args.large_queries} queries near its entries:")
     print("\n| index | build s | queries/s (k=1) | recall@1 | rel. dist. error max / mean | queries > 1.5x |")
     print("|---|---|---|---|---|---|", flush=True)
     exact = None

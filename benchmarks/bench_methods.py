@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from machine import BOTTLE, child_result, current_rss_mib, elpv_paths, hardware_line, peak_rss_mib
 
 DEFAULT_DATA = str(BOTTLE)
@@ -52,8 +51,6 @@ class TimedExtractor:
         return getattr(self.inner, name)
 
 
-
-
 def load_split(data: Path, size: int, mean: Any, std: Any) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Train images (N, 3, S, S), test images, test labels (M,) and masks (M, S, S) at the model's size."""
     from defectscope.data.images import load_image, load_mask, preprocess
@@ -63,16 +60,16 @@ def load_split(data: Path, size: int, mean: Any, std: Any) -> tuple[torch.Tensor
     train = torch.stack([preprocess(load_image(p), size, mean, std) for p in split.train])
     test = torch.stack([preprocess(load_image(s.path), size, mean, std) for s in split.test])
     labels = np.array([s.label for s in split.test])
-    masks = np.stack([
-        load_mask(s.mask_path, size=(size, size)) if s.mask_path else np.zeros((size, size), bool) for s in split.test
-    ])
+    masks = np.stack(
+        [load_mask(s.mask_path, size=(size, size)) if s.mask_path else np.zeros((size, size), bool) for s in split.test]
+    )
     return train, test, labels, masks
 
 
 def run_one(method: str, data: Path, threads: int, repeat: int, batch_size: int) -> dict[str, Any]:
     """Fit, save and predict one method with its defaults; returns the measurements."""
-    from defectscope import metrics
     from defectscope.detectors import make_detector
+    from defectscope.evaluation import metrics
     from defectscope.io import save_model
 
     torch.set_num_threads(threads)
@@ -138,28 +135,48 @@ def scale_one(method: str, n_images: int, threads: int, batch_size: int) -> dict
 
 
 def run_scaling(args: argparse.Namespace) -> None:
-    print(f"{'method':>8s} {'images':>7s} {'fit s':>8s} {'peak RSS MiB':>13s} {'before fit':>11s} {'fit adds':>9s}  load")
+    print(
+        f"{'method':>8s} {'images':>7s} {'fit s':>8s} {'peak RSS MiB':>13s} {'before fit':>11s} {'fit adds':>9s}  load"
+    )
     for method in args.methods:
         for n in args.scaling:
-            cmd = [sys.executable, __file__, "--scale-one", method, str(n), "--threads", str(args.threads),
-                   "--batch-size", str(args.batch_size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--scale-one",
+                method,
+                str(n),
+                "--threads",
+                str(args.threads),
+                "--batch-size",
+                str(args.batch_size),
+            ]
             r = child_result(cmd)
             if isinstance(r, str):
                 print(f"{method:>8s} {n:7d} failed: {r}", flush=True)
                 continue
-            print(f"{method:>8s} {n:7d} {r['fit_s']:8.1f} {r['peak_rss_mib']:13.0f} {r['before_fit_mib']:11.0f} "
-                  f"{r['peak_rss_mib'] - r['before_fit_mib']:9.0f}  {os.getloadavg()[0]:.2f}", flush=True)
+            print(
+                f"{method:>8s} {n:7d} {r['fit_s']:8.1f} {r['peak_rss_mib']:13.0f} {r['before_fit_mib']:11.0f} "
+                f"{r['peak_rss_mib'] - r['before_fit_mib']:9.0f}  {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
 
 
 def print_row(r: dict[str, Any]) -> None:
     print(f"{r['method']}: {r['params']}")
-    print(f"  fit {r['fit_s']:.1f} s on {r['n_train']} images = extraction {r['extraction_s']:.1f} s"
-          f" + statistics {r['statistics_s']:.1f} s; save {r['save_s']:.2f} s ({r['model_mib']:.0f} MiB);"
-          f" image decoding {r['load_s']:.1f} s (not in fit)")
+    print(
+        f"  fit {r['fit_s']:.1f} s on {r['n_train']} images = extraction {r['extraction_s']:.1f} s"
+        f" + statistics {r['statistics_s']:.1f} s; save {r['save_s']:.2f} s ({r['model_mib']:.0f} MiB);"
+        f" image decoding {r['load_s']:.1f} s (not in fit)"
+    )
     runs = ", ".join(f"{t:.1f}" for t in r["predict_runs_s"])
-    print(f"  predict {r['n_test']} images: best {r['predict_best_img_s']:.2f} img/s,"
-          f" median {r['predict_median_img_s']:.2f} img/s (runs {runs} s)")
-    print(f"  peak RSS {r['peak_rss_mib']:.0f} MiB; image AUROC {r['image_auroc']:.4f}, pixel AUROC {r['pixel_auroc']:.4f}")
+    print(
+        f"  predict {r['n_test']} images: best {r['predict_best_img_s']:.2f} img/s,"
+        f" median {r['predict_median_img_s']:.2f} img/s (runs {runs} s)"
+    )
+    print(
+        f"  peak RSS {r['peak_rss_mib']:.0f} MiB; image AUROC {r['image_auroc']:.4f}, pixel AUROC {r['pixel_auroc']:.4f}"
+    )
 
 
 def main() -> None:
@@ -169,8 +186,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="predict runs (best and median are printed)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--scaling", type=int, nargs="+", default=None, metavar="N",
-                        help="fit on N ELPV good cells (each N in a fresh process): fit seconds and peak RSS")
+    parser.add_argument(
+        "--scaling",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="fit on N ELPV good cells (each N in a fresh process): fit seconds and peak RSS",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one method, JSON out
     parser.add_argument("--scale-one", nargs=2, default=None, help=argparse.SUPPRESS)  # child: method, images
     args = parser.parse_args()
@@ -188,8 +211,20 @@ def main() -> None:
         run_scaling(args)
         return
     for method in args.methods:
-        cmd = [sys.executable, __file__, "--one", method, "--data", str(args.data), "--threads", str(args.threads),
-               "--repeat", str(args.repeat), "--batch-size", str(args.batch_size)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            method,
+            "--data",
+            str(args.data),
+            "--threads",
+            str(args.threads),
+            "--repeat",
+            str(args.repeat),
+            "--batch-size",
+            str(args.batch_size),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{method}: failed\n{out.stderr[-2000:]}")

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from machine import BOTTLE, hardware_line
 
 NORMALIZATIONS = ("weights", "imagenet")
@@ -38,12 +37,17 @@ ELPV_ROWS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-def evaluate(method: str, backbone: str, params: dict[str, Any], normalization: str,
-             data: tuple[list[np.ndarray], list[np.ndarray], np.ndarray, list[Any] | None]) -> tuple[float, float | None]:
+def evaluate(
+    method: str,
+    backbone: str,
+    params: dict[str, Any],
+    normalization: str,
+    data: tuple[list[np.ndarray], list[np.ndarray], np.ndarray, list[Any] | None],
+) -> tuple[float, float | None]:
     """Fit on the training images and return (image AUROC, pixel AUROC or None without masks)."""
     from defectscope.data.images import load_mask, preprocess
     from defectscope.detectors import make_detector
-    from defectscope.metrics import PixelMetrics, image_auroc
+    from defectscope.evaluation.metrics import PixelMetrics, image_auroc
 
     train, test, labels, masks = data
     det = make_detector(method, backbone=backbone, normalization=normalization, **params)
@@ -51,8 +55,10 @@ def evaluate(method: str, backbone: str, params: dict[str, Any], normalization: 
     mean, std = det.input_stats
 
     def batches(images: list[np.ndarray]) -> list[torch.Tensor]:
-        return [torch.stack([preprocess(im, size, mean, std) for im in images[i : i + 16]])
-                for i in range(0, len(images), 16)]
+        return [
+            torch.stack([preprocess(im, size, mean, std) for im in images[i : i + 16]])
+            for i in range(0, len(images), 16)
+        ]
 
     det.fit(batches(train))
     pixels = PixelMetrics()
@@ -62,8 +68,9 @@ def evaluate(method: str, backbone: str, params: dict[str, Any], normalization: 
         scores.extend(pred.scores.tolist())
         if masks is not None:
             chunk = masks[i * 16 : (i + 1) * 16]
-            pixels.add(pred.maps, np.stack([load_mask(m, (size, size)) if m else np.zeros((size, size), bool)
-                                            for m in chunk]))
+            pixels.add(
+                pred.maps, np.stack([load_mask(m, (size, size)) if m else np.zeros((size, size), bool) for m in chunk])
+            )
     return image_auroc(labels, np.array(scores)), (pixels.auroc() if masks is not None else None)
 
 
@@ -77,7 +84,9 @@ def table(name: str, rows: list[tuple[str, str, dict[str, Any]]], data: Any) -> 
             image, pixel = evaluate(method, backbone, params, norm, data)
             cells.append(f"{image:.4f} / {'-' if pixel is None else f'{pixel:.4f}'} ({time.perf_counter() - t0:.0f} s)")
         label = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
-        print(f"| {method} | {backbone.replace('tf_efficientnet_', '')} | {label} | {cells[0]} | {cells[1]} |", flush=True)
+        print(
+            f"| {method} | {backbone.replace('tf_efficientnet_', '')} | {label} | {cells[0]} | {cells[1]} |", flush=True
+        )
 
 
 def main() -> None:
@@ -96,8 +105,12 @@ def main() -> None:
             print(f"bottle: skipped ({BOTTLE} not found)")
         else:
             split = mvtec_category(BOTTLE)
-            data = ([load_image(p) for p in split.train], [load_image(s.path) for s in split.test],
-                    np.array([s.label for s in split.test]), [s.mask_path for s in split.test])
+            data = (
+                [load_image(p) for p in split.train],
+                [load_image(s.path) for s in split.test],
+                np.array([s.label for s in split.test]),
+                [s.mask_path for s in split.test],
+            )
             table("MVTec AD bottle (image / pixel AUROC)", BOTTLE_ROWS, data)
     if not args.no_elpv:
         from defectscope.data.elpv import elpv_available, elpv_split
@@ -107,10 +120,15 @@ def main() -> None:
             return
         for cell in ("mono", "poly"):
             sp = elpv_split(cell)
-            data = ([load_image(p) for p in sp.train], [load_image(s.path) for s in sp.test],
-                    np.array([s.label for s in sp.test]), None)
-            table(f"ELPV {cell} (image AUROC; {len(sp.train)} training cells, {len(sp.test)} test cells)",
-                  ELPV_ROWS, data)
+            data = (
+                [load_image(p) for p in sp.train],
+                [load_image(s.path) for s in sp.test],
+                np.array([s.label for s in sp.test]),
+                None,
+            )
+            table(
+                f"ELPV {cell} (image AUROC; {len(sp.train)} training cells, {len(sp.test)} test cells)", ELPV_ROWS, data
+            )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from scipy import stats
-
 from machine import SHARED_DATA, child_result, current_rss_mib, hardware_line, peak_rss_mib
+from scipy import stats
 
 SETS = ("bottle", "pill", "elpv-mono", "elpv-poly")
 
@@ -115,11 +114,20 @@ def fit_child(args: argparse.Namespace) -> None:
         ips = len(results) / (time.perf_counter() - t0)
     timings = det.fit_timings_
     out = {
-        "n": args.child, "fit_s": fit_s, "coreset_s": timings["coreset_s"], "threshold_s": timings["threshold_s"],
-        "extraction_s": fit_s - timings["coreset_s"] - timings["threshold_s"], "save_s": save_s,
-        "bank": det.fit_details_["n_selected"], "chunks": det.fit_details_["n_chunks"],
-        "radius_reported": det.fit_details_["coverage_radius"], "radius_sampled": radius,
-        "base_rss": base_rss, "peak_rss": fit_peak, "predict_ips": ips, "index": meta["params"]["knn_index"],
+        "n": args.child,
+        "fit_s": fit_s,
+        "coreset_s": timings["coreset_s"],
+        "threshold_s": timings["threshold_s"],
+        "extraction_s": fit_s - timings["coreset_s"] - timings["threshold_s"],
+        "save_s": save_s,
+        "bank": det.fit_details_["n_selected"],
+        "chunks": det.fit_details_["n_chunks"],
+        "radius_reported": det.fit_details_["coverage_radius"],
+        "radius_sampled": radius,
+        "base_rss": base_rss,
+        "peak_rss": fit_peak,
+        "predict_ips": ips,
+        "index": meta["params"]["knn_index"],
     }
     print(json.dumps(out))
 
@@ -146,30 +154,49 @@ def run_scaling(args: argparse.Namespace) -> None:
 
     params = json.loads(args.params)
     det = PatchCore(coreset=args.coreset, **params)
-    print(f"\nscaling: PatchCore defaults{' + ' + args.params if params else ''} (coreset {args.coreset}), "
-          f"{det.image_size} px, layer weighting {det.layer_weighting}, {det.backbone}, ELPV cells (flipped copies "
-          f"past 2,624), each size in a fresh process; predict on the demo's 413 mono test cells", flush=True)
-    head = ("| images | fit s | extraction | coreset | threshold | save | s/image | peak RSS MiB (before fit) | "
-            "bank | chunks | radius reported / sampled | predict img/s |")
+    print(
+        f"\nscaling: PatchCore defaults{' + ' + args.params if params else ''} (coreset {args.coreset}), "
+        f"{det.image_size} px, layer weighting {det.layer_weighting}, {det.backbone}, ELPV cells (flipped copies "
+        f"past 2,624), each size in a fresh process; predict on the demo's 413 mono test cells",
+        flush=True,
+    )
+    head = (
+        "| images | fit s | extraction | coreset | threshold | save | s/image | peak RSS MiB (before fit) | "
+        "bank | chunks | radius reported / sampled | predict img/s |"
+    )
     print(head + "\n|" + "---|" * 12, flush=True)
     for n in args.sizes:
-        cmd = [sys.executable, __file__, "--child", str(n), "--coreset", args.coreset, "--threads", str(args.threads),
-               "--radius-sample", str(args.radius_sample), "--params", args.params]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(n),
+            "--coreset",
+            args.coreset,
+            "--threads",
+            str(args.threads),
+            "--radius-sample",
+            str(args.radius_sample),
+            "--params",
+            args.params,
+        ]
         r = child_result(cmd)
         if isinstance(r, str):
             print(f"| {n} | failed: {r} |", flush=True)
             continue
         total = r["fit_s"] + r["save_s"]
-        print(f"| {n} | {total:.1f} | {r['extraction_s']:.1f} | {r['coreset_s']:.1f} | {r['threshold_s']:.1f} | "
-              f"{r['save_s']:.2f} | {total / n:.3f} | {r['peak_rss']:.0f} ({r['base_rss']:.0f}) | {r['bank']} | "
-              f"{r['chunks']} | {r['radius_reported']:.2f} / {r['radius_sampled']:.2f} | {r['predict_ips']:.1f} |",
-              flush=True)
+        print(
+            f"| {n} | {total:.1f} | {r['extraction_s']:.1f} | {r['coreset_s']:.1f} | {r['threshold_s']:.1f} | "
+            f"{r['save_s']:.2f} | {total / n:.3f} | {r['peak_rss']:.0f} ({r['base_rss']:.0f}) | {r['bank']} | "
+            f"{r['chunks']} | {r['radius_reported']:.2f} / {r['radius_sampled']:.2f} | {r['predict_ips']:.1f} |",
+            flush=True,
+        )
 
 
 def evaluate_set(name: str, coreset: str, params: dict[str, Any]) -> dict[str, Any]:
     from defectscope.data.loader import iter_batches
     from defectscope.detectors.patchcore import PatchCore
-    from defectscope.evaluation import evaluate_detector
+    from defectscope.evaluation.evaluate import evaluate_detector
     from defectscope.fitting import fit_detector
 
     split, extra_good = suite_split(name)
@@ -186,24 +213,41 @@ def evaluate_set(name: str, coreset: str, params: dict[str, Any]) -> dict[str, A
         good.extend(det.predict(batch.images).scores.tolist())
     rejected = int(sum(s >= threshold for s in good))
     lo, hi = clopper_pearson(rejected, len(good))
-    return {"set": name, "coreset": coreset, "image_auroc": res["image_auroc"], "pixel_auroc": res.get("pixel_auroc"),
-            "aupro": res.get("aupro"), "fit_s": fit_s, "rejected": rejected, "n_good": len(good), "frr_lo": lo,
-            "frr_hi": hi, "bank": det.fit_details_["n_selected"], "n_train": len(split.train)}
+    return {
+        "set": name,
+        "coreset": coreset,
+        "image_auroc": res["image_auroc"],
+        "pixel_auroc": res.get("pixel_auroc"),
+        "aupro": res.get("aupro"),
+        "fit_s": fit_s,
+        "rejected": rejected,
+        "n_good": len(good),
+        "frr_lo": lo,
+        "frr_hi": hi,
+        "bank": det.fit_details_["n_selected"],
+        "n_train": len(split.train),
+    }
 
 
 def run_accuracy(args: argparse.Namespace) -> None:
     params = json.loads(args.params)
-    print(f"\naccuracy: PatchCore defaults{' + ' + args.params if params else ''}, threshold = 0.99 quantile of "
-          "held-out training scores (nominal false-reject rate 1 %)", flush=True)
+    print(
+        f"\naccuracy: PatchCore defaults{' + ' + args.params if params else ''}, threshold = 0.99 quantile of "
+        "held-out training scores (nominal false-reject rate 1 %)",
+        flush=True,
+    )
     print("| set | coreset | image AUROC | pixel AUROC | AUPRO | fit s | held-out good rejected | rate [95 % CI] |")
     print("|" + "---|" * 8, flush=True)
     f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for name in args.sets:
         for coreset in args.coresets:
             r = evaluate_set(name, coreset, params)
-            print(f"| {name} ({r['n_train']} train) | {coreset} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | "
-                  f"{f(r['aupro'])} | {r['fit_s']:.1f} | {r['rejected']} / {r['n_good']} | "
-                  f"{r['rejected'] / r['n_good']:.1%} [{r['frr_lo']:.1%}, {r['frr_hi']:.1%}] |", flush=True)
+            print(
+                f"| {name} ({r['n_train']} train) | {coreset} | {f(r['image_auroc'])} | {f(r['pixel_auroc'])} | "
+                f"{f(r['aupro'])} | {r['fit_s']:.1f} | {r['rejected']} / {r['n_good']} | "
+                f"{r['rejected'] / r['n_good']:.1%} [{r['frr_lo']:.1%}, {r['frr_hi']:.1%}] |",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -213,9 +257,15 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--coresets", nargs="+", choices=["folds", "exact"], default=["folds", "exact"])
     p.add_argument("--coreset", choices=["folds", "exact"], default="folds", help="coreset mode of the scaling run")
-    p.add_argument("--params", default="{}", help="extra PatchCore parameters for both parts, as JSON (session 4's "
-                   "defaults: '{\"image_size\": 256, \"layer_weighting\": \"channels\"}')")
-    p.add_argument("--radius-sample", type=int, default=20, help="training images whose patches the sampled radius covers")
+    p.add_argument(
+        "--params",
+        default="{}",
+        help="extra PatchCore parameters for both parts, as JSON (the defaults before "
+        '288 px was chosen: \'{"image_size": 256, "layer_weighting": "channels"}\')',
+    )
+    p.add_argument(
+        "--radius-sample", type=int, default=20, help="training images whose patches the sampled radius covers"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
 from machine import BOTTLE, hardware_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +67,21 @@ def free_port() -> int:
 def start_server(model: Path, max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    cmd = [sys.executable, "-m", "defectscope.cli", "serve", f"{model}=bench", "--port", str(port),
-           "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", "1024"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "defectscope.cli",
+        "serve",
+        f"{model}=bench",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+        "--max-wait-ms",
+        str(max_wait_ms),
+        "--max-queue",
+        "1024",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -98,15 +110,18 @@ def batch_totals(url: str) -> tuple[float, float]:
     return total["defectscope_batch_size_sum"], total["defectscope_batch_size_count"]
 
 
-async def traffic(url: str, bodies: list[bytes], concurrency: int, requests: int, seconds: float
-                  ) -> tuple[list[float], float, int]:
+async def traffic(
+    url: str, bodies: list[bytes], concurrency: int, requests: int, seconds: float
+) -> tuple[list[float], float, int]:
     """(latencies in s of the 200 answers, wall seconds, answers other than 200)."""
     latencies: list[float] = []
     failures = 0
     sent = 0
     stop_at = time.perf_counter() + seconds
-    async with httpx.AsyncClient(base_url=url, timeout=300,
-                                 limits=httpx.Limits(max_connections=concurrency + 2)) as http:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=300, limits=httpx.Limits(max_connections=concurrency + 2)
+    ) as http:
+
         async def client(c: int) -> None:
             nonlocal sent, failures
             while sent < requests and time.perf_counter() < stop_at:
@@ -137,8 +152,10 @@ def main() -> None:
     model, images, what = bench_model(args.model)
     bodies = [p.read_bytes() for p in images]
     print(hardware_line())
-    print(f"model: {model.name}; images: {what}; per cell at most {args.requests} requests or {args.seconds:g} s; "
-          f"--max-wait-ms {args.max_wait_ms:g}")
+    print(
+        f"model: {model.name}; images: {what}; per cell at most {args.requests} requests or {args.seconds:g} s; "
+        f"--max-wait-ms {args.max_wait_ms:g}"
+    )
     print()
     print("| --max-batch | clients | requests | requests/s | p50 ms | p95 ms | p99 ms | mean batch | errors |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -152,8 +169,11 @@ def main() -> None:
                 images_after, batches_after = batch_totals(url)
                 mean_batch = (images_after - images_before) / max(batches_after - batches_before, 1)
                 ms = 1000 * np.percentile(latencies, [50, 95, 99]) if latencies else [float("nan")] * 3
-                print(f"| {max_batch} | {concurrency} | {len(latencies) + failures} | {len(latencies) / wall:.1f} | "
-                      f"{ms[0]:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {mean_batch:.2f} | {failures} |", flush=True)
+                print(
+                    f"| {max_batch} | {concurrency} | {len(latencies) + failures} | {len(latencies) / wall:.1f} | "
+                    f"{ms[0]:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {mean_batch:.2f} | {failures} |",
+                    flush=True,
+                )
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(120)

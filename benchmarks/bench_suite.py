@@ -35,14 +35,19 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from machine import SHARED_DATA, hardware_line
 
 HERE = Path(__file__).resolve().parent
 SETS = ("bottle", "pill", "elpv-mono", "elpv-poly", "pill-rotated")
 METHODS = ("patchcore", "padim", "spade")
-COLUMNS = (("image_auroc", "image AUROC", 4), ("pixel_auroc", "pixel AUROC", 4), ("aupro", "AUPRO", 4),
-           ("fit_seconds", "fit s", 1), ("images_per_second", "predict img/s", 1), ("peak_rss_mb", "peak MB", 0))
+COLUMNS = (
+    ("image_auroc", "image AUROC", 4),
+    ("pixel_auroc", "pixel AUROC", 4),
+    ("aupro", "AUPRO", 4),
+    ("fit_seconds", "fit s", 1),
+    ("images_per_second", "predict img/s", 1),
+    ("peak_rss_mb", "peak MB", 0),
+)
 
 
 # ----------------------------------------------------------------------------------------- sets
@@ -106,10 +111,10 @@ def cell_path(out: Path, method: str, params: dict[str, Any], name: str, align: 
 
 
 def run_cell(method: str, params: dict[str, Any], name: str, cache: Path, align: str = "none") -> dict[str, Any]:
-    from defectscope.align import make_aligner
+    from defectscope.components.align import make_aligner
     from defectscope.data.images import load_image
     from defectscope.detectors import make_detector
-    from defectscope.evaluation import evaluate_detector
+    from defectscope.evaluation.evaluate import evaluate_detector
     from defectscope.fitting import fit_detector
 
     split = load_set(name, cache)
@@ -120,13 +125,23 @@ def run_cell(method: str, params: dict[str, Any], name: str, cache: Path, align:
     meta = fit_detector(detector, split.train, aligner=aligner)
     fit_s = time.perf_counter() - t0
     result = evaluate_detector(detector, split, float(meta["threshold"]), aligner=aligner)
-    return {"method": method, "params": params, "set": name, "align": align, "image_auroc": result["image_auroc"],
-            "pixel_auroc": result["pixel_auroc"], "aupro": result["aupro"], "fit_seconds": fit_s,
-            "images_per_second": result["images_per_second"], "n_train": len(split.train),
-            "layers": list(detector.layers or []), "threshold": float(meta["threshold"]),
-            "scores": [[r["path"], r["label"], r["score"]] for r in result["images"]],
-            # the process's peak resident memory so far: the cell's own only when it is the process's first
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "method": method,
+        "params": params,
+        "set": name,
+        "align": align,
+        "image_auroc": result["image_auroc"],
+        "pixel_auroc": result["pixel_auroc"],
+        "aupro": result["aupro"],
+        "fit_seconds": fit_s,
+        "images_per_second": result["images_per_second"],
+        "n_train": len(split.train),
+        "layers": list(detector.layers or []),
+        "threshold": float(meta["threshold"]),
+        "scores": [[r["path"], r["label"], r["score"]] for r in result["images"]],
+        # the process's peak resident memory so far: the cell's own only when it is the process's first
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def table(cells: list[dict[str, Any]]) -> str:
@@ -147,9 +162,12 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--params", default="{}", help="parameters for every method given, as JSON")
-    p.add_argument("--align", choices=["none", "rot90", "rigid", "silhouette", "rigid+ecc", "silhouette+ecc"],
-                   default="none",
-                   help="align every image to the first training image (as fit --align)")
+    p.add_argument(
+        "--align",
+        choices=["none", "rot90", "rigid", "silhouette", "rigid+ecc", "silhouette+ecc"],
+        default="none",
+        help="align every image to the first training image (as fit --align)",
+    )
     p.add_argument("--out", type=Path, default=HERE / ".suite-results", help="where finished cells are kept")
     p.add_argument("--data-cache", type=Path, default=HERE / ".suite-data", help="where the rotated pill set is built")
     p.add_argument("--force", action="store_true", help="recompute cells already stored")

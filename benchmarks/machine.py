@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 #: the real data the benchmarks read (never copied into the repository)
-SHARED_DATA = Path(os.environ.get("DEFECTSCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("DEFECTSCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
 BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
 
 
@@ -30,8 +32,10 @@ def cpu_model() -> str:
 def hardware_line() -> str:
     """Cores, CPU model, torch version and threads, and the load average now."""
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"hardware: {os.cpu_count()} cores, CPU {cpu_model()}, torch {torch.__version__} "
-            f"threads {torch.get_num_threads()}, load average {load}")
+    return (
+        f"hardware: {os.cpu_count()} cores, CPU {cpu_model()}, torch {torch.__version__} "
+        f"threads {torch.get_num_threads()}, load average {load}"
+    )
 
 
 def peak_rss_mib() -> float:

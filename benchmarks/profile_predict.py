@@ -15,7 +15,6 @@ import argparse
 import time
 
 import torch
-
 from machine import BOTTLE, hardware_line
 
 
@@ -61,9 +60,11 @@ def main() -> None:
                 n += b
                 patches += b * h * w
         gflops = 2.0 * patches * bank * dim / t_search / 1e9
-        print(f"run {rep + 1}: backbone + patch features {1000 * t_feat / n:.1f} ms/image, exact search "
-              f"{1000 * t_search / n:.1f} ms/image ({gflops:.0f} GFLOP/s), score + map {1000 * t_rest / n:.1f} ms/image",
-              flush=True)
+        print(
+            f"run {rep + 1}: backbone + patch features {1000 * t_feat / n:.1f} ms/image, exact search "
+            f"{1000 * t_search / n:.1f} ms/image ({gflops:.0f} GFLOP/s), score + map {1000 * t_rest / n:.1f} ms/image",
+            flush=True,
+        )
     sample = paths[:40]
     t0 = time.perf_counter()
     images = [load_image(path) for path in sample]
@@ -71,8 +72,11 @@ def main() -> None:
     for image in images:
         preprocess(image, det.image_size, mean, std)
     t2 = time.perf_counter()
-    print(f"decode {1000 * (t1 - t0) / len(sample):.1f} ms/image, resize + normalise "
-          f"{1000 * (t2 - t1) / len(sample):.1f} ms/image (loader thread, beside the model)", flush=True)
+    print(
+        f"decode {1000 * (t1 - t0) / len(sample):.1f} ms/image, resize + normalise "
+        f"{1000 * (t2 - t1) / len(sample):.1f} ms/image (loader thread, beside the model)",
+        flush=True,
+    )
     print(hardware_line(), flush=True)
 
 

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from bench_suite import HERE, SETS, cell_path
 
 
@@ -33,7 +32,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / ".suite-results", help="where bench_suite.py keeps its cells")
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     args = p.parse_args()
-    from defectscope.metrics import image_auroc
+    from defectscope.evaluation.metrics import image_auroc
 
     members = [member(m) for m in args.members]
     if len(members) < 2:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from defectscope.cli import main
 from synthetic import make_mvtec_category
+
+from defectscope.cli.commands import main
 
 
 def batch_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | list[Path]]:
@@ -17,9 +17,28 @@ def batch_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | lis
     if not model.is_file():
         root.mkdir(exist_ok=True)
         make_mvtec_category(root, name="parts", n_train=12, n_test_good=6, n_test_defect=6, size=64, seed=3)
-        assert main(["fit", str(root / "parts"), "-o", str(model), "--image-size", "64", "--coreset-ratio", "0.25",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    str(root / "parts"),
+                    "-o",
+                    str(model),
+                    "--image-size",
+                    "64",
+                    "--coreset-ratio",
+                    "0.25",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         (root / "broken.png").write_bytes(b"not a png")
     category = root / "parts"
-    return {"root": root, "model": model, "images": sorted((category / "test").rglob("*.png")),
-            "broken": root / "broken.png", "category": category}
+    return {
+        "root": root,
+        "model": model,
+        "images": sorted((category / "test").rglob("*.png")),
+        "broken": root / "broken.png",
+        "category": category,
+    }

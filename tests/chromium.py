@@ -12,17 +12,28 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1280,2000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,2000",
+]
 
 
 def require() -> None:
     """Skip the calling module unless selenium and Chromium with its driver are installed."""
     pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip(f"chromium not installed ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver",
-                    allow_module_level=True)
+        pytest.skip(
+            f"chromium not installed ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver",
+            allow_module_level=True,
+        )
 
 
 def start(profile: Path):

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from synthetic import make_mvtec_category
 
-SHARED_DATA = Path(os.environ.get("DEFECTSCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("DEFECTSCOPE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+)
 BOTTLE = SHARED_DATA / "mvtec_ad" / "bottle"
 PILL = SHARED_DATA / "mvtec_ad" / "pill"
 

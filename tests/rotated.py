@@ -46,8 +46,9 @@ def part_template(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return part, silhouette
 
 
-def draw_defect(part: np.ndarray, silhouette: np.ndarray, kind: str,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def draw_defect(
+    part: np.ndarray, silhouette: np.ndarray, kind: str, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw a ``spot`` or ``scratch`` on the part (inside its silhouette); return (part, bool mask)."""
     part = part.copy()
     mask = np.zeros(silhouette.shape, np.uint8)
@@ -70,8 +71,15 @@ def draw_defect(part: np.ndarray, silhouette: np.ndarray, kind: str,
     return part, keep
 
 
-def photograph(part: np.ndarray, silhouette: np.ndarray, angle: float, shift: tuple[float, float], size: int,
-               rng: np.random.Generator, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def photograph(
+    part: np.ndarray,
+    silhouette: np.ndarray,
+    angle: float,
+    shift: tuple[float, float],
+    size: int,
+    rng: np.random.Generator,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Place the part turned by ``angle`` degrees (cv2 convention) and shifted, on a size x size background.
 
     Returns (image (size, size, 3) uint8, defect mask (size, size) bool, matrix (2, 3) template -> photo).
@@ -90,9 +98,16 @@ def photograph(part: np.ndarray, silhouette: np.ndarray, angle: float, shift: tu
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), out_mask, matrix
 
 
-def make_rotated_category(root: Path, name: str = "rotated", n_train: int = 20, n_test_good: int = 10,
-                          n_test_defect: int = 10, size: int = 192, seed: int = 0,
-                          max_shift: float = 6.0) -> Path:
+def make_rotated_category(
+    root: Path,
+    name: str = "rotated",
+    n_train: int = 20,
+    n_test_good: int = 10,
+    n_test_defect: int = 10,
+    size: int = 192,
+    seed: int = 0,
+    max_shift: float = 6.0,
+) -> Path:
     """Write an MVTec AD-layout category of the part at random angles; returns its folder.
 
     The first training image shows the part unturned (angle 0), the others any angle in [0, 360).
@@ -129,5 +144,13 @@ def make_rotated_category(root: Path, name: str = "rotated", n_train: int = 20, 
 if __name__ == "__main__":  # python tests/rotated.py OUT_DIR [seed]
     import sys
 
-    print(make_rotated_category(Path(sys.argv[1]), n_train=30, n_test_good=15, n_test_defect=15, size=192,
-                                seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0))
+    print(
+        make_rotated_category(
+            Path(sys.argv[1]),
+            n_train=30,
+            n_test_good=15,
+            n_test_defect=15,
+            size=192,
+            seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0,
+        )
+    )

@@ -60,9 +60,13 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = dict(os.environ, PYTHONPATH=str(SRC))
-        self._stderr = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "defectscope.cli", "serve", *args, "--port", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=self._stderr, env=env)
+        self._stderr = open(log, "wb")  # noqa: SIM115 (the server's stderr for its whole life; closed in stop())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "defectscope.cli", "serve", *args, "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            env=env,
+        )
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

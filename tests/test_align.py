@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rotated import make_rotated_category, part_template, photograph
 
-from defectscope.align import Aligner, AlignResult, make_aligner
-from defectscope.cli import main
+from defectscope.cli.commands import main
+from defectscope.components.align import Aligner, AlignResult, make_aligner
 from defectscope.data.images import load_image, load_mask, preprocess
 from defectscope.data.layouts import good_images, load_category
 from defectscope.data.loader import iter_batches
 from defectscope.detectors import make_detector
 from defectscope.errors import DefectscopeError
-from defectscope.evaluation import evaluate_detector
+from defectscope.evaluation.evaluate import evaluate_detector
 from defectscope.fitting import fit_detector
 from defectscope.io import load_model, load_model_with_extras, save_model
-from rotated import make_rotated_category, part_template, photograph
 
 SIZE = 160
 
@@ -39,8 +39,9 @@ def reference(part) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def rotated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_rotated_category(tmp_path_factory.mktemp("rotated"), n_train=12, n_test_good=6, n_test_defect=6,
-                                 size=SIZE, seed=1)
+    return make_rotated_category(
+        tmp_path_factory.mktemp("rotated"), n_train=12, n_test_good=6, n_test_defect=6, size=SIZE, seed=1
+    )
 
 
 def _expected(matrix_photo: np.ndarray, matrix_ref: np.ndarray) -> np.ndarray:
@@ -109,7 +110,9 @@ def test_map_goes_back_to_the_original_frame(reference, grid) -> None:
     spot[y - 3 : y + 4, x - 3 : x + 4] = 1.0
     warped = aligner.warp_image(np.repeat((spot * 255).astype(np.uint8)[..., None], 3, axis=2), result)
     s_h, s_w = grid
-    ref_map = np.asarray(Image.fromarray(warped[..., 0].astype(np.float32)).resize((s_w, s_h), Image.Resampling.BILINEAR))
+    ref_map = np.asarray(
+        Image.fromarray(warped[..., 0].astype(np.float32)).resize((s_w, s_h), Image.Resampling.BILINEAR)
+    )
     back = aligner.map_to_original(ref_map, result)
     assert back.shape == (s_h, s_w)
     cy, cx = np.unravel_index(np.argmax(back), back.shape)
@@ -162,8 +165,9 @@ def test_padim_with_rigid_alignment_beats_no_alignment(rotated: Path) -> None:
 
     defective = [s for s in split.test if s.label == 1]
     ious, wrong_frame = [], []
-    for sample, result in zip(defective, score_paths(detector, [s.path for s in defective], 0.0, keep_maps=True,
-                                                     aligner=aligner)):
+    for sample, result in zip(
+        defective, score_paths(detector, [s.path for s in defective], 0.0, keep_maps=True, aligner=aligner)
+    ):
         mask = load_mask(sample.mask_path, size=(96, 96))
         ious.append(_iou(result.map, mask))
         unwarped = detector.predict(preprocess(aligner(load_image(sample.path))[0], 96, *detector.input_stats)[None])
@@ -179,7 +183,7 @@ def test_model_file_keeps_the_reference(rotated: Path, tmp_path: Path) -> None:
     meta = fit_detector(detector, train[:4], aligner=aligner)
     meta["align"] = aligner.config()
     path = save_model(tmp_path / "m.dsm", detector, meta, extra_tensors=aligner.tensors())
-    loaded, meta2, extras = load_model_with_extras(path)
+    _loaded, meta2, extras = load_model_with_extras(path)
     assert set(extras) == {"align.keypoints", "align.descriptors"}
     again = Aligner.from_model(meta2["align"], extras)
     assert again.mode == "rot90" and again.ref_size == aligner.ref_size
@@ -196,8 +200,23 @@ def test_model_file_keeps_the_reference(rotated: Path, tmp_path: Path) -> None:
 
 def test_cli_fit_and_predict_flag_unaligned_images(rotated: Path, tmp_path: Path, capsys) -> None:
     model = tmp_path / "aligned.dsm"
-    code = main(["fit", str(rotated), "-o", str(model), "--method", "padim", "--image-size", "64", "--d-reduced", "20",
-                 "--align", "rigid", "--no-progress"])
+    code = main(
+        [
+            "fit",
+            str(rotated),
+            "-o",
+            str(model),
+            "--method",
+            "padim",
+            "--image-size",
+            "64",
+            "--d-reduced",
+            "20",
+            "--align",
+            "rigid",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((SIZE, SIZE, 3), 80, np.uint8)).save(blank)
@@ -216,8 +235,24 @@ def test_cli_fit_and_predict_flag_unaligned_images(rotated: Path, tmp_path: Path
     assert "aligned" not in json.loads(capsys.readouterr()[0])
 
     plain = tmp_path / "plain.dsm"
-    assert main(["fit", str(rotated), "-o", str(plain), "--method", "padim", "--image-size", "64",
-                 "--d-reduced", "20", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(rotated),
+                "-o",
+                str(plain),
+                "--method",
+                "padim",
+                "--image-size",
+                "64",
+                "--d-reduced",
+                "20",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["predict", str(plain), str(photo), "--align", "rigid", "--no-progress"]) == 2
     assert "fitted without alignment" in capsys.readouterr()[1]
@@ -230,7 +265,7 @@ def test_silhouette_alignment_recovers_any_angle_and_shift(angle: float) -> None
     (the reference's outline and the aligned image's outline overlap almost entirely)."""
     import cv2
 
-    from defectscope.align import make_aligner
+    from defectscope.components.align import make_aligner
 
     rng = np.random.default_rng(1)
     part, silhouette = part_template(0)
@@ -251,7 +286,7 @@ def test_silhouette_alignment_recovers_any_angle_and_shift(angle: float) -> None
 
 
 def test_silhouette_alignment_is_stored_and_refuses_an_empty_reference(tmp_path: Path) -> None:
-    from defectscope.align import Aligner, make_aligner
+    from defectscope.components.align import Aligner, make_aligner
 
     rng = np.random.default_rng(2)
     part, silhouette = part_template(0)
@@ -267,8 +302,26 @@ def test_align_auto_picks_the_candidate_that_aligns_best_and_says_so(rotated: Pa
     from defectscope.io import read_metadata
 
     model = tmp_path / "auto.dsmodel"
-    assert main(["fit", str(rotated), "-o", str(model), "--method", "padim", "--image-size", "64", "--d-reduced", "20",
-                 "--align", "auto", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(rotated),
+                "-o",
+                str(model),
+                "--method",
+                "padim",
+                "--image-size",
+                "64",
+                "--d-reduced",
+                "20",
+                "--align",
+                "auto",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr()[1]
     auto = read_metadata(model)["align"]["auto"]
     scores = {m: c["ncc"] for m, c in auto["candidates"].items() if "ncc" in c}
@@ -283,7 +336,7 @@ def test_silhouette_refuses_round_parts_and_noise_and_scales_other_resolutions()
     twice the resolution is scaled onto the reference's part."""
     import cv2
 
-    from defectscope.align import make_aligner, silhouette_pose
+    from defectscope.components.align import make_aligner, silhouette_pose
 
     disc = np.full((160, 160, 3), 60, np.uint8)
     cv2.circle(disc, (80, 80), 40, (200, 200, 200), -1)
@@ -304,7 +357,7 @@ def test_silhouette_refuses_round_parts_and_noise_and_scales_other_resolutions()
 
 
 def test_align_auto_counts_failures_against_a_candidate() -> None:
-    from defectscope.align import Aligner, alignment_quality
+    from defectscope.components.align import Aligner, alignment_quality
 
     rng = np.random.default_rng(4)
     part, silhouette = part_template(0)
@@ -324,8 +377,9 @@ def _photo_and_truth(angle: float, shift: tuple[float, float], seed: int = 1):
     return reference, photo, _expected(m_photo, m_ref)
 
 
-@pytest.mark.parametrize("mode,angle", [("silhouette", 37.0), ("silhouette", 123.0), ("silhouette", 311.0),
-                                        ("rigid", 200.0)])
+@pytest.mark.parametrize(
+    "mode,angle", [("silhouette", 37.0), ("silhouette", 123.0), ("silhouette", 311.0), ("rigid", 200.0)]
+)
 def test_ecc_refined_pose_is_at_least_as_close_as_the_first_pose(mode: str, angle: float) -> None:
     """Known turn and shift: the ECC-refined pose is no further from the truth than the first pose
     (here it is 5-10x closer: silhouette/rigid 0.1-0.8 px, refined <= 0.05 px at the corners)."""
@@ -394,18 +448,36 @@ def test_ecc_mode_is_stored_and_overridable() -> None:
 
 
 def test_cli_align_choices_follow_the_modes() -> None:
-    from defectscope.align import ALIGN_MODES
-    from defectscope.cli_options import ALIGN_CHOICES
+    from defectscope.cli.options import ALIGN_CHOICES
+    from defectscope.components.align import ALIGN_MODES
 
-    assert ALIGN_CHOICES == list(ALIGN_MODES)
+    assert list(ALIGN_MODES) == ALIGN_CHOICES
 
 
 def test_cli_fit_and_predict_with_ecc_record_the_refinement(rotated: Path, tmp_path: Path, capsys) -> None:
     from defectscope.io import read_metadata
 
     model = tmp_path / "ecc.dsm"
-    assert main(["fit", str(rotated), "-o", str(model), "--method", "padim", "--image-size", "64", "--d-reduced", "20",
-                 "--align", "silhouette+ecc", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(rotated),
+                "-o",
+                str(model),
+                "--method",
+                "padim",
+                "--image-size",
+                "64",
+                "--d-reduced",
+                "20",
+                "--align",
+                "silhouette+ecc",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = read_metadata(model)
     assert meta["align"]["mode"] == "silhouette+ecc"
     alignment = meta["training"]["alignment"]

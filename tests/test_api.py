@@ -7,15 +7,29 @@ import pytest
 from PIL import Image
 
 import defectscope
-from defectscope.cli import main
+from defectscope.cli.commands import main
 from defectscope.errors import DefectscopeError, ModelFileError
 
 
 @pytest.fixture(scope="module")
 def model_path(synthetic_category, tmp_path_factory):
     path = tmp_path_factory.mktemp("api") / "synthetic.dsmodel"
-    assert main(["fit", str(synthetic_category), "-o", str(path), "--image-size", "128", "--coreset-ratio", "0.25",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(synthetic_category),
+                "-o",
+                str(path),
+                "--image-size",
+                "128",
+                "--coreset-ratio",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -60,8 +74,13 @@ def test_every_in_memory_kind_scores_like_the_file(model, synthetic_category):
     path = sorted((synthetic_category / "test").rglob("*.png"))[0]
     rgb = np.asarray(Image.open(path).convert("RGB"))
     base = model.predict(path).score
-    kinds = [Image.open(path), rgb, rgb.astype(np.float32) / 255.0, rgb.astype(np.uint16) * 257,
-             np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])]
+    kinds = [
+        Image.open(path),
+        rgb,
+        rgb.astype(np.float32) / 255.0,
+        rgb.astype(np.uint16) * 257,
+        np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]),
+    ]
     for result in model.predict(kinds):
         assert result.ok, result.error
         assert result.score == pytest.approx(base, rel=1e-5)
@@ -88,8 +107,16 @@ def test_bad_inputs_are_results_with_errors_never_raised(model, synthetic_catego
     good = sorted((synthetic_category / "test").rglob("*.png"))[0]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    inputs = [good, np.zeros((4, 4, 2), np.uint8), broken, tmp_path / "missing.png", np.zeros((0, 5)), "text",
-              {"not": "an image"}, good]
+    inputs = [
+        good,
+        np.zeros((4, 4, 2), np.uint8),
+        broken,
+        tmp_path / "missing.png",
+        np.zeros((0, 5)),
+        "text",
+        {"not": "an image"},
+        good,
+    ]
     results = model.predict(inputs)
     assert [r.ok for r in results] == [True, False, False, False, False, False, False, True]
     assert "(4, 4, 2)" in results[1].error and str(broken) in results[2].error
@@ -185,7 +212,7 @@ def test_fit_refuses_in_memory_images_and_says_what_it_skipped(synthetic_categor
 
 
 def test_save_errors_name_the_target(model, tmp_path):
-    from defectscope.files import OutputError
+    from defectscope.common.files import OutputError
 
     with pytest.raises(OutputError) as info:
         model.save("/proc/nowhere/model.dsmodel")

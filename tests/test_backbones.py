@@ -9,9 +9,9 @@ import pytest
 import timm
 import torch
 
-from defectscope import weights as W
-from defectscope.backbones import FeatureExtractor, available_layers, default_layers
 from defectscope.errors import BackboneError
+from defectscope.features import weights as W
+from defectscope.features.backbones import FeatureExtractor, available_layers, default_layers
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from batch_data import batch_data
 
 import defectscope
 from defectscope.batch import run_batch
 from defectscope.batch.inputs import expand_inputs
 from defectscope.batch.rows import COLUMNS, heatmap_file_name
 from defectscope.batch.sinks import read_output
-from defectscope.cli import main
+from defectscope.cli.commands import main
 from defectscope.errors import DefectscopeError
-from batch_data import batch_data
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -46,8 +46,7 @@ def test_inputs_files_folders_globs_and_list_files_in_order_and_once(tmp_path, d
     listing = tmp_path / "paths.txt"
     listing.write_bytes(f"{images[1]}\r\n\n./{relative}\n{tmp_path / 'gone.png'}\n".encode())
     glob = str(data["category"] / "test" / "good" / "*.png")
-    entries = list(expand_inputs([str(images[0]), str(listing), glob, str(tmp_path / "nothing*.png"),
-                                  str(images[0])]))
+    entries = list(expand_inputs([str(images[0]), str(listing), glob, str(tmp_path / "nothing*.png"), str(images[0])]))
     paths = [e.path for e in entries]
     assert paths[:4] == [str(images[0]), str(images[1]), str(relative), str(tmp_path / "gone.png")]
     assert len(paths) == len(set(paths))  # each once, the first time it appears
@@ -176,8 +175,10 @@ def test_engine_ray_without_the_extra_says_what_to_install(tmp_path, data, monke
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
-    assert main(["batch", str(data["model"]), str(data["images"][0]), "-o", str(tmp_path / "o.csv"),
-                 "--engine", "ray"]) == 2
+    assert (
+        main(["batch", str(data["model"]), str(data["images"][0]), "-o", str(tmp_path / "o.csv"), "--engine", "ray"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'defectscope[ray]'" in err
     assert not (tmp_path / "o.csv").exists()
@@ -194,9 +195,27 @@ def test_a_run_killed_mid_way_resumes_with_every_path_exactly_once(tmp_path, dat
     listing.write_text("\n".join(paths) + "\n")
     out = tmp_path / "scores.parquet"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "defectscope.cli", "batch", str(data["model"]), str(listing),
-                             "-o", str(out), "--batch-size", "2", "--part-rows", "2", "--threads", "1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "defectscope.cli",
+            "batch",
+            str(data["model"]),
+            str(listing),
+            "-o",
+            str(out),
+            "--batch-size",
+            "2",
+            "--part-rows",
+            "2",
+            "--threads",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 240
         while not list(out.glob("part-*.parquet")):
@@ -226,16 +245,18 @@ def test_a_run_killed_mid_way_resumes_with_every_path_exactly_once(tmp_path, dat
 def test_a_file_name_that_is_not_utf8_is_a_row_in_parquet_and_resumes(tmp_path, capsys):
     import os
 
-    from defectscope.batch.sinks import exclusive, read_output, text_path
+    from defectscope.batch.sinks import exclusive, text_path
     from defectscope.errors import DefectscopeError
 
     assert text_path(os.fsdecode(b"\xff\xfeab.png")) == "\\xff\\xfeab.png"
     assert text_path("plain.png") == "plain.png"
     out = tmp_path / "held.parquet"
-    with exclusive(out):
-        with pytest.raises(DefectscopeError, match="another defectscope batch is writing it"):
-            with exclusive(out):
-                pass
+    with (
+        exclusive(out),
+        pytest.raises(DefectscopeError, match="another defectscope batch is writing it"),
+        exclusive(out),
+    ):
+        pass
     with exclusive(out):  # released when the first run ended
         pass
 

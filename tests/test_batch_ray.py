@@ -15,8 +15,9 @@ import pytest
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'defectscope[ray]')")
 pytest.importorskip("ray.data")
 
-import defectscope  # noqa: E402
 from batch_data import batch_data  # noqa: E402
+
+import defectscope  # noqa: E402
 from defectscope.batch import run_batch  # noqa: E402
 from defectscope.batch.ray_engine import score_ray  # noqa: E402
 from defectscope.batch.sinks import read_output  # noqa: E402
@@ -82,10 +83,16 @@ def _same_rows(rows: list[dict], local_rows: dict[str, dict]) -> None:
     for row in rows:
         want = local_rows[row["path"]]
         # one torch thread per actor here, two in the local run: float32 sums may round differently
-        assert row["score"] == pytest.approx(want["score"], rel=1e-5, abs=0) if want["score"] is not None \
+        assert (
+            row["score"] == pytest.approx(want["score"], rel=1e-5, abs=0)
+            if want["score"] is not None
             else row["score"] is None
-        assert (row["judgement"], row["threshold"], row["model_checksum"]) == \
-            (want["judgement"], want["threshold"], want["model_checksum"])
+        )
+        assert (row["judgement"], row["threshold"], row["model_checksum"]) == (
+            want["judgement"],
+            want["threshold"],
+            want["model_checksum"],
+        )
         assert (row["error"] is None) == (want["error"] is None)
 
 
@@ -100,8 +107,9 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_doubled(clust
             os.kill(workers[0], signal.SIGKILL)
             killed.append(workers[0])
 
-    summary = run_batch(data["model"], _inputs(data), out, engine="ray", workers=2, batch_size=2,
-                        on_rows=kill_one_worker)
+    summary = run_batch(
+        data["model"], _inputs(data), out, engine="ray", workers=2, batch_size=2, on_rows=kill_one_worker
+    )
     assert killed, "the run ended before a worker could be killed"
     assert summary.engine_info["workers"] == 2 and summary.engine_info["blocks"] >= 4
     _same_rows(read_output(out), local_rows)  # complete, each path once, the local engine's scores
@@ -116,8 +124,24 @@ def test_a_worker_refuses_a_model_with_another_checksum(cluster, data):
 def test_the_command_line_joins_a_running_cluster_by_address(cluster, data, local_rows, tmp_path):
     out = tmp_path / "scores.csv"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    args = [sys.executable, "-m", "defectscope.cli", "batch", str(data["model"]), *_inputs(data), "-o", str(out),
-            "--engine", "ray", "--address", cluster, "--workers", "2", "--batch-size", "4"]
+    args = [
+        sys.executable,
+        "-m",
+        "defectscope.cli",
+        "batch",
+        str(data["model"]),
+        *_inputs(data),
+        "-o",
+        str(out),
+        "--engine",
+        "ray",
+        "--address",
+        cluster,
+        "--workers",
+        "2",
+        "--batch-size",
+        "4",
+    ]
     run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr[-2000:]  # the two bad paths
     assert f"wrote {out}: {len(local_rows)} row(s), 2 with an error" in run.stdout

@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from synthetic import make_mvtec_category
 
 from defectscope import benchmark
-from defectscope.cli import main
-from synthetic import make_mvtec_category
+from defectscope.cli.commands import main
 
 METHODS = ["patchcore", "spade"]
 GOOD_CATS = ["cat_a", "cat_b"]
@@ -44,20 +44,39 @@ def _copy(first_run: dict, tmp_path: Path) -> Path:
 
 
 def _fake_cell(calls: list[str]):
-    def fake(method, params, category, out_dir, **kwargs):  # noqa: ANN001, ANN202
+    def fake(method, params, category, out_dir, **kwargs):
         calls.append(f"{method}/{category.name}")
         category.load()  # the broken category still fails
-        return {"status": "ok", "image_auroc": 0.5, "pixel_auroc": 0.25, "aupro": 0.125, "image_f1_max": 0.5,
-                "fit_seconds": 1.0, "images_per_second": 2.0, "n_train": 6, "n_good": 3, "n_defective": 3,
-                "n_failed": 0, "layers": ["x"], "threshold": 1.0}
+        return {
+            "status": "ok",
+            "image_auroc": 0.5,
+            "pixel_auroc": 0.25,
+            "aupro": 0.125,
+            "image_f1_max": 0.5,
+            "fit_seconds": 1.0,
+            "images_per_second": 2.0,
+            "n_train": 6,
+            "n_good": 3,
+            "n_defective": 3,
+            "n_failed": 0,
+            "layers": ["x"],
+            "threshold": 1.0,
+        }
+
     return fake
 
 
 def test_files_tables_and_error_row(first_run: dict) -> None:
     out = first_run["out"]
     assert first_run["rc"] == 1  # the broken category failed
-    for name in ("benchmark.md", "benchmark.csv", "benchmark.json", "index.html", "patchcore/index.html",
-                 "spade/index.html"):
+    for name in (
+        "benchmark.md",
+        "benchmark.csv",
+        "benchmark.json",
+        "index.html",
+        "patchcore/index.html",
+        "spade/index.html",
+    ):
         assert (out / name).is_file(), name
     cells = sorted(p.name for p in (out / "cells").glob("*.json"))
     assert len(cells) == 4 and all(any(c.startswith(f"{m}-{k}-") for m in METHODS for k in GOOD_CATS) for c in cells)
@@ -85,15 +104,16 @@ def test_files_tables_and_error_row(first_run: dict) -> None:
     means = [r for r in rows if r["category"] == "mean"]
     assert [r["method"] for r in means] == METHODS
     assert float(means[0]["pixel_auroc"]) == pytest.approx(summary["means"]["patchcore"]["pixel_auroc"])
-    assert "href=\"patchcore/index.html\"" in (out / "index.html").read_text()
+    assert 'href="patchcore/index.html"' in (out / "index.html").read_text()
 
 
-def test_second_run_skips_finished_cells(first_run: dict, root: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_second_run_skips_finished_cells(
+    first_run: dict, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     out = _copy(first_run, tmp_path)
     before = (out / "benchmark.json").read_text()
 
-    def explode(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def explode(*args, **kwargs):
         raise AssertionError("a finished cell was fitted again")
 
     monkeypatch.setattr(benchmark, "run_cell", explode)
@@ -107,8 +127,9 @@ def test_second_run_skips_finished_cells(first_run: dict, root: Path, tmp_path: 
         assert cell["image_auroc"] == old[(cell["method"], cell["category"])]["image_auroc"]
 
 
-def test_force_recomputes_and_failed_cells_are_retried(first_run: dict, root: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_force_recomputes_and_failed_cells_are_retried(
+    first_run: dict, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = _copy(first_run, tmp_path)
     calls: list[str] = []
     monkeypatch.setattr(benchmark, "run_cell", _fake_cell(calls))
@@ -122,8 +143,9 @@ def test_force_recomputes_and_failed_cells_are_retried(first_run: dict, root: Pa
     assert len(list((out / "cells").glob("*.json"))) == 4  # same keys: rewritten in place
 
 
-def test_changed_parameters_do_not_reuse_cells(first_run: dict, root: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_changed_parameters_do_not_reuse_cells(
+    first_run: dict, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = _copy(first_run, tmp_path)
     calls: list[str] = []
     monkeypatch.setattr(benchmark, "run_cell", _fake_cell(calls))
@@ -148,8 +170,8 @@ def test_bad_arguments(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_cells_of_an_earlier_version_are_reused_when_they_compute_the_same(
-        first_run: dict, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture) -> None:
+    first_run: dict, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """An earlier version keyed cells on every parameter it had: a cell written before layer_weighting existed
     (plain concatenation) is found again by `--layer-weighting channels`, not by the new default."""
     out = _copy(first_run, tmp_path)

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from defectscope.calibration import (
+from defectscope.errors import DataLayoutError, DefectscopeError
+from defectscope.evaluation.calibration import (
     calibrate_threshold,
     calibration_samples,
     false_reject_upper_bound,
     threshold_for_fpr,
 )
-from defectscope.errors import DataLayoutError, DefectscopeError
-
 
 # ----------------------------------------------------------------------------- pure rules
 
@@ -111,11 +110,25 @@ def test_calibration_samples_layouts(synthetic_category, tmp_path):
 
 @pytest.fixture(scope="module")
 def fitted(synthetic_category, tmp_path_factory):
-    from defectscope.cli import main
+    from defectscope.cli.commands import main
 
     path = tmp_path_factory.mktemp("calib") / "m.dsmodel"
-    assert main(["fit", str(synthetic_category), "-o", str(path), "--image-size", "64", "--coreset-ratio", "0.25",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(synthetic_category),
+                "-o",
+                str(path),
+                "--image-size",
+                "64",
+                "--coreset-ratio",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -126,7 +139,7 @@ def model(fitted, tmp_path):
 
 
 def test_calibrate_command_good_only_then_f1(model, synthetic_category, tmp_path, capsys):
-    from defectscope.cli import main
+    from defectscope.cli.commands import main
     from defectscope.io import read_metadata
 
     capsys.readouterr()
@@ -159,7 +172,7 @@ def test_calibrate_command_good_only_then_f1(model, synthetic_category, tmp_path
 
 
 def test_predict_normalized_scores(model, synthetic_category, capsys):
-    from defectscope.cli import main
+    from defectscope.cli.commands import main
     from defectscope.io import read_metadata
 
     threshold = read_metadata(model)["threshold"]
@@ -179,13 +192,14 @@ def test_predict_normalized_scores(model, synthetic_category, capsys):
 
 
 def test_calibrate_to_a_new_file_leaves_the_model_alone(model, synthetic_category, tmp_path, capsys):
-    from defectscope.cli import main
+    from defectscope.cli.commands import main
     from defectscope.io import load_model, read_metadata
 
     before = model.read_bytes()
     new = tmp_path / "out" / "calibrated.dsmodel"
-    assert main(["calibrate", str(model), str(synthetic_category / "test"), "--f1", "-o", str(new),
-                 "--no-progress"]) == 0
+    assert (
+        main(["calibrate", str(model), str(synthetic_category / "test"), "--f1", "-o", str(new), "--no-progress"]) == 0
+    )
     assert model.read_bytes() == before
     meta = read_metadata(new)
     assert meta["threshold_info"]["rule"].startswith("best image F1")
@@ -196,7 +210,7 @@ def test_calibrate_to_a_new_file_leaves_the_model_alone(model, synthetic_categor
 def test_calibrate_that_cannot_write_says_the_threshold(model, synthetic_category, monkeypatch, capsys):
     """Writing fails after scoring (e.g. the disk fills up): the computed threshold is printed, not lost."""
     import defectscope.io as io
-    from defectscope.cli import main
+    from defectscope.cli.commands import main
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device", str(model))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from defectscope.cli import main
+from defectscope.cli.commands import main
 from defectscope.io import read_metadata
 
 
@@ -25,8 +25,19 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def model(synthetic_category, tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "synthetic.dsmodel"
-    code = main(["fit", str(synthetic_category), "-o", str(path), "--image-size", "128", "--coreset-ratio", "0.25",
-                 "--no-progress"])
+    code = main(
+        [
+            "fit",
+            str(synthetic_category),
+            "-o",
+            str(path),
+            "--image-size",
+            "128",
+            "--coreset-ratio",
+            "0.25",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return path
 
@@ -173,8 +184,19 @@ def test_fit_records_coreset_details(model):
 
 def test_normalization_option_is_stored_in_the_model(synthetic_category, tmp_path, capsys):
     path = tmp_path / "weights-stats.dsmodel"
-    code, _, err = run(capsys, "fit", synthetic_category, "-o", path, "--image-size", "64", "--coreset-ratio", "0.5",
-                       "--normalization", "weights")
+    code, _, err = run(
+        capsys,
+        "fit",
+        synthetic_category,
+        "-o",
+        path,
+        "--image-size",
+        "64",
+        "--coreset-ratio",
+        "0.5",
+        "--normalization",
+        "weights",
+    )
     assert code == 0, err
     meta = read_metadata(path)
     assert meta["params"]["normalization"] == "weights"
@@ -186,8 +208,19 @@ def test_normalization_option_is_stored_in_the_model(synthetic_category, tmp_pat
 
 def test_rotations_option_is_checked_and_stored(synthetic_category, tmp_path, capsys):
     path = tmp_path / "rot.dsmodel"
-    code, _, err = run(capsys, "fit", synthetic_category, "-o", path, "--image-size", "64", "--coreset-ratio", "0.5",
-                       "--rotations", "2")
+    code, _, err = run(
+        capsys,
+        "fit",
+        synthetic_category,
+        "-o",
+        path,
+        "--image-size",
+        "64",
+        "--coreset-ratio",
+        "0.5",
+        "--rotations",
+        "2",
+    )
     assert code == 0, err
     meta = read_metadata(path)
     assert meta["params"]["rotations"] == 2 and meta["training"]["details"]["rotations"] == 2
@@ -203,8 +236,19 @@ def test_patchcore_defaults_to_288_px_and_equal_layer_weighting(synthetic_catego
     meta = read_metadata(path)
     assert meta["image_size"] == 288 and meta["params"]["layer_weighting"] == "equal"
     channels = tmp_path / "channels.dsmodel"
-    code, _, err = run(capsys, "fit", synthetic_category, "-o", channels, "--image-size", "64", "--coreset-ratio",
-                       "0.5", "--layer-weighting", "channels")
+    code, _, err = run(
+        capsys,
+        "fit",
+        synthetic_category,
+        "-o",
+        channels,
+        "--image-size",
+        "64",
+        "--coreset-ratio",
+        "0.5",
+        "--layer-weighting",
+        "channels",
+    )
     assert code == 0, err
     assert read_metadata(channels)["params"]["layer_weighting"] == "channels"
     padim = tmp_path / "padim.dsmodel"

@@ -14,8 +14,8 @@ from defectscope.data.layouts import mvtec_category
 from defectscope.detectors import METHODS, make_detector
 from defectscope.detectors.base import DEFAULT_BACKBONE, Detector
 from defectscope.errors import DefectscopeError, NotFittedError
+from defectscope.evaluation.metrics import image_auroc
 from defectscope.fitting import fit_detector
-from defectscope.metrics import image_auroc
 
 SIZE = 96
 # small data: PatchCore keeps a larger share of its few patches; PaDiM keeps 48 random channels (fast fit)
@@ -40,8 +40,15 @@ def fitted(request: pytest.FixtureRequest, synthetic_category: Path) -> dict:
     meta = fit_detector(detector, split.train, batch_size=8)
     images = _tensor(detector, [s.path for s in split.test])
     labels = np.array([s.label for s in split.test])
-    return {"method": method, "detector": detector, "meta": meta, "split": split, "images": images,
-            "labels": labels, "prediction": detector.predict(images)}
+    return {
+        "method": method,
+        "detector": detector,
+        "meta": meta,
+        "split": split,
+        "images": images,
+        "labels": labels,
+        "prediction": detector.predict(images),
+    }
 
 
 def test_default_backbone_is_the_offline_one(fitted: dict) -> None:
@@ -101,8 +108,12 @@ def test_get_params_round_trip(fitted: dict) -> None:
 def test_not_fitted_errors(method: str, tmp_path: Path) -> None:
     detector = _build(method)
     images = torch.zeros(2, 3, SIZE, SIZE)
-    for call in (lambda: detector.predict(images), detector.training_scores, detector.state_dict,
-                 lambda: io.save_model(tmp_path / "m.dsmodel", detector, {})):
+    for call in (
+        lambda: detector.predict(images),
+        detector.training_scores,
+        detector.state_dict,
+        lambda: io.save_model(tmp_path / "m.dsmodel", detector, {}),
+    ):
         with pytest.raises(NotFittedError, match="not fitted"):
             call()
     assert not (tmp_path / "m.dsmodel").exists()

@@ -176,7 +176,9 @@ def test_pruned_engine_matches_brute_index_for_index(n: int, d: int, k: int) -> 
     xd = x.double()
     d2 = torch.cdist(xd, xd[pruned.indices]) ** 2
     assert torch.allclose(pruned.sq_dist.double(), d2.min(dim=1).values, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(d2.gather(1, pruned.nearest.unsqueeze(1)).squeeze(1), d2.min(dim=1).values, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(
+        d2.gather(1, pruned.nearest.unsqueeze(1)).squeeze(1), d2.min(dim=1).values, rtol=1e-4, atol=1e-4
+    )
     assert torch.allclose(brute.sq_dist.double(), d2.min(dim=1).values, rtol=1e-3, atol=1e-3)
     if k <= 15:
         assert pruned.indices.tolist() == naive_k_center(xd.numpy(), k, start_index(n, 1))
@@ -208,7 +210,10 @@ def test_batched_engine_matches_the_one_at_a_time_greedy(n: int, d: int, k: int,
 def kcenter_default_is_batched(x: torch.Tensor, k: int) -> bool:
     from defectscope.components.coreset import kcenter
 
-    return kcenter(x, k, eps=None, seed=1).indices.tolist() == kcenter(x, k, eps=None, seed=1, engine="batched").indices.tolist()
+    return (
+        kcenter(x, k, eps=None, seed=1).indices.tolist()
+        == kcenter(x, k, eps=None, seed=1, engine="batched").indices.tolist()
+    )
 
 
 def test_batched_engine_duplicates_and_shared_bar() -> None:

@@ -40,9 +40,11 @@ def _visa_simple(obj: Path) -> Path:
 def _visa_root(root: Path) -> Path:
     rows = []
     for obj in ("candle", "pcb1"):
-        rows += [f"{obj},train,normal,{obj}/Data/Images/Normal/0.png,",
-                 f"{obj},test,normal,{obj}/Data/Images/Normal/1.png,",
-                 f"{obj},test,anomaly,{obj}/Data/Images/Anomaly/0.png,{obj}/Data/Masks/Anomaly/0.png"]
+        rows += [
+            f"{obj},train,normal,{obj}/Data/Images/Normal/0.png,",
+            f"{obj},test,normal,{obj}/Data/Images/Normal/1.png,",
+            f"{obj},test,anomaly,{obj}/Data/Images/Anomaly/0.png,{obj}/Data/Masks/Anomaly/0.png",
+        ]
         for rel in ("Images/Normal/0.png", "Images/Normal/1.png", "Images/Anomaly/0.png", "Masks/Anomaly/0.png"):
             _img(root / obj / "Data" / rel)
     (root / "split_csv").mkdir(parents=True)

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from defectscope.cli.commands import main
 from defectscope.data import download as dl
-from defectscope.cli import main
 from defectscope.data.download import ARCHIVES, download_dataset, fetch, safe_extract
 from defectscope.data.visa import visa_official
 from defectscope.errors import DefectscopeError
-
 
 # --------------------------------------------------------------------------- loopback server
 
@@ -41,7 +40,7 @@ class _Server:
             def log_message(self, *args: object) -> None:  # keep pytest output clean
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 name = self.path.lstrip("/")
                 rng = self.headers.get("Range")
                 state.requests.append((name, rng))
@@ -420,7 +419,9 @@ def test_download_unknown_dataset_and_category(tmp_path):
 
 def test_cli_main(server, tmp_path, capsys):
     server.files["grid.tar.xz"] = _tar(_mvtec_files("grid"))
-    rc = main(["download", "mvtec_ad", "--category", "grid", "-o", str(tmp_path), "--base-url", server.url, "--no-progress"])
+    rc = main(
+        ["download", "mvtec_ad", "--category", "grid", "-o", str(tmp_path), "--base-url", server.url, "--no-progress"]
+    )
     assert rc == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "grid")
     _assert_mvtec_category(tmp_path / "grid")

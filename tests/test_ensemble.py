@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from defectscope.backbones import (
+from defectscope.cli.commands import main
+from defectscope.data.loader import iter_batches
+from defectscope.detectors import make_detector
+from defectscope.detectors.patchcore import PatchCore
+from defectscope.errors import BackboneError
+from defectscope.features.backbones import (
     EnsembleExtractor,
     FeatureExtractor,
     available_layers,
@@ -16,11 +21,6 @@ from defectscope.backbones import (
     concat_on_grid,
     default_layers,
 )
-from defectscope.cli import main
-from defectscope.data.loader import iter_batches
-from defectscope.detectors import make_detector
-from defectscope.detectors.patchcore import PatchCore
-from defectscope.errors import BackboneError
 from defectscope.fitting import fit_detector
 from defectscope.io import load_model, read_metadata, save_model
 
@@ -84,8 +84,9 @@ def test_members_with_other_statistics_are_normalised_inside_the_extractor() -> 
         got = mixed(x)[0]
         torch.testing.assert_close(got[:, :40], b0(x)[0], rtol=0, atol=0)
         torch.testing.assert_close(got[:, 40:], lite0((raw - 0.5) / 0.5)[0])
-    same = build_extractor("efficientnet_b0+tf_efficientnet_lite0", ["blocks.2"], weights="none",
-                           normalization="imagenet")  # every member sees ImageNet-normalised input
+    same = build_extractor(
+        "efficientnet_b0+tf_efficientnet_lite0", ["blocks.2"], weights="none", normalization="imagenet"
+    )  # every member sees ImageNet-normalised input
     with torch.inference_mode():
         assert torch.equal(same(x)[0][:, 40:], same.members[1](x)[0])
 
@@ -111,37 +112,57 @@ def test_patchcore_fit_save_load_round_trip(synthetic_category: Path, tmp_path: 
 @pytest.mark.parametrize("method", ["padim", "spade"])
 def test_padim_and_spade_run_on_an_ensemble(method: str) -> None:
     images = torch.rand(4, 3, SIZE, SIZE)
-    detector = make_detector(method, backbone=LITE02, image_size=SIZE, weights="none", **({"k": 2, "top_k": 2}
-                             if method == "spade" else {}))
+    detector = make_detector(
+        method, backbone=LITE02, image_size=SIZE, weights="none", **({"k": 2, "top_k": 2} if method == "spade" else {})
+    )
     result = detector.fit(images).predict(images[:2])
     assert result.scores.shape == (2,) and result.maps.shape == (2, SIZE, SIZE)
     assert np.isfinite(result.scores).all()
 
 
-@pytest.mark.parametrize("backbone, message", [
-    ("tf_efficientnet_lite0+tf_efficientnet_lit2",
-     r"unknown backbone 'tf_efficientnet_lit2' in ensemble .*tf_efficientnet_lite2.*offline weights: "
-     r"tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2"),
-    ("tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2+efficientnet_b0", r"4 members; at most 3"),
-    ("tf_efficientnet_lite0+tf_efficientnet_lite0", r"repeats tf_efficientnet_lite0"),
-    ("tf_efficientnet_lite0++tf_efficientnet_lite2", r"empty member"),
-    ("tf_efficientnet_lite0+resnet18", r"share no layer names .*resnet18: act1, layer1"),
-])
+@pytest.mark.parametrize(
+    "backbone, message",
+    [
+        (
+            "tf_efficientnet_lite0+tf_efficientnet_lit2",
+            r"unknown backbone 'tf_efficientnet_lit2' in ensemble .*tf_efficientnet_lite2.*offline weights: "
+            r"tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2",
+        ),
+        ("tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2+efficientnet_b0", r"4 members; at most 3"),
+        ("tf_efficientnet_lite0+tf_efficientnet_lite0", r"repeats tf_efficientnet_lite0"),
+        ("tf_efficientnet_lite0++tf_efficientnet_lite2", r"empty member"),
+        ("tf_efficientnet_lite0+resnet18", r"share no layer names .*resnet18: act1, layer1"),
+    ],
+)
 def test_bad_ensembles_are_refused_with_a_reason(backbone: str, message: str) -> None:
     with pytest.raises(BackboneError, match=message):
         build_extractor(backbone, weights="none")
 
 
 def test_unknown_layer_lists_the_layers_every_member_has() -> None:
-    with pytest.raises(BackboneError, match=r"unknown layer 'layer2' .*valid layers: blocks.0, blocks.1, blocks.2, "
-                                            r"blocks.4, blocks.6"):
+    with pytest.raises(
+        BackboneError,
+        match=r"unknown layer 'layer2' .*valid layers: blocks.0, blocks.1, blocks.2, "
+        r"blocks.4, blocks.6",
+    ):
         build_extractor(LITE02, ["blocks.2", "layer2"], weights="none")
 
 
 def test_one_weights_file_for_an_ensemble_is_refused(synthetic_category: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(BackboneError, match=r"ensemble of 2 models: leave --weights out"):
         build_extractor(LITE02, weights=str(tmp_path / "w.pth"))
-    code = main(["fit", str(synthetic_category), "-o", str(tmp_path / "m.dsmodel"), "--backbone", LITE02,
-                 "--weights", str(tmp_path / "w.pth"), "--no-progress"])
+    code = main(
+        [
+            "fit",
+            str(synthetic_category),
+            "-o",
+            str(tmp_path / "m.dsmodel"),
+            "--backbone",
+            LITE02,
+            "--weights",
+            str(tmp_path / "w.pth"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "is an ensemble of 2 models" in err and len(err.strip().splitlines()) == 1

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from defectscope import metrics
 from defectscope.data.images import load_mask
 from defectscope.data.layouts import load_category
 from defectscope.detectors.base import Prediction
-from defectscope.evaluation import evaluate_detector, image_metrics, normalized_score, pixel_roc_curve
+from defectscope.evaluation import metrics
+from defectscope.evaluation.evaluate import evaluate_detector, image_metrics, normalized_score, pixel_roc_curve
 
 SIZE = 64
 
@@ -26,7 +27,7 @@ class ColourDetector:
 
     method = "colour"
     backbone = "none"
-    layers = ["rgb"]
+    layers: ClassVar[list[str]] = ["rgb"]
     image_size = SIZE
     input_shape = (SIZE, SIZE)  # what the loader resizes photos to
     resize = "stretch"
@@ -53,7 +54,7 @@ def evaluated(synthetic_category: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_image_metrics_match_brute_force(evaluated):
-    split, _, result, _ = evaluated
+    _split, _, result, _ = evaluated
     labels = np.array([r["label"] for r in result["images"]])
     scores = np.array([r["score"] for r in result["images"]])
     assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
@@ -75,8 +76,9 @@ def test_image_metrics_match_brute_force(evaluated):
 
 def test_pixel_metrics_match_brute_force(evaluated):
     split, detector, result, _ = evaluated
-    masks = [load_mask(s.mask_path, size=(SIZE, SIZE)) if s.mask_path else np.zeros((SIZE, SIZE), bool)
-             for s in split.test]
+    masks = [
+        load_mask(s.mask_path, size=(SIZE, SIZE)) if s.mask_path else np.zeros((SIZE, SIZE), bool) for s in split.test
+    ]
     y = np.concatenate([m.ravel() for m in masks])
     s = np.concatenate([m.ravel() for m in detector.maps])
     assert result["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
@@ -99,7 +101,7 @@ def test_pixel_metrics_match_brute_force(evaluated):
 
 
 def test_curves_are_short_and_maps_are_not_kept(evaluated):
-    _, _, result, overlays = evaluated
+    _, _, result, _overlays = evaluated
     assert "maps" not in result and all("map" not in r for r in result["images"])
     for curve in result["curves"].values():
         assert curve is not None and all(len(v) <= 520 for v in curve.values())

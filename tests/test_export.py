@@ -16,14 +16,14 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 pytest.importorskip("onnx")
 
-import defectscope  # noqa: E402
-from defectscope.cli import main  # noqa: E402
-from defectscope.data.images import load_image, preprocess  # noqa: E402
-from defectscope.errors import DefectscopeError, ModelFileError  # noqa: E402
-from defectscope.export import EXPORT_FILE  # noqa: E402
-from defectscope.export.exporter import MAP_TOL, SCORE_RTOL, export_model  # noqa: E402
-from defectscope.export.preprocess import resize_unit  # noqa: E402
-from defectscope.io import update_metadata  # noqa: E402
+import defectscope
+from defectscope.cli.commands import main
+from defectscope.data.images import load_image, preprocess
+from defectscope.errors import DefectscopeError, ModelFileError
+from defectscope.export import EXPORT_FILE
+from defectscope.export.exporter import MAP_TOL, SCORE_RTOL, export_model
+from defectscope.export.preprocess import resize_unit
+from defectscope.io import update_metadata
 
 #: a Python prelude under which any import of torch (or what needs it) fails
 NO_TORCH = """
@@ -58,7 +58,10 @@ def models(synthetic_category, tmp_path_factory):
     root = tmp_path_factory.mktemp("export-models")
     train = synthetic_category / "train" / "good"
     out = {}
-    for method, params in (("patchcore", {"coreset_ratio": 0.25, "layer_weighting": "equal", "target_dim": 100}), ("padim", {})):
+    for method, params in (
+        ("patchcore", {"coreset_ratio": 0.25, "layer_weighting": "equal", "target_dim": 100}),
+        ("padim", {}),
+    ):
         model = defectscope.fit(train, method=method, image_size=64, **params)
         out[method] = model.save(root / f"{method}.dsmodel")
     return out
@@ -112,8 +115,9 @@ def test_resize_outside_the_graph_matches_torch():
         assert np.abs(resize_unit(image, size) - reference).max() < 2e-5, (h, w, size)
 
 
-def test_a_model_file_on_a_runtime_is_exported_once_into_the_cache(models, reference, synthetic_category, tmp_path,
-                                                                      monkeypatch):
+def test_a_model_file_on_a_runtime_is_exported_once_into_the_cache(
+    models, reference, synthetic_category, tmp_path, monkeypatch
+):
     monkeypatch.setenv("DEFECTSCOPE_CACHE", str(tmp_path))
     model = defectscope.load(models["patchcore"], runtime="openvino")
     folder = Path(model.detector.folder)
@@ -149,7 +153,7 @@ def test_load_predict_and_cli_run_where_torch_cannot_be_imported(exported, synth
     expected = [r.score for r in defectscope.load(folder).predict(images)]
     code = NO_TORCH + (
         "import json, defectscope\n"
-        "from defectscope.cli import main\n"
+        "from defectscope.cli.commands import main\n"
         "results = defectscope.load(sys.argv[1]).predict(sys.argv[3:])\n"
         "print(json.dumps([r.score for r in results]))\n"
         "assert results[0].overlay().ndim == 3 and results[0].anomaly_map is not None\n"
@@ -157,8 +161,12 @@ def test_load_predict_and_cli_run_where_torch_cannot_be_imported(exported, synth
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "sys.exit(code)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "heat"), *images],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(tmp_path / "heat"), *images],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert json.loads(lines[0]) == pytest.approx(expected, rel=1e-6)
@@ -242,8 +250,21 @@ def test_a_damaged_or_edited_export_is_refused(exported, tmp_path):
 # --------------------------------------------------------------------------- command line
 def test_cli_export_then_predict(models, synthetic_category, tmp_path, capsys):
     folder = tmp_path / "cli-export"
-    assert main(["export", str(models["padim"]), "--format", "onnx", "-o", str(folder),
-                 "--check", *map(str, _images(synthetic_category, 2))]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(models["padim"]),
+                "--format",
+                "onnx",
+                "-o",
+                str(folder),
+                "--check",
+                *map(str, _images(synthetic_category, 2)),
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out
     assert f"wrote {folder}: padim as onnx" in said and "on 2 given images" in said and "judgements equal" in said
     assert main(["export", str(models["padim"]), "-o", str(folder)]) == 2

@@ -15,9 +15,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 pytest.importorskip("onnx")
 
-import defectscope  # noqa: E402
-from defectscope.export.exporter import export_model  # noqa: E402
-from test_export import assert_agree  # noqa: E402
+from test_export import assert_agree
+
+import defectscope
+from defectscope.export.exporter import export_model
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -37,10 +38,13 @@ def category(request) -> Path:
     return request.getfixturevalue(request.param)
 
 
-@pytest.mark.parametrize("method,params,fmt", [
-    ("patchcore", {"image_size": 128, "coreset_ratio": 0.1}, "onnx"),
-    ("padim", {"image_size": 96}, "openvino"),
-])
+@pytest.mark.parametrize(
+    "method,params,fmt",
+    [
+        ("patchcore", {"image_size": 128, "coreset_ratio": 0.1}, "onnx"),
+        ("padim", {"image_size": 96}, "openvino"),
+    ],
+)
 def test_export_agrees_with_torch_on_real_images(category, method, params, fmt, tmp_path):
     train = sorted((category / "train" / "good").glob("*.png"))[:N_TRAIN]
     model = defectscope.fit(train, method=method, **params)

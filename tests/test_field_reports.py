@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectscope.cli import main
+from defectscope.cli.commands import main
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -27,8 +27,22 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def model(synthetic_category, tmp_path_factory):
     path = tmp_path_factory.mktemp("field") / "m.dsmodel"
-    assert main(["fit", str(synthetic_category), "-o", str(path), "--image-size", "64", "--coreset-ratio", "0.25",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(synthetic_category),
+                "-o",
+                str(path),
+                "--image-size",
+                "64",
+                "--coreset-ratio",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -79,12 +93,14 @@ def test_fit_into_an_unwritable_folder_fails_before_the_fit(synthetic_category, 
 
 
 def test_disk_full_while_saving_is_one_line_naming_the_file(synthetic_category, tmp_path, capsys, monkeypatch):
-    import defectscope.io as io
     from safetensors import SafetensorError
 
+    import defectscope.io as io
+
     def full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                              '"No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(io, "save_file", full)
     out = tmp_path / "m.dsmodel"
@@ -95,7 +111,7 @@ def test_disk_full_while_saving_is_one_line_naming_the_file(synthetic_category, 
 
 
 def test_any_os_error_is_one_line_not_a_traceback(model, synthetic_category, capsys, monkeypatch):
-    import defectscope.evaluation as evaluation
+    import defectscope.evaluation.evaluate as evaluation
 
     def vanished(*args, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", "/data/part-0001.png")
@@ -107,7 +123,7 @@ def test_any_os_error_is_one_line_not_a_traceback(model, synthetic_category, cap
 
 @pytest.mark.parametrize("option", ["--json", "--report", "--heatmaps"])
 def test_evaluate_outputs_are_checked_before_scoring(model, synthetic_category, tmp_path, capsys, monkeypatch, option):
-    import defectscope.evaluation as evaluation
+    import defectscope.evaluation.evaluate as evaluation
 
     monkeypatch.setattr(evaluation, "evaluate_detector", lambda *a, **k: pytest.fail("scored before the check"))
     blocker = tmp_path / "blocker"
@@ -117,23 +133,26 @@ def test_evaluate_outputs_are_checked_before_scoring(model, synthetic_category, 
 
 
 # ------------------------------------------------------------------ argument values, checked while parsing
-@pytest.mark.parametrize("argv", [
-    ["predict", "M", "x.png", "--threshold", "nan"],
-    ["predict", "M", "x.png", "--threshold", "inf"],
-    ["fit", "D", "-o", "m", "--threshold-quantile", "1"],
-    ["fit", "D", "-o", "m", "--threshold-quantile", "0"],
-    ["fit", "D", "-o", "m", "--threshold-quantile", "1.5"],
-    ["fit", "D", "-o", "m", "--threshold-quantile", "nan"],
-    ["fit", "D", "-o", "m", "--coreset-eps", "1.2"],
-    ["fit", "D", "-o", "m", "--coreset-ratio", "0"],
-    ["fit", "D", "-o", "m", "--image-size", "8"],
-    ["fit", "D", "-o", "m", "--batch-size", "0"],
-    ["fit", "D", "-o", "m", "--folds", "1"],
-    ["fit", "D", "-o", "m", "--num-neighbors", "-3"],
-    ["calibrate", "M", "D", "--target-fpr", "1"],
-    ["tune", "D", "--val-fraction", "0"],
-    ["demo", "--n-train", "1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "M", "x.png", "--threshold", "nan"],
+        ["predict", "M", "x.png", "--threshold", "inf"],
+        ["fit", "D", "-o", "m", "--threshold-quantile", "1"],
+        ["fit", "D", "-o", "m", "--threshold-quantile", "0"],
+        ["fit", "D", "-o", "m", "--threshold-quantile", "1.5"],
+        ["fit", "D", "-o", "m", "--threshold-quantile", "nan"],
+        ["fit", "D", "-o", "m", "--coreset-eps", "1.2"],
+        ["fit", "D", "-o", "m", "--coreset-ratio", "0"],
+        ["fit", "D", "-o", "m", "--image-size", "8"],
+        ["fit", "D", "-o", "m", "--batch-size", "0"],
+        ["fit", "D", "-o", "m", "--folds", "1"],
+        ["fit", "D", "-o", "m", "--num-neighbors", "-3"],
+        ["calibrate", "M", "D", "--target-fpr", "1"],
+        ["tune", "D", "--val-fraction", "0"],
+        ["demo", "--n-train", "1"],
+    ],
+)
 def test_numeric_options_are_range_checked_while_parsing(argv, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)
@@ -158,7 +177,7 @@ def test_detector_parameters_match_what_the_components_accept(tmp_path):
 
 
 def test_json_never_holds_nan_or_infinity():
-    from defectscope.jsonout import dumps
+    from defectscope.common.jsonout import dumps
 
     text = dumps({"a": float("nan"), "b": [float("inf"), np.float32(1.5), np.float64("-inf")], "c": 2})
     assert json.loads(text) == {"a": None, "b": [None, 1.5, None], "c": 2}
@@ -265,8 +284,9 @@ def test_an_unusual_training_image_is_named_and_can_be_left_out(synthetic_catego
     assert "zz_defective.png" in suspects and "outlier cutoff" in suspects["zz_defective.png"]
     assert "zz_defective.png" in err and "--exclude-outliers" in err
     clean = tmp_path / "clean.dsmodel"
-    code, _, err = run(capsys, "fit", train, "-o", clean, "--image-size", "64", "--coreset-ratio", "0.25",
-                       "--exclude-outliers")
+    code, _, err = run(
+        capsys, "fit", train, "-o", clean, "--image-size", "64", "--coreset-ratio", "0.25", "--exclude-outliers"
+    )
     meta = read_metadata(clean)
     excluded = {Path(s["path"]).name for s in meta["training"]["excluded"]}
     assert code == 0 and {"zz_tiny.png", "zz_defective.png"} <= excluded
@@ -292,9 +312,26 @@ def test_fit_reports_a_skipped_file_once_and_warnings_in_lower_case(synthetic_ca
     train = tmp_path / "good"
     shutil.copytree(synthetic_category / "train" / "good", train)
     (train / "broken.png").write_bytes(b"not a png")
-    proc = subprocess.run([sys.executable, "-m", "defectscope.cli", "fit", str(train), "-o", str(tmp_path / "m.dsmodel"),
-                           "--image-size", "64", "--coreset-ratio", "0.25", "-v", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "defectscope.cli",
+            "fit",
+            str(train),
+            "-o",
+            str(tmp_path / "m.dsmodel"),
+            "--image-size",
+            "64",
+            "--coreset-ratio",
+            "0.25",
+            "-v",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = proc.stderr
     assert proc.returncode == 1, err
     assert err.count("broken.png") == 1
@@ -325,8 +362,9 @@ def test_overlay_regions_follow_the_verdict():
     assert colour == (255, 220, 0) and peak[11, 11] and not peak[31, 31]
 
 
-@pytest.mark.parametrize("method, extra", [("spade", []), ("padim", ["--d-reduced", "20"]),
-                                           ("patchcore", ["--coreset-ratio", "0.25"])])
+@pytest.mark.parametrize(
+    "method, extra", [("spade", []), ("padim", ["--d-reduced", "20"]), ("patchcore", ["--coreset-ratio", "0.25"])]
+)
 def test_every_method_stores_a_pixel_threshold_on_its_map_scale(method, extra, synthetic_category, tmp_path, capsys):
     from defectscope.io import load_model, read_metadata
 
@@ -337,9 +375,10 @@ def test_every_method_stores_a_pixel_threshold_on_its_map_scale(method, extra, s
     info = meta["pixel_threshold_info"]
     assert meta["pixel_threshold"] == info["threshold"] > 0 and info["n_images"] >= 10
     detector, _ = load_model(model)
-    from defectscope.data.layouts import mvtec_category
-    from defectscope.data.images import load_image, preprocess
     import torch
+
+    from defectscope.data.images import load_image, preprocess
+    from defectscope.data.layouts import mvtec_category
 
     good = [s.path for s in mvtec_category(synthetic_category).test if s.label == 0]
     mean, std = detector.input_stats
@@ -348,7 +387,9 @@ def test_every_method_stores_a_pixel_threshold_on_its_map_scale(method, extra, s
     assert painted < 0.05  # good images are not painted as defects (SPADE's old overlays: 91-95 %)
 
 
-def test_predict_heatmaps_show_photo_overlay_and_legend_and_json_names_them(model, synthetic_category, tmp_path, capsys):
+def test_predict_heatmaps_show_photo_overlay_and_legend_and_json_names_them(
+    model, synthetic_category, tmp_path, capsys
+):
     images = sorted((synthetic_category / "test" / "scratch").iterdir())[:2]
     out = tmp_path / "maps"
     code, stdout, _ = run(capsys, "predict", model, *images, "--heatmaps", out, "--json")
@@ -457,9 +498,14 @@ def test_a_file_named_twice_is_scored_twice(model, synthetic_category, capsys):
     assert code == 0 and len(out.splitlines()) == 2
 
 
-@pytest.mark.parametrize("argv", [["fit", "D", "-o", "m", "--seed", "99999999999999999999999"],
-                                  ["predict", "M", "x", "--threads", "99999999999999999999999"],
-                                  ["fit", "D", "-o", "m", "--batch-size", "100000"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fit", "D", "-o", "m", "--seed", "99999999999999999999999"],
+        ["predict", "M", "x", "--threads", "99999999999999999999999"],
+        ["fit", "D", "-o", "m", "--batch-size", "100000"],
+    ],
+)
 def test_huge_integers_are_refused_while_parsing(argv, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from defectscope.files import new_file_mode, replacing
+from defectscope.common.files import new_file_mode, replacing
 
 
 @pytest.fixture
@@ -38,10 +38,9 @@ def test_replacing_keeps_the_old_file_and_its_mode(tmp_path, umask_027):
     target = tmp_path / "model.dsmodel"
     target.write_bytes(b"old")
     target.chmod(0o600)
-    with pytest.raises(RuntimeError, match="crash"):
-        with replacing(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError, match="crash"), replacing(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.dsmodel"]
     with replacing(target) as tmp:
         tmp.write_bytes(b"new")
@@ -49,10 +48,10 @@ def test_replacing_keeps_the_old_file_and_its_mode(tmp_path, umask_027):
 
 
 def test_model_and_benchmark_files_are_readable_like_other_files(tmp_path, umask_027):
+    import torch
+
     from defectscope.benchmark import _atomic_write_text
     from defectscope.io import write_model_file
-
-    import torch
 
     model = tmp_path / "m.dsmodel"
     write_model_file(model, {"x": torch.zeros(2)}, {"format": "defectscope-model", "format_version": 1})

@@ -8,8 +8,8 @@ import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from defectscope.components.gaussian import (
-    _inverse_cholesky,
     GaussianAccumulator,
+    _inverse_cholesky,
     accumulator_bytes,
     fit_gaussians,
     loo_mahalanobis,

@@ -122,10 +122,15 @@ def test_good_image_sizes_and_protocols():
 
 
 # ------------------------------------------------------------------ detectors
-@pytest.mark.parametrize("params, match", [
-    ({"image_size": 0}, "image_size"), ({"image_size": [256, "abc"]}, "image_size"),
-    ({"image_size": (16, 64)}, "image_size"), ({"resize": "squash"}, "resize"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"image_size": 0}, "image_size"),
+        ({"image_size": [256, "abc"]}, "image_size"),
+        ({"image_size": (16, 64)}, "image_size"),
+        ({"resize": "squash"}, "resize"),
+    ],
+)
 def test_detector_validates_size_and_protocol(params, match):
     from defectscope.detectors import make_detector
 
@@ -230,7 +235,7 @@ def test_fit_save_load_keeps_protocol_and_scores(fitted, resize, size):
 @pytest.mark.parametrize("resize, size", CASES)
 def test_evaluation_finds_an_off_centre_defect_under_each_protocol(fitted, resize, size, protocol):
     from defectscope.data.images import load_mask
-    from defectscope.evaluation import evaluate_detector
+    from defectscope.evaluation.evaluate import evaluate_detector
     from defectscope.scoring import score_paths
 
     split, models = fitted
@@ -280,15 +285,18 @@ def test_overlay_lies_on_the_photo_given(fitted):
 
 
 # ------------------------------------------------------------------ command line
-@pytest.mark.parametrize("argv, text", [
-    (["--image-size", "0"], "out of range"),
-    (["--image-size", "256,abc"], "'abc' is not a whole number"),
-    (["--image-size", "256,320,3"], "not an image size"),
-    (["--image-size", "16,256"], "out of range"),
-    (["--resize", "squash"], "invalid choice: 'squash'"),
-])
+@pytest.mark.parametrize(
+    "argv, text",
+    [
+        (["--image-size", "0"], "out of range"),
+        (["--image-size", "256,abc"], "'abc' is not a whole number"),
+        (["--image-size", "256,320,3"], "not an image size"),
+        (["--image-size", "16,256"], "out of range"),
+        (["--resize", "squash"], "invalid choice: 'squash'"),
+    ],
+)
 def test_cli_refuses_bad_sizes_and_protocols_while_parsing(argv, text, capsys):
-    from defectscope.cli import main
+    from defectscope.cli.commands import main
 
     for command in (["fit", "D", "-o", "m"], ["tune", "D"], ["benchmark", "D"]):
         with pytest.raises(SystemExit) as stop:
@@ -299,16 +307,31 @@ def test_cli_refuses_bad_sizes_and_protocols_while_parsing(argv, text, capsys):
 
 
 def test_cli_fit_with_keep_aspect_and_height_width(wide, tmp_path, capsys):
-    from defectscope.cli import main
+    from defectscope.cli.commands import main
     from defectscope.io import read_metadata
 
     model = tmp_path / "m.dsmodel"
-    code = main(["fit", str(wide), "-o", str(model), "--image-size", "48,80", "--resize", "keep-aspect",
-                 "--coreset-ratio", "0.25", "--no-progress"])
+    code = main(
+        [
+            "fit",
+            str(wide),
+            "-o",
+            str(model),
+            "--image-size",
+            "48,80",
+            "--resize",
+            "keep-aspect",
+            "--coreset-ratio",
+            "0.25",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr()[1]
     meta = read_metadata(model)
     assert meta["image_size"] == [48, 80] and meta["params"]["resize"] == "keep-aspect"
     capsys.readouterr()
-    code = main(["predict", str(model), str(wide / "test" / "spot"), "--heatmaps", str(tmp_path / "h"), "--no-progress"])
+    code = main(
+        ["predict", str(model), str(wide / "test" / "spot"), "--heatmaps", str(tmp_path / "h"), "--no-progress"]
+    )
     assert code == 0
     assert len(list((tmp_path / "h").glob("*.png"))) == 4

@@ -8,14 +8,28 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import write_bad_images, write_odd_images
 
 from defectscope.data.images import IMAGE_EXTENSIONS, load_image, load_mask, preprocess
 from defectscope.errors import DefectscopeError, ImageLoadError
-from synthetic import write_bad_images, write_odd_images
 
 ODD_NAMES = [
-    "gray", "rgba", "la", "palette", "palette_transparent", "png16", "tif16", "png16_12bit", "tif_float",
-    "cmyk", "exif6", "exif8", "multiframe", "upper_ext", "bmp", "tif_rgb",
+    "gray",
+    "rgba",
+    "la",
+    "palette",
+    "palette_transparent",
+    "png16",
+    "tif16",
+    "png16_12bit",
+    "tif_float",
+    "cmyk",
+    "exif6",
+    "exif8",
+    "multiframe",
+    "upper_ext",
+    "bmp",
+    "tif_rgb",
 ]
 BAD_NAMES = ["truncated", "empty", "text", "garbage_jpeg", "folder", "missing"]
 

@@ -35,8 +35,17 @@ def test_round_trip_gives_identical_scores(small_model):
     assert np.array_equal(a.maps, b.maps)
     assert meta["method"] == "patchcore"
     assert meta["threshold"] == 1.5
-    for key in ("format_version", "package_version", "backbone", "weights", "layers", "image_size",
-                "normalization", "seed", "params"):
+    for key in (
+        "format_version",
+        "package_version",
+        "backbone",
+        "weights",
+        "layers",
+        "image_size",
+        "normalization",
+        "seed",
+        "params",
+    ):
         assert key in meta
     assert meta["params"]["coreset_ratio"] == 0.2
     assert meta["weights"]["source"] == "package"
@@ -53,7 +62,11 @@ def test_truncated_file_fails_clearly(small_model, tmp_path):
 
 @pytest.mark.parametrize(
     "content, reason",
-    [(b"", "empty"), (b"hello world, not a model", "not a defectscope model"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "not a defectscope model")],
+    [
+        (b"", "empty"),
+        (b"hello world, not a model", "not a defectscope model"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "not a defectscope model"),
+    ],
 )
 def test_foreign_files_fail_clearly(tmp_path, content, reason):
     bad = tmp_path / "foreign.bin"
@@ -106,16 +119,25 @@ def test_no_pickle_in_model_file(small_model):
     _, path, _ = small_model
     n = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8 : 8 + n])
-    assert set(header) - {"__metadata__"} == {"memory_bank", "bank_image", "grid", "n_train", "training_scores",
-                                                  "training_map_max"}
+    assert set(header) - {"__metadata__"} == {
+        "memory_bank",
+        "bank_image",
+        "grid",
+        "n_train",
+        "training_scores",
+        "training_map_max",
+    }
 
 
 def test_normalization_is_saved_and_restored(small_model, tmp_path):
     det, path, _ = small_model
     meta = read_metadata(path)
     assert meta["params"]["normalization"] == det.normalization
-    assert meta["normalization"] == {"name": det.normalization, "mean": list(det.input_stats[0]),
-                                     "std": list(det.input_stats[1])}
+    assert meta["normalization"] == {
+        "name": det.normalization,
+        "mean": list(det.input_stats[0]),
+        "std": list(det.input_stats[1]),
+    }
     weights_model = tmp_path / "weights.dsmodel"
     images = torch.rand(4, 3, SIZE, SIZE)
     save_model(weights_model, PatchCore(image_size=SIZE, coreset_ratio=0.5, normalization="weights").fit(images), {})

@@ -15,7 +15,9 @@ from defectscope.errors import DefectscopeError
 BACKENDS = ["faiss", "torch"]
 
 
-def brute(bank: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def brute(
+    bank: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     d = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None, :, :]) ** 2).sum(-1))
     if mask is not None:
         d[:, mask] = np.inf
@@ -240,7 +242,7 @@ def test_exclude_group_approximate(big, index: str, k: int) -> None:
     assert (np.diff(dist.numpy(), axis=1) >= 0).all()
     np.testing.assert_allclose(dist.numpy(), true_distances(bank, queries, idx), rtol=1e-5, atol=1e-5)
     mask = (groups == 7).numpy()
-    want_d, want_i = brute(bank.numpy(), queries.numpy(), k, mask)
+    _want_d, want_i = brute(bank.numpy(), queries.numpy(), k, mask)
     assert np.mean(idx.numpy()[:, 0] == want_i[:, 0]) >= 0.95
     assert float(nn.search(queries, 1)[0][100:].max()) < 1e-3  # they do find themselves otherwise
 
@@ -300,7 +302,7 @@ def test_tiny_banks(data, caplog) -> None:
     assert NearestNeighbors(bank, index="ivf").nlist == 7
     assert NearestNeighbors(bank, index="ivf", nprobe=50).nprobe == 7
     # with every list probed IVF is exact
-    d, i = NearestNeighbors(bank, index="ivf", nprobe=7).search(queries, 3)
+    d, _ = NearestNeighbors(bank, index="ivf", nprobe=7).search(queries, 3)
     want_d, _ = brute(bank.numpy(), queries.numpy(), 3)
     np.testing.assert_allclose(d.numpy(), want_d, rtol=1e-4, atol=1e-4)
     # too small for two lists: exact flat index, logged
@@ -308,12 +310,12 @@ def test_tiny_banks(data, caplog) -> None:
     with caplog.at_level(logging.INFO):
         nn = NearestNeighbors(bank[:60], index="ivf", groups=groups[:60])
     assert nn.index == "flat" and "too small" in caplog.text
-    d, i = nn.search(queries, 4, exclude_group=2)
+    d, _ = nn.search(queries, 4, exclude_group=2)
     mask = (groups[:60] == 2).numpy()
     want_d, _ = brute(bank[:60].numpy(), queries.numpy(), 4, mask)
     np.testing.assert_allclose(d.numpy(), want_d, rtol=1e-4, atol=1e-4)
     # HNSW works on any size, down to a handful of entries, and is exact there
     for n in (1, 5, 60):
-        d, i = NearestNeighbors(bank[:n], index="hnsw").search(queries, min(3, n))
-        want_d, want_i = brute(bank[:n].numpy(), queries.numpy(), min(3, n))
+        d, _i = NearestNeighbors(bank[:n], index="hnsw").search(queries, min(3, n))
+        want_d, _want_i = brute(bank[:n].numpy(), queries.numpy(), min(3, n))
         np.testing.assert_allclose(d.numpy(), want_d, rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import make_mvtec_category
 
 from defectscope.data import elpv
 from defectscope.data.layouts import (
@@ -21,7 +22,6 @@ from defectscope.data.layouts import (
 )
 from defectscope.data.samples import Sample
 from defectscope.errors import DataLayoutError, DefectscopeError
-from synthetic import make_mvtec_category
 
 REAL_BOTTLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad" / "bottle"
 
@@ -224,7 +224,11 @@ def test_plain_folder(tmp_path: Path) -> None:
     split = plain_folder(root)
     assert split.name == "plain" and split.train == []
     assert [(s.path.name, s.label, s.defect_type) for s in split.test] == [
-        ("g1.png", 0, "good"), ("g2.jpg", 0, "good"), ("x.png", 1, "bent"), ("y.png", 1, "bent"), ("z.bmp", 1, "cut"),
+        ("g1.png", 0, "good"),
+        ("g2.jpg", 0, "good"),
+        ("x.png", 1, "bent"),
+        ("y.png", 1, "bent"),
+        ("z.bmp", 1, "cut"),
     ]
     masks = {s.path.name: s.mask_path for s in split.test}
     assert masks["x.png"] == root / "masks" / "bent" / "x_mask.png"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import write_bad_images
 
 from defectscope.data import loader
 from defectscope.data.images import load_image, preprocess
 from defectscope.data.loader import Batch, iter_batches
 from defectscope.errors import DefectscopeError
-from synthetic import write_bad_images
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

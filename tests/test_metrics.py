@@ -10,7 +10,7 @@ from scipy import ndimage
 from sklearn import metrics as skm
 
 from defectscope.errors import DefectscopeError
-from defectscope.metrics import (
+from defectscope.evaluation.metrics import (
     PixelMetrics,
     _RunningHistogram,
     confusion_at,

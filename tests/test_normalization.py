@@ -7,7 +7,13 @@ import torch
 
 from defectscope.detectors.patchcore import PatchCore
 from defectscope.errors import DefectscopeError
-from defectscope.normalization import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, check_normalization, input_stats
+from defectscope.features.normalization import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NORMALIZATIONS,
+    check_normalization,
+    input_stats,
+)
 
 
 def test_input_stats_by_name():

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from tiny import SIZE, TinyExtractor, textures
 
 from defectscope.components.embedding import concat_layers, default_multiscale_layers
 from defectscope.detectors import base as base_module
 from defectscope.detectors.padim import PaDiM, default_d_reduced, required_bytes
 from defectscope.errors import DefectscopeError, NotFittedError
-from defectscope.normalization import input_stats
-
-from tiny import SIZE, TinyExtractor, textures
+from defectscope.features.normalization import input_stats
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +121,7 @@ def test_training_scores_are_exact_leave_one_out(fitted: PaDiM, train: torch.Ten
     assert fitted.predict(train[i : i + 1]).scores[0] < 0.9 * refit_score
 
 
-def test_planted_bright_square_scores_higher_and_map_peaks_inside(
-    fitted: PaDiM, test_images: torch.Tensor
-) -> None:
+def test_planted_bright_square_scores_higher_and_map_peaks_inside(fitted: PaDiM, test_images: torch.Tensor) -> None:
     defect = test_images.clone()
     defect[:, :, 36:52, 8:24] = 1.5  # bright 16 x 16 square
     good, bad = fitted.predict(test_images), fitted.predict(defect)
@@ -172,8 +169,9 @@ def test_invalid_parameters(train: torch.Tensor) -> None:
 def test_default_layers_and_d_reduced(monkeypatch: pytest.MonkeyPatch, train: torch.Tensor) -> None:
     built: list[tuple] = []
 
-    def fake_extractor(backbone: str, layers: list[str] | None = None, weights: str | None = None,
-                       normalization: str = "weights") -> TinyExtractor:
+    def fake_extractor(
+        backbone: str, layers: list[str] | None = None, weights: str | None = None, normalization: str = "weights"
+    ) -> TinyExtractor:
         built.append((backbone, layers))
         return TinyExtractor()
 

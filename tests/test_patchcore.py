@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from defectscope.data.images import preprocess, load_image
-from defectscope.data.layouts import mvtec_category
 from defectscope.components.embedding import layer_scales, weigh_layers
+from defectscope.data.images import load_image, preprocess
+from defectscope.data.layouts import mvtec_category
 from defectscope.detectors.patchcore import PatchCore
-from defectscope.metrics import image_auroc
+from defectscope.evaluation.metrics import image_auroc
 
 SIZE = 128
 
@@ -41,7 +41,7 @@ def test_synthetic_image_auroc(fitted):
 def test_map_peaks_on_defect(fitted, synthetic_category):
     from defectscope.data.images import load_mask
 
-    det, split, test, labels = fitted
+    det, split, test, _labels = fitted
     pred = det.predict(test)
     hits = 0
     defective = [i for i, s in enumerate(split.test) if s.label == 1]
@@ -93,9 +93,15 @@ def _with_bank(det, bank):
     """A PatchCore sharing det's extractor and parameters whose memory bank is ``bank``."""
     ref = PatchCore(image_size=SIZE, num_neighbors=det.num_neighbors)
     ref.set_extractor(det.extractor)
-    ref.load_state({"memory_bank": bank, "bank_image": torch.zeros(len(bank), dtype=torch.int64),
-                    "grid": torch.tensor(det.grid_), "n_train": torch.tensor(det.n_train_),
-                    "training_scores": det.training_scores_})
+    ref.load_state(
+        {
+            "memory_bank": bank,
+            "bank_image": torch.zeros(len(bank), dtype=torch.int64),
+            "grid": torch.tensor(det.grid_),
+            "n_train": torch.tensor(det.n_train_),
+            "training_scores": det.training_scores_,
+        }
+    )
     return ref
 
 
@@ -129,7 +135,9 @@ def test_a_fold_never_influences_the_other_folds_entries(fitted):
     for f in (0, 2, 3, 4):
         mine, theirs = folds[det.bank_image_] == f, folds[again.bank_image_] == f
         assert torch.equal(det.memory_bank_[mine], again.memory_bank_[theirs])
-    assert not torch.equal(det.memory_bank_[folds[det.bank_image_] == 1], again.memory_bank_[folds[again.bank_image_] == 1])
+    assert not torch.equal(
+        det.memory_bank_[folds[det.bank_image_] == 1], again.memory_bank_[folds[again.bank_image_] == 1]
+    )
 
 
 def test_exact_mode_selects_once_over_all_patches_and_refits_per_fold(synthetic_category):
@@ -181,8 +189,19 @@ def test_not_fitted_error():
         PatchCore().predict(torch.zeros(1, 3, SIZE, SIZE))
 
 
-@pytest.mark.parametrize("bad", [{"coreset_ratio": 0}, {"coreset_ratio": 1.5}, {"patch_size": 2}, {"num_neighbors": 0},
-                                 {"coreset": "random"}, {"folds": 1}, {"max_bank_size": 0}, {"threshold_images": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"coreset_ratio": 0},
+        {"coreset_ratio": 1.5},
+        {"patch_size": 2},
+        {"num_neighbors": 0},
+        {"coreset": "random"},
+        {"folds": 1},
+        {"max_bank_size": 0},
+        {"threshold_images": 0},
+    ],
+)
 def test_invalid_parameters_fail_at_fit(bad):
     from defectscope.errors import DefectscopeError
 
@@ -280,7 +299,7 @@ def test_rotated_copies_stay_in_their_image_fold(fitted, coreset):
     as given against the bank without its fold (so none of its copies)."""
     det, split, _, _ = fitted
     train = _tensors(split.train[:15], det)
-    params = dict(image_size=SIZE, coreset_ratio=0.1, seed=0, rotations=3, folds=3, coreset=coreset)
+    params = {"image_size": SIZE, "coreset_ratio": 0.1, "seed": 0, "rotations": 3, "folds": 3, "coreset": coreset}
     rot = PatchCore(**params)
     rot.set_extractor(det.extractor)
     rot.fit(train)
@@ -302,7 +321,9 @@ def test_rotated_copies_stay_in_their_image_fold(fitted, coreset):
     for f in (0, 2):
         mine, theirs = folds[rot.bank_image_] == f, folds[again.bank_image_] == f
         assert torch.equal(rot.memory_bank_[mine], again.memory_bank_[theirs])
-    assert not torch.equal(rot.memory_bank_[folds[rot.bank_image_] == 1], again.memory_bank_[folds[again.bank_image_] == 1])
+    assert not torch.equal(
+        rot.memory_bank_[folds[rot.bank_image_] == 1], again.memory_bank_[folds[again.bank_image_] == 1]
+    )
 
 
 def _refit_bank(det, train, folds, i):
@@ -352,7 +373,7 @@ def test_local_average_matches_brute_force(border):
     expected = torch.empty_like(maps)
     for y in range(6):
         for x in range(5):
-            window = maps[:, :, max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+            window = maps[:, :, max(0, y - 1) : y + 2, max(0, x - 1) : x + 2]
             total = window.sum(dim=(2, 3))
             expected[:, :, y, x] = total / (9 if border == "zeros" else window.shape[2] * window.shape[3])
     assert torch.allclose(out, expected, atol=1e-6)
@@ -383,7 +404,7 @@ def test_layer_weighting_is_checked_and_gives_every_layer_the_same_share():
     start, total = 0, sum(widths)
     for c in widths:
         scale = (total / (len(widths) * c)) ** 0.5
-        assert torch.allclose(b[..., start:start + c], a[..., start:start + c] * scale, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(b[..., start : start + c], a[..., start : start + c] * scale, rtol=1e-5, atol=1e-6)
         start += c
     # every layer now carries the same weight (channel count x squared scale); channels: its width
     assert [c * s * s for c, s in zip(widths, layer_scales(widths, "equal"))] == pytest.approx([total / 2] * 2)

@@ -7,9 +7,9 @@ import pytest
 
 from defectscope.data.layouts import mvtec_category
 from defectscope.detectors.patchcore import PatchCore
-from defectscope.evaluation import evaluate_detector
+from defectscope.evaluation.evaluate import evaluate_detector
+from defectscope.evaluation.metrics import PixelMetrics, image_auroc
 from defectscope.fitting import fit_detector
-from defectscope.metrics import PixelMetrics, image_auroc
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from defectscope.cli import main
+from defectscope.cli.commands import main
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ import pytest
 from defectscope.data.layouts import mvtec_category
 from defectscope.detectors import make_detector
 from defectscope.detectors.patchcore import PATCHCORE_IMAGE_SIZE
-from defectscope.evaluation import evaluate_detector
+from defectscope.evaluation.evaluate import evaluate_detector
 from defectscope.fitting import fit_detector
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -32,8 +32,9 @@ FLOORS = {
 PILL_FLOORS = {"patchcore": (0.955, 0.973), "padim": (0.890, 0.955), "spade": (0.750, 0.940)}
 
 
-def _defaults_on(method: str, params: dict, data: Path, n_good: int, n_defective: int,
-                 floors: tuple[float, float]) -> None:
+def _defaults_on(
+    method: str, params: dict, data: Path, n_good: int, n_defective: int, floors: tuple[float, float]
+) -> None:
     split = mvtec_category(data)
     detector = make_detector(method, **params)
     assert detector.backbone == "tf_efficientnet_lite0"

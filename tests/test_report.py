@@ -15,7 +15,9 @@ from defectscope.report import figures
 from defectscope.report.html import render_benchmark_summary, write_benchmark_index, write_report
 
 
-def make_result(folder: Path, *, n_good: int = 6, n_bad: int = 6, threshold: float = 1.0, seed: int = 0) -> dict[str, Any]:
+def make_result(
+    folder: Path, *, n_good: int = 6, n_bad: int = 6, threshold: float = 1.0, seed: int = 0
+) -> dict[str, Any]:
     """An evaluation result like evaluate_detector's, with small overlay PNGs under folder/overlays."""
     rng = np.random.default_rng(seed)
     images = []
@@ -26,31 +28,65 @@ def make_result(folder: Path, *, n_good: int = 6, n_bad: int = 6, threshold: flo
         rel = f"{kind}/{i:05d}_img{i}_heatmap.png"
         (folder / "overlays" / kind).mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / "overlays" / rel)
-        images.append({"path": f"/data/test/{kind}/img{i}.png", "label": label, "defect_type": kind, "score": score,
-                       "normalized_score": score / threshold, "judgement": int(score >= threshold), "overlay": rel})
+        images.append(
+            {
+                "path": f"/data/test/{kind}/img{i}.png",
+                "label": label,
+                "defect_type": kind,
+                "score": score,
+                "normalized_score": score / threshold,
+                "judgement": int(score >= threshold),
+                "overlay": rel,
+            }
+        )
     labels = np.array([r["label"] for r in images])
     scores = np.array([r["score"] for r in images])
-    from defectscope.evaluation import image_metrics
+    from defectscope.evaluation.evaluate import image_metrics
 
     out = image_metrics(labels, scores, [r["defect_type"] for r in images], threshold)
     fpr = np.linspace(0, 1, 50)
     return {
-        "dataset": "widget", "method": "patchcore", "backbone": "tf_efficientnet_lite0", "layers": ["blocks.2"],
-        "image_size": 64, "started": "2025-01-01T00:00:00+00:00", "model": "/models/w.dsmodel", "data": "/data",
+        "dataset": "widget",
+        "method": "patchcore",
+        "backbone": "tf_efficientnet_lite0",
+        "layers": ["blocks.2"],
+        "image_size": 64,
+        "started": "2025-01-01T00:00:00+00:00",
+        "model": "/models/w.dsmodel",
+        "data": "/data",
         **{k: v for k, v in out.items() if not k.startswith("_")},
-        "pixel_auroc": 0.97, "pixel_auroc_exact": True, "pixel_f1_max": 0.61, "pixel_f1_threshold": 1.3,
-        "aupro": 0.88, "aupro_fpr_limit": 0.3,
-        "n_good": n_good, "n_defective": n_bad, "n_failed": 1,
+        "pixel_auroc": 0.97,
+        "pixel_auroc_exact": True,
+        "pixel_f1_max": 0.61,
+        "pixel_f1_threshold": 1.3,
+        "aupro": 0.88,
+        "aupro_fpr_limit": 0.3,
+        "n_good": n_good,
+        "n_defective": n_bad,
+        "n_failed": 1,
         "failed": [{"path": "/data/test/good/broken.png", "error": "/data/test/good/broken.png: truncated PNG"}],
-        "threshold": threshold, "seconds": 1.5, "images_per_second": 8.0, "images": images,
-        "curves": {"image_roc": out["_image_roc"], "pixel_roc": {"fpr": list(fpr), "tpr": list(np.sqrt(fpr))},
-                   "pro": {"fpr": list(fpr * 0.3), "pro": list(np.sqrt(fpr))}},
+        "threshold": threshold,
+        "seconds": 1.5,
+        "images_per_second": 8.0,
+        "images": images,
+        "curves": {
+            "image_roc": out["_image_roc"],
+            "pixel_roc": {"fpr": list(fpr), "tpr": list(np.sqrt(fpr))},
+            "pro": {"fpr": list(fpr * 0.3), "pro": list(np.sqrt(fpr))},
+        },
     }
 
 
-META = {"image_size": 64, "threshold": 1.0, "training": {"data": "/data/train", "n_images": 24},
-        "threshold_info": {"rule": "quantile of leave-one-image-out scores", "n_images": 24,
-                           "warning": "threshold rests on only 24 good images"}}
+META = {
+    "image_size": 64,
+    "threshold": 1.0,
+    "training": {"data": "/data/train", "n_images": 24},
+    "threshold_info": {
+        "rule": "quantile of leave-one-image-out scores",
+        "n_images": 24,
+        "warning": "threshold rests on only 24 good images",
+    },
+}
 
 
 class _Links(HTMLParser):
@@ -96,9 +132,21 @@ def test_report_is_self_contained(tmp_path):
 def test_report_content(tmp_path):
     result = make_result(tmp_path)
     text = write_report(result, tmp_path, meta=META).read_text()
-    for needle in ("widget", "tf_efficientnet_lite0", "/models/w.dsmodel", "AUPRO", "0.8800", "0.9700", "0.6100",
-                   "6 good, 6 defective, 1 failed", "rests on only 24 good images", "truncated PNG",
-                   "Per defect type", "hole", "2025-01-01"):
+    for needle in (
+        "widget",
+        "tf_efficientnet_lite0",
+        "/models/w.dsmodel",
+        "AUPRO",
+        "0.8800",
+        "0.9700",
+        "0.6100",
+        "6 good, 6 defective, 1 failed",
+        "rests on only 24 good images",
+        "truncated PNG",
+        "Per defect type",
+        "hole",
+        "2025-01-01",
+    ):
         assert needle in text, needle
     assert "crack &lt;b&gt;&amp;" in text and "crack <b>&" not in text  # names are escaped
     c = result["confusion"]
@@ -160,10 +208,24 @@ def test_save_figure_writes_png(tmp_path):
 def test_benchmark_index_links_and_means(tmp_path):
     (tmp_path / "bottle").mkdir()
     rows = [
-        {"dataset": "bottle", "method": "patchcore", "backbone": "b", "image_auroc": 1.0, "pixel_auroc": 0.98,
-         "aupro": 0.9, "report": "bottle"},
-        {"dataset": "cable", "method": "patchcore", "backbone": "b", "image_auroc": 0.9, "pixel_auroc": None,
-         "aupro": 0.8, "report": str(tmp_path / "cable" / "index.html")},
+        {
+            "dataset": "bottle",
+            "method": "patchcore",
+            "backbone": "b",
+            "image_auroc": 1.0,
+            "pixel_auroc": 0.98,
+            "aupro": 0.9,
+            "report": "bottle",
+        },
+        {
+            "dataset": "cable",
+            "method": "patchcore",
+            "backbone": "b",
+            "image_auroc": 0.9,
+            "pixel_auroc": None,
+            "aupro": 0.8,
+            "report": str(tmp_path / "cable" / "index.html"),
+        },
         {"dataset": "no<report>", "method": "padim", "backbone": "b", "image_auroc": 0.5},
     ]
     page = write_benchmark_index(rows, tmp_path)
@@ -213,11 +275,20 @@ def test_hostile_strings_are_escaped(tmp_path):
             record["defect_type"] = HOSTILE
     result["per_type"][HOSTILE] = result["per_type"].pop("hole")
     result["images"][0]["path"] = f"/data/test/good/{HOSTILE_FILE}"
-    result.update(dataset=HOSTILE, model=HOSTILE, data=HOSTILE, backbone=HOSTILE, layers=[HOSTILE],
-                  failed=[{"path": HOSTILE_FILE, "error": HOSTILE}],
-                  alignment={"mode": HOSTILE, "n_unaligned": 1, "unaligned": [HOSTILE_FILE]})
-    meta = {**META, "training": {"data": HOSTILE, "n_images": 24},
-            "threshold_info": {"rule": HOSTILE, "n_images": 24, "warning": HOSTILE}}
+    result.update(
+        dataset=HOSTILE,
+        model=HOSTILE,
+        data=HOSTILE,
+        backbone=HOSTILE,
+        layers=[HOSTILE],
+        failed=[{"path": HOSTILE_FILE, "error": HOSTILE}],
+        alignment={"mode": HOSTILE, "n_unaligned": 1, "unaligned": [HOSTILE_FILE]},
+    )
+    meta = {
+        **META,
+        "training": {"data": HOSTILE, "n_images": 24},
+        "threshold_info": {"rule": HOSTILE, "n_images": 24, "warning": HOSTILE},
+    }
     page = write_report(result, tmp_path, meta=meta)
     tags = _Tags(page)
     tags.check_inert()
@@ -225,8 +296,13 @@ def test_hostile_strings_are_escaped(tmp_path):
     assert "<script" not in page.read_text()
     # the strings come through as text, unchanged once the browser decodes the entities
     assert f"defectscope report: {HOSTILE} (patchcore)" in text
-    for needle in (f"Not scored: {HOSTILE}", f"Threshold: {HOSTILE}", f"({HOSTILE}; rests on 24 images)",
-                   f"Not aligned (scored as given): {HOSTILE_FILE}", f"{HOSTILE}/img9.png"):
+    for needle in (
+        f"Not scored: {HOSTILE}",
+        f"Threshold: {HOSTILE}",
+        f"({HOSTILE}; rests on 24 images)",
+        f"Not aligned (scored as given): {HOSTILE_FILE}",
+        f"{HOSTILE}/img9.png",
+    ):
         assert needle in text, needle
     assert text.count(HOSTILE) >= 10 + 3 * 2  # title, h1, run table, warnings, per-type row; 3 cards twice
     alts = [attrs["alt"] for tag, attrs in tags.tags if tag == "img" and attrs["src"].startswith("overlays/good/00000")]
@@ -234,30 +310,72 @@ def test_hostile_strings_are_escaped(tmp_path):
 
 
 def test_hostile_strings_are_escaped_in_benchmark_pages(tmp_path):
-    page = write_benchmark_index([{"dataset": HOSTILE, "method": HOSTILE, "backbone": HOSTILE, "image_auroc": 0.5,
-                                   "report": HOSTILE_FILE}], tmp_path)
+    page = write_benchmark_index(
+        [{"dataset": HOSTILE, "method": HOSTILE, "backbone": HOSTILE, "image_auroc": 0.5, "report": HOSTILE_FILE}],
+        tmp_path,
+    )
     tags = _Tags(page)
     tags.check_inert()
     assert [attrs["href"] for tag, attrs in tags.tags if tag == "a"] == [
-        quote(f"{HOSTILE_FILE}/index.html")]  # a relative URL, percent-encoded
+        quote(f"{HOSTILE_FILE}/index.html")
+    ]  # a relative URL, percent-encoded
     assert "".join(tags.text).count(HOSTILE) == 3
     top = tmp_path / "top.html"
-    top.write_text(render_benchmark_summary([{"name": HOSTILE, "href": "x/index.html", "image_auroc": 0.5,
-                                              "pixel_auroc": None, "n_ok": 1, "n_categories": 1}]))
+    top.write_text(
+        render_benchmark_summary(
+            [
+                {
+                    "name": HOSTILE,
+                    "href": "x/index.html",
+                    "image_auroc": 0.5,
+                    "pixel_auroc": None,
+                    "n_ok": 1,
+                    "n_categories": 1,
+                }
+            ]
+        )
+    )
     tags = _Tags(top)
     tags.check_inert()
     assert f"{HOSTILE}: mean image AUROC 0.5000, pixel AUROC n/a over 1 of 1 categories" in "".join(tags.text)
 
 
 def test_evaluate_cli_writes_report(synthetic_category, tmp_path, capsys):
-    from defectscope.cli import main
+    from defectscope.cli.commands import main
 
     model = tmp_path / "m.dsmodel"
-    assert main(["fit", str(synthetic_category), "-o", str(model), "--image-size", "64", "--coreset-ratio", "0.25",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(synthetic_category),
+                "-o",
+                str(model),
+                "--image-size",
+                "64",
+                "--coreset-ratio",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out_json = tmp_path / "r.json"
-    assert main(["evaluate", str(model), str(synthetic_category), "--report", str(tmp_path / "rep"),
-                 "--json", str(out_json), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(model),
+                str(synthetic_category),
+                "--report",
+                str(tmp_path / "rep"),
+                "--json",
+                str(out_json),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()[0]
     assert "aupro" in out and "wrote report" in out
     page = tmp_path / "rep" / "index.html"

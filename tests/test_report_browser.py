@@ -10,9 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-
 import chromium
+import pytest
 
 chromium.require()
 
@@ -36,17 +35,18 @@ def check_page(driver, page: Path, screenshot: Path, max_height: int = 8000) -> 
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(driver, 20).until(
-        lambda d: d.execute_script("return document.readyState === 'complete' && "
-                                   "Array.from(document.images).every(i => i.complete)")
+        lambda d: d.execute_script(
+            "return document.readyState === 'complete' && Array.from(document.images).every(i => i.complete)"
+        )
     )
     images = driver.execute_script(
-        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth])")
+        "return Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth])"
+    )
     severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, min(max(800, height), max_height))
     assert driver.save_screenshot(str(screenshot))
-    return {"images": images, "broken": [src for src, w in images if not w], "severe": severe,
-            "title": driver.title}
+    return {"images": images, "broken": [src for src, w in images if not w], "severe": severe, "title": driver.title}
 
 
 def test_report_renders_in_chromium(browser, tmp_path):
@@ -68,8 +68,10 @@ def test_report_renders_in_chromium(browser, tmp_path):
 def test_broken_image_is_detected(browser, tmp_path):
     """The checks can fail: a missing image and a script error are both seen."""
     page = tmp_path / "bad.html"
-    page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
-                    '<img src="missing.png"><script>undefined_function()</script></body></html>')
+    page.write_text(
+        '<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+        '<img src="missing.png"><script>undefined_function()</script></body></html>'
+    )
     found = check_page(browser, page, tmp_path / "bad.png")
     assert found["broken"] == ["missing.png"]
     assert found["severe"]
@@ -78,16 +80,29 @@ def test_broken_image_is_detected(browser, tmp_path):
 def test_benchmark_index_renders(browser, tmp_path):
     from defectscope.report.html import write_benchmark_index
 
-    page = write_benchmark_index([{"dataset": "bottle", "method": "patchcore", "image_auroc": 1.0,
-                                   "report": "bottle"}], tmp_path)
+    page = write_benchmark_index(
+        [{"dataset": "bottle", "method": "patchcore", "image_auroc": 1.0, "report": "bottle"}], tmp_path
+    )
     found = check_page(browser, page, tmp_path / "bench.png")
     assert found["severe"] == [] and found["broken"] == []
     assert browser.find_element("link text", "bottle").get_attribute("href").endswith("/bottle/index.html")
     from defectscope.report.html import render_benchmark_summary
 
     top = tmp_path / "top.html"
-    top.write_text(render_benchmark_summary([{"name": "patchcore", "href": "index.html", "image_auroc": 1.0,
-                                              "pixel_auroc": None, "n_ok": 1, "n_categories": 1}]))
+    top.write_text(
+        render_benchmark_summary(
+            [
+                {
+                    "name": "patchcore",
+                    "href": "index.html",
+                    "image_auroc": 1.0,
+                    "pixel_auroc": None,
+                    "n_ok": 1,
+                    "n_categories": 1,
+                }
+            ]
+        )
+    )
     found = check_page(browser, top, tmp_path / "top.png")
     assert found["severe"] == [] and found["broken"] == []
     assert browser.find_element("link text", "patchcore").get_attribute("href").endswith("/index.html")

@@ -12,11 +12,11 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-import defectscope  # noqa: E402
-from defectscope.api import choose_runtime  # noqa: E402
-from defectscope.cli import main  # noqa: E402
-from defectscope.errors import DefectscopeError  # noqa: E402
-from defectscope.export.exporter import MAP_TOL, SCORE_RTOL  # noqa: E402
+import defectscope
+from defectscope.api import choose_runtime
+from defectscope.cli.commands import main
+from defectscope.errors import DefectscopeError
+from defectscope.export.exporter import MAP_TOL, SCORE_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,8 @@ def train(synthetic_category):
 @pytest.fixture(scope="module")
 def patchcore_file(train, tmp_path_factory):
     return defectscope.fit(train, method="patchcore", image_size=64, coreset_ratio=0.25).save(
-        tmp_path_factory.mktemp("runtime") / "patchcore.dsmodel")
+        tmp_path_factory.mktemp("runtime") / "patchcore.dsmodel"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +54,15 @@ def test_auto_scores_an_exportable_model_with_its_onnxruntime_export(patchcore_f
     assert defectscope.load(patchcore_file, runtime="torch").runtime is None  # "torch" is torch
 
 
-@pytest.mark.parametrize("method,params,why", [
-    ("spade", {}, "SPADE models cannot be exported"),
-    ("patchcore", {"tiles": 2}, "--tile 2"),
-    ("patchcore", {"resize": "keep-aspect"}, "stretch protocol"),
-    ("patchcore", {"image_size": (64, 96)}, "square input"),
-])
+@pytest.mark.parametrize(
+    "method,params,why",
+    [
+        ("spade", {}, "SPADE models cannot be exported"),
+        ("patchcore", {"tiles": 2}, "--tile 2"),
+        ("patchcore", {"resize": "keep-aspect"}, "stretch protocol"),
+        ("patchcore", {"image_size": (64, 96)}, "square input"),
+    ],
+)
 def test_auto_keeps_torch_for_what_cannot_be_exported_and_says_why(train, tmp_path, method, params, why):
     path = defectscope.fit(train, method=method, **{"image_size": 64, **params}).save(tmp_path / "m.dsmodel")
     model = defectscope.load(path, runtime="auto")
@@ -184,8 +188,20 @@ def test_an_exported_folder_runs_on_its_own_runtime_and_refuses_torch(patchcore_
     assert defectscope.load(tmp_path / "ov", runtime="auto").runtime == "openvino"
     with pytest.raises(DefectscopeError, match="exported model.*not torch.*model file"):
         defectscope.load(tmp_path / "ov", runtime="torch")
-    assert main(["batch", str(tmp_path / "ov"), str(patchcore_file.parent), "-o", str(tmp_path / "o.csv"),
-                 "--runtime", "torch"]) == 2
+    assert (
+        main(
+            [
+                "batch",
+                str(tmp_path / "ov"),
+                str(patchcore_file.parent),
+                "-o",
+                str(tmp_path / "o.csv"),
+                "--runtime",
+                "torch",
+            ]
+        )
+        == 2
+    )
     with pytest.raises(DefectscopeError, match="unknown runtime 'onnx': use one of auto, torch, onnxruntime"):
         defectscope.load(patchcore_file, runtime="onnx")
     assert defectscope.load(patchcore_file).runtime_reason == "torch (defectscope.load's default)"
@@ -224,8 +240,11 @@ def test_auto_keeps_torch_for_files_older_than_exports(patchcore_file, tmp_path,
 
     tensors, meta = read_model_file(patchcore_file)
     old = tmp_path / "old.dsmodel"  # written as an older defectscope wrote it: the key absent, no checksum over it
-    save_file(tensors, str(old), metadata={_META_KEY: json.dumps({k: v for k, v in meta.items()
-                                                                  if k not in (missing, "sha256")})})
+    save_file(
+        tensors,
+        str(old),
+        metadata={_META_KEY: json.dumps({k: v for k, v in meta.items() if k not in (missing, "sha256")})},
+    )
     with caplog.at_level(logging.WARNING, logger="defectscope"):
         model = defectscope.load(old, runtime="auto")
     assert model.runtime is None and "older defectscope" in model.runtime_reason

@@ -12,21 +12,36 @@ from pathlib import Path
 
 import pytest
 
-from defectscope.cli import main
-from defectscope.stdin_paths import available_batches, read_paths
+from defectscope.cli.commands import main
+from defectscope.cli.stdin_paths import available_batches, read_paths
 
 
 @pytest.fixture(scope="module")
 def model(synthetic_category, tmp_path_factory):
     path = tmp_path_factory.mktemp("scripting") / "synthetic.dsmodel"
-    assert main(["fit", str(synthetic_category), "-o", str(path), "--image-size", "64", "--coreset-ratio", "0.25",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(synthetic_category),
+                "-o",
+                str(path),
+                "--image-size",
+                "64",
+                "--coreset-ratio",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return path
 
 
 def _cli(*args: str, stdin: bytes | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "defectscope.cli", *args], input=stdin, capture_output=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "defectscope.cli", *args], input=stdin, capture_output=True, timeout=timeout
+    )
 
 
 def _images(category: Path) -> list[Path]:
@@ -63,7 +78,7 @@ def test_available_batches_never_wait_for_a_full_batch():
     assert time.perf_counter() - start < 0.4 and first[0] == "a"  # did not wait for "c"
     rest = [item for batch in batches for item in batch]
     assert first + rest == ["a", "b", "c"]
-    assert [len(b) for b in available_batches(iter(map(str, range(40))), 16)][0] <= 16
+    assert next(len(b) for b in available_batches(iter(map(str, range(40))), 16)) <= 16
 
 
 # --------------------------------------------------------------------------- predict -
@@ -76,8 +91,9 @@ def test_paths_from_stdin_in_order_with_errors_in_place(model, synthetic_categor
     assert [r["path"] for r in rows] == [str(p) for p in listed]
     assert rows[1]["error"] and "missing.png" in rows[1]["error"] and rows[1]["score"] is None
     args = _cli("predict", str(model), *map(str, images), "--json")
-    assert [json.loads(line)["score"] for line in args.stdout.decode().splitlines()] == \
-        pytest.approx([r["score"] for r in rows if r["error"] is None], rel=1e-5)
+    assert [json.loads(line)["score"] for line in args.stdout.decode().splitlines()] == pytest.approx(
+        [r["score"] for r in rows if r["error"] is None], rel=1e-5
+    )
 
 
 def test_nul_separated_paths_as_find_print0_writes_them(model, synthetic_category, tmp_path):
@@ -92,8 +108,12 @@ def test_nul_separated_paths_as_find_print0_writes_them(model, synthetic_categor
 
 def test_each_line_is_printed_before_the_next_path_arrives(model, synthetic_category):
     images = _images(synthetic_category)[:3]
-    proc = subprocess.Popen([sys.executable, "-m", "defectscope.cli", "predict", str(model), "-"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "defectscope.cli", "predict", str(model), "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     try:
@@ -130,12 +150,29 @@ def test_no_progress_bars_in_a_pipe_unless_forced(model, synthetic_category):
 
 
 # --------------------------------------------------------------------------- light --help
-@pytest.mark.parametrize("command", [[], ["fit"], ["predict"], ["evaluate"], ["tune"], ["calibrate"], ["demo"],
-                                     ["download"], ["benchmark"], ["serve"], ["export"], ["batch"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["fit"],
+        ["predict"],
+        ["evaluate"],
+        ["tune"],
+        ["calibrate"],
+        ["demo"],
+        ["download"],
+        ["benchmark"],
+        ["serve"],
+        ["export"],
+        ["batch"],
+    ],
+)
 def test_help_imports_nothing_heavy(command):
-    code = ("import sys\nfrom defectscope.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'timm', 'faiss', 'matplotlib', 'cv2', 'numpy', 'PIL', 'sklearn', "
-            "'scipy', 'numba', 'pyarrow', 'ray') if m in sys.modules]\nprint('HEAVY', heavy)" % [*command, "--help"])
+    code = (
+        "import sys\nfrom defectscope.cli.commands import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'timm', 'faiss', 'matplotlib', 'cv2', 'numpy', 'PIL', 'sklearn', "
+        "'scipy', 'numba', 'pyarrow', 'ray') if m in sys.modules]\nprint('HEAVY', heavy)" % [*command, "--help"]
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-500:]
 
@@ -157,8 +194,12 @@ def test_a_reader_that_stops_early_ends_predict_quietly(model, synthetic_categor
     """`predict ... | head -1`: once the reader has gone, predict stops with 141 (128 + SIGPIPE, what a
     shell reports) and says nothing on stderr, as Unix tools do."""
     images = _images(synthetic_category)
-    proc = subprocess.Popen([sys.executable, "-m", "defectscope.cli", "predict", str(model), "-"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "defectscope.cli", "predict", str(model), "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         proc.stdin.write(str(images[0]).encode() + b"\n")
         proc.stdin.flush()

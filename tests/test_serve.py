@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import io
 import shutil
 import signal
 import struct
-import importlib.util
 import subprocess
 import sys
 import threading
@@ -26,12 +26,12 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'defectscope[serve]')")
-import httpx  # noqa: E402
+import httpx
+from serving import ServeProcess, metric, metric_samples, running
 
-import defectscope  # noqa: E402
-from defectscope.serve.app import create_app  # noqa: E402
-from defectscope.serve.settings import Settings  # noqa: E402
-from serving import ServeProcess, metric, metric_samples, running  # noqa: E402
+import defectscope
+from defectscope.serve.app import create_app
+from defectscope.serve.settings import Settings
 
 PREDICT = "/v1/models/{name}/predict"
 
@@ -92,9 +92,20 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
         assert client.get("/readyz").json() == {"status": "ready"}
         info = model.info()
         listed = client.get("/v1/models").json()["models"]
-        assert listed == [{"name": "tiny", "method": "patchcore", "backbone": info["backbone"], "image_size": 64,
-                           "layer_weighting": "equal", "threshold": model.threshold, "fitted": info["fitted"], "checksum": model.checksum,
-                           "runtime": "torch", "runtime_reason": "torch (defectscope.load's default)"}]
+        assert listed == [
+            {
+                "name": "tiny",
+                "method": "patchcore",
+                "backbone": info["backbone"],
+                "image_size": 64,
+                "layer_weighting": "equal",
+                "threshold": model.threshold,
+                "fitted": info["fitted"],
+                "checksum": model.checksum,
+                "runtime": "torch",
+                "runtime_reason": "torch (defectscope.load's default)",
+            }
+        ]
 
         raw = client.post(PREDICT.format(name="tiny"), content=images[1].read_bytes())
         assert raw.status_code == 200, raw.text
@@ -106,8 +117,10 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
         assert body["threshold"] == model.threshold and body["judgement"] == int(body["score"] >= model.threshold)
         assert body["normalized_score"] == pytest.approx(body["score"] / model.threshold)
 
-        form = client.post(PREDICT.format(name="tiny") + "?heatmap=1",
-                           files={"file": (images[0].name, images[0].read_bytes(), "image/png")})
+        form = client.post(
+            PREDICT.format(name="tiny") + "?heatmap=1",
+            files={"file": (images[0].name, images[0].read_bytes(), "image/png")},
+        )
         assert form.status_code == 200, form.text
         assert form.json()["score"] == pytest.approx(alone[images[0]], rel=1e-5)
         picture = Image.open(io.BytesIO(base64.b64decode(form.json()["heatmap"])))
@@ -155,6 +168,7 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
 def _png_header_bomb(width: int, height: int) -> bytes:
     """A valid 1-bit PNG of width x height black pixels: tens of kilobytes that decode to
     width x height pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -198,7 +212,9 @@ def test_limits_are_clear_json_errors(model, images, tmp_path):
         assert no_file.status_code == 400 and "file" in no_file.json()["error"]
 
         unknown = client.post(PREDICT.format(name="nope"), content=images[0].read_bytes())
-        assert unknown.status_code == 404 and "'nope'" in unknown.json()["error"] and "'tiny'" in unknown.json()["error"]
+        assert (
+            unknown.status_code == 404 and "'nope'" in unknown.json()["error"] and "'tiny'" in unknown.json()["error"]
+        )
         invalid = client.post(predict + "?heatmap=banana", content=images[0].read_bytes())
         assert invalid.status_code == 422 and "heatmap" in invalid.json()["error"]
         # the server still answers normally
@@ -209,8 +225,10 @@ def test_full_queue_is_503_with_retry_after(model, images):
     settings = Settings(max_batch=1, max_wait_ms=0, max_queue=1)
     body = images[0].read_bytes()
     predict = PREDICT.format(name="slow")
-    with running(create_app({"slow": SlowModel(model, 1.5)}, settings)) as url, \
-            httpx.Client(base_url=url, timeout=60) as client:
+    with (
+        running(create_app({"slow": SlowModel(model, 1.5)}, settings)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
         answers: list[int] = []
         threads = []
 
@@ -314,6 +332,7 @@ def test_32_clients_mixed_traffic_and_a_reload(model_file, images, alone, tmp_pa
         done = asyncio.Event()
         limits = httpx.Limits(max_connections=clients + 4)
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+
             async def client(c: int) -> None:
                 for i in range(per_client):
                     kind, k = pool[(c * 7 + i * 3) % len(pool)]
@@ -366,7 +385,7 @@ def test_32_clients_mixed_traffic_and_a_reload(model_file, images, alone, tmp_pa
 
 # --------------------------------------------------------------------------- the command
 def test_command_line_checks(model_file, tmp_path, capsys, monkeypatch):
-    from defectscope.cli import build_parser, main
+    from defectscope.cli.commands import build_parser, main
 
     args = build_parser().parse_args(["serve", str(model_file)])
     assert args.host == "127.0.0.1" and args.port == 8000
@@ -382,11 +401,18 @@ def test_command_line_checks(model_file, tmp_path, capsys, monkeypatch):
 
 
 def test_help_does_not_import_the_web_stack():
-    code = ("import sys\nfrom defectscope.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', "
-            "'prometheus_client', 'jinja2')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys\nfrom defectscope.cli.commands import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', "
+        "'prometheus_client', 'jinja2')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"},
+    )
     assert out.stdout.strip().endswith("[]"), out.stdout
 
 
@@ -411,8 +437,11 @@ def test_sighup_reloads_and_sigterm_drains_then_exits_0(model_file, images, tmp_
         assert server.proc.poll() is None
 
         answers: list[httpx.Response] = []
-        sender = threading.Thread(target=lambda: answers.append(
-            httpx.post(server.url + PREDICT.format(name="line"), content=images[1].read_bytes(), timeout=60)))
+        sender = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(server.url + PREDICT.format(name="line"), content=images[1].read_bytes(), timeout=60)
+            )
+        )
         sender.start()
         while metric(metric_samples(httpx.get(server.url + "/metrics").text), "defectscope_queue_depth") < 1:
             assert time.monotonic() < deadline + 60 and sender.is_alive(), answers

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import chromium
+import pytest
 
 chromium.require()
 
@@ -31,9 +30,9 @@ def bottle_model(bottle):
 
 def test_page_scores_a_dropped_photo(bottle, bottle_model, tmp_path):
     from selenium.webdriver.support.ui import Select, WebDriverWait
+    from serving import running
 
     from defectscope.serve.app import create_app
-    from serving import running
 
     photo = bottle / "test" / "broken_large" / "000.png"
     with running(create_app({"bottle": bottle_model})) as url:
@@ -47,8 +46,11 @@ def test_page_scores_a_dropped_photo(bottle, bottle_model, tmp_path):
             wait.until(lambda d: d.find_element("id", "verdict").text or d.find_element("id", "error").text)
             assert driver.find_element("id", "error").text == ""
             assert driver.find_element("id", "verdict").text == "defective"
-            wait.until(lambda d: d.execute_script("const i = document.getElementById('overlay');"
-                                                  "return i.complete && i.naturalWidth > 0"))
+            wait.until(
+                lambda d: d.execute_script(
+                    "const i = document.getElementById('overlay');return i.complete && i.naturalWidth > 0"
+                )
+            )
             width = driver.execute_script("return document.getElementById('overlay').naturalWidth")
             assert width >= 900  # the photo's own width, legend below
             assert float(driver.find_element("id", "score").text) >= float(driver.find_element("id", "threshold").text)

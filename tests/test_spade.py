@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import SIZE, TinyExtractor, textures
 
 from defectscope.detectors import base as base_module
 from defectscope.detectors.spade import SPADE
 from defectscope.errors import DefectscopeError, NotFittedError
-
-from tiny import SIZE, TinyExtractor, textures
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +75,7 @@ def test_matches_brute_force_knn(fitted: SPADE, train: torch.Tensor, test_images
     np.testing.assert_allclose(pred.maps, ref_maps, rtol=1e-3, atol=1e-4)
 
 
-def test_float16_storage_changes_maps_negligibly(
-    fitted: SPADE, train: torch.Tensor, test_images: torch.Tensor
-) -> None:
+def test_float16_storage_changes_maps_negligibly(fitted: SPADE, train: torch.Tensor, test_images: torch.Tensor) -> None:
     exact = make().fit(train)
     exact.train_maps_ = exact._embed(train)[1]  # the same gallery kept in float32
     assert fitted.train_maps_.dtype == torch.float16 and exact.train_maps_.dtype == torch.float32
@@ -133,9 +130,7 @@ def test_k_is_clipped_with_a_warning(train: torch.Tensor, test_images: torch.Ten
     np.testing.assert_allclose(det.training_scores(), loo, rtol=1e-4)
 
 
-def test_planted_bright_square_scores_higher_and_map_peaks_inside(
-    fitted: SPADE, test_images: torch.Tensor
-) -> None:
+def test_planted_bright_square_scores_higher_and_map_peaks_inside(fitted: SPADE, test_images: torch.Tensor) -> None:
     defect = test_images.clone()
     defect[:, :, 36:52, 8:24] = 1.5  # bright 16 x 16 square
     good, bad = fitted.predict(test_images), fitted.predict(defect)
@@ -162,15 +157,19 @@ def test_default_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     class Built(Exception):
         pass
 
-    def fake_extractor(backbone: str, layers: list[str] | None = None, weights: str | None = None,
-                       normalization: str = "weights") -> TinyExtractor:
+    def fake_extractor(
+        backbone: str, layers: list[str] | None = None, weights: str | None = None, normalization: str = "weights"
+    ) -> TinyExtractor:
         built.append((backbone, layers))
         raise Built
 
     monkeypatch.setattr(base_module, "build_extractor", fake_extractor)
-    for det in (SPADE(backbone="wide_resnet50_2", image_size=SIZE), SPADE(image_size=SIZE),
-                SPADE(image_size=SIZE, layers=["blocks.2", "blocks.4"]),
-                SPADE(image_size=SIZE, global_layer="maps")):
+    for det in (
+        SPADE(backbone="wide_resnet50_2", image_size=SIZE),
+        SPADE(image_size=SIZE),
+        SPADE(image_size=SIZE, layers=["blocks.2", "blocks.4"]),
+        SPADE(image_size=SIZE, global_layer="maps"),
+    ):
         with pytest.raises(Built):
             det.extractor
     assert built == [

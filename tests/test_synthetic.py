@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import DEFECT_TYPES, make_mvtec_category
 
 from defectscope.data.images import load_image, load_mask
 from defectscope.data.layouts import mvtec_category
-from synthetic import DEFECT_TYPES, make_mvtec_category
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:

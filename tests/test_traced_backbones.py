@@ -9,16 +9,30 @@ import sys
 import pytest
 
 import defectscope
-from defectscope.cli import main
+from defectscope.cli.commands import main
+from defectscope.features.traced import TracedExtractor, use_cached_extractor
 from defectscope.io import load_model_with_extras
-from defectscope.traced_backbones import TracedExtractor, use_cached_extractor
 
 
 @pytest.fixture(scope="module")
 def model_path(synthetic_category, tmp_path_factory):
     path = tmp_path_factory.mktemp("traced") / "m.dsmodel"
-    assert main(["fit", str(synthetic_category), "-o", str(path), "--image-size", "64", "--coreset-ratio", "0.25",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(synthetic_category),
+                "-o",
+                str(path),
+                "--image-size",
+                "64",
+                "--coreset-ratio",
+                "0.25",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -42,13 +56,17 @@ def test_traced_extractor_scores_exactly_as_the_built_one(model_path, synthetic_
 
 def test_a_cache_hit_starts_without_timm(model_path, synthetic_category, tmp_path):
     image = sorted((synthetic_category / "test").rglob("*.png"))[0]
-    code = ("import sys, defectscope\nm = defectscope.load(sys.argv[1])\nr = m.predict(sys.argv[2])\n"
-            "print(r.score, 'timm' in sys.modules)")
+    code = (
+        "import sys, defectscope\nm = defectscope.load(sys.argv[1])\nr = m.predict(sys.argv[2])\n"
+        "print(r.score, 'timm' in sys.modules)"
+    )
     env = {**__import__("os").environ, "DEFECTSCOPE_CACHE": str(tmp_path)}
-    first = subprocess.run([sys.executable, "-c", code, str(model_path), str(image)], capture_output=True, text=True,
-                           env=env, timeout=300)
-    second = subprocess.run([sys.executable, "-c", code, str(model_path), str(image)], capture_output=True, text=True,
-                            env=env, timeout=300)
+    first = subprocess.run(
+        [sys.executable, "-c", code, str(model_path), str(image)], capture_output=True, text=True, env=env, timeout=300
+    )
+    second = subprocess.run(
+        [sys.executable, "-c", code, str(model_path), str(image)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert first.stdout.split()[1] == "True" and second.stdout.split()[1] == "False", first.stderr + second.stderr
     assert first.stdout.split()[0] == second.stdout.split()[0]
 

@@ -9,13 +9,13 @@ import pytest
 import timm
 import torch
 
-from defectscope import tune as T
-from defectscope.backbones import FeatureExtractor, available_blocks, stage_blocks
-from defectscope.cli import main
+from defectscope.cli.commands import main
 from defectscope.data.layouts import good_images, load_category
 from defectscope.data.samples import Sample
 from defectscope.detectors import make_detector
 from defectscope.errors import BackboneError, DefectscopeError
+from defectscope.evaluation import tune as T
+from defectscope.features.backbones import FeatureExtractor, available_blocks, stage_blocks
 from defectscope.io import read_metadata
 
 
@@ -91,14 +91,17 @@ def test_cached_fit_equals_a_real_fit(lite_cache) -> None:
     cache, train = lite_cache
     assert cache.passes == 3  # one backbone pass per batch of images, for all layers together
     # the cache holds features of ImageNet-normalised images: both detectors use that normalisation
-    for method, params in (("padim", {"d_reduced": 20, "normalization": "imagenet"}),
-                           ("patchcore", {"coreset_ratio": 0.5, "normalization": "imagenet"})):
+    for method, params in (
+        ("padim", {"d_reduced": 20, "normalization": "imagenet"}),
+        ("patchcore", {"coreset_ratio": 0.5, "normalization": "imagenet"}),
+    ):
         real = make_detector(method, image_size=64, layers=["blocks.1.0", "blocks.2"], **params)
         from defectscope.fitting import fit_detector
 
         fit_detector(real, train, batch_size=3)
-        cached = T._fit_cached(method, dict(image_size=64, **params), cache, ["blocks.1.0", "blocks.2"],
-                               cache.rows(train), 3)
+        cached = T._fit_cached(
+            method, dict(image_size=64, **params), cache, ["blocks.1.0", "blocks.2"], cache.rows(train), 3
+        )
         assert cached.layers == ["blocks.1.0", "blocks.2"]
         ref, got = real.state_dict(), cached.state_dict()
         assert ref.keys() == got.keys()
@@ -119,12 +122,23 @@ def test_tune_uses_one_pass_and_scores_only_validation(synthetic_category: Path,
     monkeypatch.setattr(FeatureExtractor, "forward", counting)
     scored: list[list[int]] = []
     real_score = T.score_detector
-    monkeypatch.setattr(T, "score_detector", lambda d, rows, *a, **k: (scored.append(list(rows)), real_score(d, rows, *a, **k))[1])
+    monkeypatch.setattr(
+        T, "score_detector", lambda d, rows, *a, **k: (scored.append(list(rows)), real_score(d, rows, *a, **k))[1]
+    )
     announced: list[str] = []
-    result = T.tune_layers("padim", good_images(synthetic_category)[:10], val, held,
-                           params={"image_size": 64, "d_reduced": 20}, stages=["blocks.1", "blocks.2"],
-                           max_trials=3, search="random", validation_source="half", batch_size=8,
-                           announce=announced.append)
+    result = T.tune_layers(
+        "padim",
+        good_images(synthetic_category)[:10],
+        val,
+        held,
+        params={"image_size": 64, "d_reduced": 20},
+        stages=["blocks.1", "blocks.2"],
+        max_trials=3,
+        search="random",
+        validation_source="half",
+        batch_size=8,
+        announce=announced.append,
+    )
     n_images = 10 + len(split.test)
     assert sum(calls) == n_images  # every image through the backbone exactly once
     assert "8 candidates" in announced[0] and "evaluating 3 of 8" in announced[0]
@@ -135,21 +149,43 @@ def test_tune_uses_one_pass_and_scores_only_validation(synthetic_category: Path,
     # the three candidates were scored on the validation rows only; the held-out rows once, for the winner
     cache_val = {len(r) for r in scored[:3]}
     assert cache_val == {len(val)} and len(scored[3]) == len(held)
-    assert set(map(tuple, scored[:3])) .isdisjoint({tuple(scored[3])})
+    assert set(map(tuple, scored[:3])).isdisjoint({tuple(scored[3])})
     assert result.held_out["n_images"] == len(held) and result.validation["n_images"] == len(val)
     assert 0.0 <= result.held_out["image_auroc"] <= 1.0
 
 
 def test_cli_tune_writes_tables_and_best_model(synthetic_category: Path, tmp_path: Path, capsys) -> None:
     model = tmp_path / "best.dsm"
-    code = main(["tune", str(synthetic_category), "--method", "padim", "--image-size", "64", "--d-reduced", "20",
-                 "--layers", "blocks.1,blocks.2", "--max-trials", "2", "--search", "full", "--out",
-                 str(tmp_path / "t"), "--fit-best", "-o", str(model), "--no-progress"])
+    code = main(
+        [
+            "tune",
+            str(synthetic_category),
+            "--method",
+            "padim",
+            "--image-size",
+            "64",
+            "--d-reduced",
+            "20",
+            "--layers",
+            "blocks.1,blocks.2",
+            "--max-trials",
+            "2",
+            "--search",
+            "full",
+            "--out",
+            str(tmp_path / "t"),
+            "--fit-best",
+            "-o",
+            str(model),
+            "--no-progress",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "search space on tf_efficientnet_lite0: 8 candidates" in err
     assert "| rank | layers | image AUROC | pixel AUROC | seconds |" in out and "held-out" in out
-    rows = list(csv.DictReader(open(tmp_path / "t" / "tune.csv")))
+    with open(tmp_path / "t" / "tune.csv") as fh:
+        rows = list(csv.DictReader(fh))
     assert [r["rank"] for r in rows] == ["1", "2"]
     assert (tmp_path / "t" / "tune.md").read_text().strip() == out.split("wrote")[0].strip()
     meta = read_metadata(model)

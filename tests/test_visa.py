@@ -116,7 +116,7 @@ def test_official_missing_files_are_all_counted(tmp_path):
 
 def test_official_missing_files_list_is_capped(tmp_path):
     rows = [f"candle,train,normal,candle/Data/Images/Normal/{i:04d}.png," for i in range(100, 112)]
-    root = _official(tmp_path, rows + ["candle,test,normal,candle/Data/Images/Normal/0002.JPG,"])
+    root = _official(tmp_path, [*rows, "candle,test,normal,candle/Data/Images/Normal/0002.JPG,"])
     with pytest.raises(DataLayoutError, match=r"12 listed file\(s\).*\(and 7 more\)"):
         visa_official(root)
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from defectscope import weights as W
-from defectscope.backbones import FeatureExtractor
 from defectscope.errors import BackboneError
+from defectscope.features import weights as W
+from defectscope.features.backbones import FeatureExtractor
 
 CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
-__all__ = ["Model", "Result", "fit", "load", "__version__"]
+__all__ = ["Model", "Result", "__version__", "fit", "load"]
 
 if TYPE_CHECKING:
     from .api import Model, Result, fit, load

@@ -114,6 +114,7 @@ class Result:
             from .data.images import load_image
 
             image = load_image(self.name)
+        assert self.score is not None and self.judgement is not None  # self.ok
         verdict = Verdict(score=float(self.score), threshold=self.threshold, judgement=int(self.judgement))
         pix = self.pixel_threshold if self.pixel_threshold is not None else self.threshold
         return overlay(image, self._map, pix, verdict=verdict, side_by_side=side_by_side, legend=legend)
@@ -121,9 +122,14 @@ class Result:
     def as_dict(self) -> dict[str, Any]:
         """The JSON-ready fields (no arrays): name, score, judgement, threshold, normalized_score, error,
         plus notes and alignment when present."""
-        out: dict[str, Any] = {"name": self.name, "score": self.score, "judgement": self.judgement,
-                               "threshold": self.threshold, "normalized_score": self.normalized_score,
-                               "error": self.error}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "score": self.score,
+            "judgement": self.judgement,
+            "threshold": self.threshold,
+            "normalized_score": self.normalized_score,
+            "error": self.error,
+        }
         if self.notes:
             out["notes"] = list(self.notes)
         if self.alignment is not None:
@@ -135,8 +141,14 @@ class Model:
     """A fitted model: the detector, its metadata (threshold, pixel threshold, training summary)
     and its alignment, if fitted with one. Get one from :func:`load` or :func:`fit`."""
 
-    def __init__(self, detector: "Detector", meta: dict[str, Any], aligner: Any | None = None,
-                 path: Path | None = None, runtime: str | None = None) -> None:
+    def __init__(
+        self,
+        detector: Detector,
+        meta: dict[str, Any],
+        aligner: Any | None = None,
+        path: Path | None = None,
+        runtime: str | None = None,
+    ) -> None:
         self.detector = detector
         self.meta = meta
         self.aligner = aligner
@@ -176,13 +188,22 @@ class Model:
         training data and date, the checksum and the file (``layer_weighting``: PatchCore's, else None)."""
         training = self.meta.get("training", {})
         return {
-            "method": self.method, "backbone": self.detector.backbone, "layers": list(self.detector.layers or []),
-            "image_size": self.detector.image_size, "resize": self.detector.resize, "threshold": self.threshold,
-            "pixel_threshold": self.meta.get("pixel_threshold"), "fitted": training.get("created"),
-            "n_train": training.get("n_images"), "align": (self.meta.get("align") or {}).get("mode", "none"),
-            "checksum": self.checksum, "path": str(self.path) if self.path is not None else None,
-            "runtime": self.runtime or "torch", "runtime_reason": self.runtime_reason,
-            "tiles": getattr(self.detector, "tiles", 1), "tile_overlap": getattr(self.detector, "tile_overlap", None),
+            "method": self.method,
+            "backbone": self.detector.backbone,
+            "layers": list(self.detector.layers or []),
+            "image_size": self.detector.image_size,
+            "resize": self.detector.resize,
+            "threshold": self.threshold,
+            "pixel_threshold": self.meta.get("pixel_threshold"),
+            "fitted": training.get("created"),
+            "n_train": training.get("n_images"),
+            "align": (self.meta.get("align") or {}).get("mode", "none"),
+            "checksum": self.checksum,
+            "path": str(self.path) if self.path is not None else None,
+            "runtime": self.runtime or "torch",
+            "runtime_reason": self.runtime_reason,
+            "tiles": getattr(self.detector, "tiles", 1),
+            "tile_overlap": getattr(self.detector, "tile_overlap", None),
             "layer_weighting": getattr(self.detector, "layer_weighting", None),
         }
 
@@ -192,15 +213,18 @@ class Model:
 
     # ----------------------------------------------------------------- scoring
     @overload
-    def predict(self, images: Sequence[Any], *, maps: bool = ..., threshold: float | None = ...,
-                batch_size: int = ...) -> list[Result]: ...
+    def predict(
+        self, images: Sequence[Any], *, maps: bool = ..., threshold: float | None = ..., batch_size: int = ...
+    ) -> list[Result]: ...
 
     @overload
-    def predict(self, images: Any, *, maps: bool = ..., threshold: float | None = ...,
-                batch_size: int = ...) -> Result: ...
+    def predict(
+        self, images: Any, *, maps: bool = ..., threshold: float | None = ..., batch_size: int = ...
+    ) -> Result: ...
 
-    def predict(self, images: Any, *, maps: bool = True, threshold: float | None = None,
-                batch_size: int = 16) -> Result | list[Result]:
+    def predict(
+        self, images: Any, *, maps: bool = True, threshold: float | None = None, batch_size: int = 16
+    ) -> Result | list[Result]:
         """Score one image or a list of them.
 
         images: a file path (str or Path), a PIL image, a numpy array (H, W) or (H, W, C) with C in
@@ -217,8 +241,15 @@ class Model:
             return list(self.iter_predict(images, maps=maps, threshold=threshold, batch_size=batch_size))
         return next(self.iter_predict([images], maps=maps, threshold=threshold, batch_size=batch_size))
 
-    def iter_predict(self, images: Iterable[Any], *, maps: bool = False, threshold: float | None = None,
-                     batch_size: int = 16, progress: bool = False) -> Iterator[Result]:
+    def iter_predict(
+        self,
+        images: Iterable[Any],
+        *,
+        maps: bool = False,
+        threshold: float | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> Iterator[Result]:
         """Yield one :class:`Result` per image, in input order, as soon as its batch is scored
         (images are decoded in a background thread meanwhile). Inputs as :meth:`predict`."""
         from .scoring import normalized_score, score_paths
@@ -227,23 +258,37 @@ class Model:
         batch_size = _positive_int(batch_size, "batch_size")
         sources, arrays = _sources(images)
         pix = self.pixel_threshold if maps else None
-        for result in score_paths(self.detector, sources, threshold, batch_size=batch_size, keep_maps=maps,
-                                  progress=progress, aligner=self.aligner):
+        for result in score_paths(
+            self.detector,
+            sources,
+            threshold,
+            batch_size=batch_size,
+            keep_maps=maps,
+            progress=progress,
+            aligner=self.aligner,
+        ):
             name = _name(result.path)
             yield Result(
-                score=result.score, judgement=result.judgement, threshold=threshold,
+                score=result.score,
+                judgement=result.judgement,
+                threshold=threshold,
                 normalized_score=normalized_score(result.score, threshold) if result.ok else None,
-                error=result.error, name=name, notes=list(result.notes), image_shape=result.size,
-                alignment=result.alignment, pixel_threshold=pix, _map=result.map,
+                error=result.error,
+                name=name,
+                notes=list(result.notes),
+                image_shape=result.size,
+                alignment=result.alignment,
+                pixel_threshold=pix,
+                _map=result.map,
                 _image=arrays.get(name) if maps else None,
             )
 
     def evaluate(self, data: str | Path | Any, **options: Any) -> dict[str, Any]:
         """Image and pixel metrics on a labelled test set (an MVTec AD / VisA / plain folder, or a
         :class:`defectscope.data.datasets.Split`); options as
-        :func:`defectscope.evaluation.evaluate_detector` (heatmap_dir, protocol, ...)."""
+        :func:`defectscope.evaluation.evaluate.evaluate_detector` (heatmap_dir, protocol, ...)."""
         from .data.layouts import load_category
-        from .evaluation import evaluate_detector
+        from .evaluation.evaluate import evaluate_detector
 
         split = load_category(Path(data)) if isinstance(data, (str, Path)) else data
         options.setdefault("pixel_threshold", self.meta.get("pixel_threshold"))
@@ -254,9 +299,8 @@ class Model:
     def save(self, path: str | Path) -> Path:
         """Write the model file (atomic: a half-written file never replaces a good one); returns
         the path. The checksum is recomputed and kept in :attr:`meta`."""
+        from .common.files import OutputError, os_error_message
         from .io import read_metadata, save_model
-
-        from .files import OutputError, os_error_message
 
         if not str(path).strip():
             raise OutputError("no model file name given: pass a path such as 'part.dsmodel'")
@@ -290,8 +334,10 @@ def choose_runtime(path: str | Path, runtime: str | None) -> tuple[str | None, s
         raise DefectscopeError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIME_CHOICES)}")
     if is_exported(path) and runtime in ("torch", "auto", None):
         if runtime == "torch":
-            raise DefectscopeError(f"{path}: is an exported model, which runs on onnxruntime or OpenVINO, not torch; "
-                                   "give the model file it was exported from to score with torch")
+            raise DefectscopeError(
+                f"{path}: is an exported model, which runs on onnxruntime or OpenVINO, not torch; "
+                "give the model file it was exported from to score with torch"
+            )
         import json
 
         from .export import EXPORT_FILE
@@ -325,6 +371,16 @@ def choose_runtime(path: str | Path, runtime: str | None) -> tuple[str | None, s
     return AUTO_RUNTIME, f"{AUTO_RUNTIME}: the model's export, faster than torch at equal results"
 
 
+def check_model_output(path: str | Path, what: str = "model file") -> Path:
+    """Fail now, naming ``path``, if a model file cannot be written there later: a folder, an
+    unwritable place, or an existing file that is not a defectscope model. Raises
+    :class:`~defectscope.common.files.OutputError`; use before the long work."""
+    from .common.files import check_output_file
+    from .io import MODEL_FILE
+
+    return check_output_file(path, what, replaces=MODEL_FILE)
+
+
 def load(path: str | Path, *, align: str | None = None, runtime: str | None = None) -> Model:
     """Load a model file written by ``defectscope fit`` or :meth:`Model.save`, or a folder written by
     ``defectscope export``.
@@ -356,7 +412,7 @@ def load(path: str | Path, *, align: str | None = None, runtime: str | None = No
             except ModelFileError:  # the model file itself is missing, damaged or edited: never scored
                 raise
             except (DefectscopeError, OSError) as exc:  # the export failed: its agreement check, an unwritable cache
-                from .files import os_error_message
+                from .common.files import os_error_message
 
                 why = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
                 if is_exported(path):
@@ -382,8 +438,8 @@ def _load_chosen(path: str | Path, align: str | None, runtime: str | None) -> Mo
 
         if align not in (None, "none"):
             raise DefectscopeError(f"--align {align}: exported models are scored without alignment")
-        detector, meta = load_exported(path, runtime)
-        return Model(detector, meta, None, Path(path), runtime=detector.runtime)  # type: ignore[arg-type]
+        exported, meta = load_exported(path, runtime)
+        return Model(exported, meta, None, Path(path), runtime=exported.runtime)  # type: ignore[arg-type]
     if runtime is not None:  # a model file on a runtime: its export, made once into the cache
         from .export.exporter import cached_export
 
@@ -400,10 +456,9 @@ def _load_chosen(path: str | Path, align: str | None, runtime: str | None) -> Mo
             model = load(cached_export(path), runtime=runtime)
         model.path, model.runtime = Path(path), runtime  # a reload re-exports the file if it changed
         return model
-    from .align import Aligner
+    from .components.align import Aligner
+    from .features.traced import use_cached_extractor
     from .io import load_model_with_extras
-
-    from .traced_backbones import use_cached_extractor
 
     detector, meta, extras = load_model_with_extras(path)
     aligner = Aligner.from_model(meta.get("align"), extras, align)
@@ -455,8 +510,10 @@ def fit(
             raise DefectscopeError(f"fit takes a folder or a list of image file paths, got {type(images).__name__}")
         odd = [type(p).__name__ for p in images if not isinstance(p, (str, Path))]
         if odd:
-            raise DefectscopeError(f"fit takes image file paths, not {odd[0]} ({len(odd)} of {len(images)} items): "
-                                   "save in-memory images to files first (the fit reads them more than once)")
+            raise DefectscopeError(
+                f"fit takes image file paths, not {odd[0]} ({len(odd)} of {len(images)} items): "
+                "save in-memory images to files first (the fit reads them more than once)"
+            )
     if isinstance(images, (str, Path)):
         paths = good_images(Path(images))
         data_name = data_name or str(images)
@@ -465,9 +522,14 @@ def fit(
         data_name = data_name or f"{len(paths)} image files"
     aligner, auto = _fit_aligner(align, align_ref, paths, detector)
     meta = fit_detector(
-        detector, paths, batch_size=batch_size,
+        detector,
+        paths,
+        batch_size=batch_size,
         threshold_quantile=DEFAULT_THRESHOLD_QUANTILE if threshold_quantile is None else threshold_quantile,
-        progress=progress, data_name=data_name, aligner=aligner, exclude_outliers=exclude_outliers,
+        progress=progress,
+        data_name=data_name,
+        aligner=aligner,
+        exclude_outliers=exclude_outliers,
     )
     if aligner is not None:
         meta["align"] = aligner.config() | ({"auto": auto} if auto is not None else {})
@@ -476,17 +538,19 @@ def fit(
     return Model(detector, meta, aligner)
 
 
-def _fit_aligner(mode: str, ref: str | Path | None, paths: list[Path], detector: "Detector"
-                 ) -> tuple[Any | None, dict[str, Any] | None]:
+def _fit_aligner(
+    mode: str, ref: str | Path | None, paths: list[Path], detector: Detector
+) -> tuple[Any | None, dict[str, Any] | None]:
     """The aligner a fit uses (None for "none") and, for "auto", the record of what it chose and why."""
     if mode == "none":
         return None, None
-    from .align import AUTO_IMAGES, choose_aligner, make_aligner
+    from .components.align import AUTO_IMAGES, choose_aligner, make_aligner
     from .data.images import load_image
 
     if len(paths) < detector.min_train_images:  # say that first, before any alignment work
-        raise DefectscopeError(f"found {len(paths)} training image(s), {detector.method} needs at least "
-                               f"{detector.min_train_images}")
+        raise DefectscopeError(
+            f"found {len(paths)} training image(s), {detector.method} needs at least {detector.min_train_images}"
+        )
     ref = Path(ref) if ref is not None else paths[0]
     if mode == "auto":
         sample = [load_image(p) for p in paths[1 : 1 + AUTO_IMAGES]]

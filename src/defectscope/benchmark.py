@@ -26,11 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .common.files import replacing
+from .common.jsonout import dumps
 from .data.datasets import Category, discover
 from .detectors import comparable_params, detector_class, make_detector
 from .errors import DataLayoutError, DefectscopeError
-from .files import replacing
-from .jsonout import dumps
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +58,30 @@ def cell_key(method: str, full_params: dict[str, Any], data_path: Path) -> str:
     """12 hex digits identifying a cell's settings: method, all parameters (as
     :func:`~defectscope.detectors.comparable_params` gives them: parameters added later are left out
     while at the value that computes as before), the category's data."""
-    blob = json.dumps({"method": method, "params": comparable_params(full_params),
-                       "data": str(Path(data_path).resolve())}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"method": method, "params": comparable_params(full_params), "data": str(Path(data_path).resolve())},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _equivalent_cell(cells_dir: Path, stem_prefix: str, method: str, full_params: dict[str, Any],
-                     data_path: Path) -> tuple[Path, dict[str, Any]] | None:
+def _equivalent_cell(
+    cells_dir: Path, stem_prefix: str, method: str, full_params: dict[str, Any], data_path: Path
+) -> tuple[Path, dict[str, Any]] | None:
     """A finished cell stored under another key (by an earlier version, which keyed on every parameter it
     had) whose settings compute the same: same method and data, equal comparable parameters."""
     want = comparable_params(full_params)
     data = str(Path(data_path).resolve())
     for path in sorted(cells_dir.glob(f"{stem_prefix}-*.json")):
         cell = _read_cell(path)
-        if (cell is not None and cell.get("method") == method and isinstance(cell.get("params"), dict)
-                and str(Path(str(cell.get("data", ""))).resolve()) == data
-                and comparable_params(cell["params"]) == want):
+        if (
+            cell is not None
+            and cell.get("method") == method
+            and isinstance(cell.get("params"), dict)
+            and str(Path(str(cell.get("data", ""))).resolve()) == data
+            and comparable_params(cell["params"]) == want
+        ):
             return path, cell
     return None
 
@@ -115,12 +123,23 @@ def run_cell(
     split = category.load()
     if not split.train:
         raise DataLayoutError(f"{category.path}: no good training images (a plain folder needs train/)")
-    model = fit(split.train, method=method, batch_size=batch_size, threshold_quantile=threshold_quantile,
-                progress=progress, data_name=str(category.path), **params)
+    model = fit(
+        split.train,
+        method=method,
+        batch_size=batch_size,
+        threshold_quantile=threshold_quantile,
+        progress=progress,
+        data_name=str(category.path),
+        **params,
+    )
     detector, meta = model.detector, model.meta
     report_dir = out_dir / _safe(method) / _safe(category.name) if report else None
-    result = model.evaluate(split, batch_size=batch_size, progress=progress,
-                            overlay_dir=report_dir / "overlays" if report_dir is not None else None)
+    result = model.evaluate(
+        split,
+        batch_size=batch_size,
+        progress=progress,
+        overlay_dir=report_dir / "overlays" if report_dir is not None else None,
+    )
     record: dict[str, Any] = {
         "status": "ok",
         "image_auroc": result["image_auroc"],
@@ -187,13 +206,21 @@ def run_benchmark(
             key = cell_key(method, full, category.path)
             stem = f"{_safe(method)}-{_safe(category.name)}-{key}"
             cell_path = out_dir / "cells" / f"{stem}.json"
-            base = {"method": method, "category": category.name, "layout": category.layout,
-                    "data": str(category.path), "backbone": full["backbone"], "params": full, "key": key}
+            base = {
+                "method": method,
+                "category": category.name,
+                "layout": category.layout,
+                "data": str(category.path),
+                "backbone": full["backbone"],
+                "params": full,
+                "key": key,
+            }
             stored = None if force else _read_cell(cell_path)
             found_at = cell_path
             if stored is None and not force:
-                equivalent = _equivalent_cell(cell_path.parent, f"{_safe(method)}-{_safe(category.name)}", method,
-                                              full, category.path)
+                equivalent = _equivalent_cell(
+                    cell_path.parent, f"{_safe(method)}-{_safe(category.name)}", method, full, category.path
+                )
                 if equivalent is not None:
                     found_at, stored = equivalent
             if stored is not None:
@@ -203,9 +230,17 @@ def run_benchmark(
             say(f"{method} / {category.name}: fitting and evaluating")
             start = time.perf_counter()
             try:
-                record = run_cell(method, mp, category, out_dir, batch_size=batch_size,
-                                  threshold_quantile=threshold_quantile, progress=progress, report=report,
-                                  model_path=out_dir / "models" / f"{stem}.dsmodel" if save_models else None)
+                record = run_cell(
+                    method,
+                    mp,
+                    category,
+                    out_dir,
+                    batch_size=batch_size,
+                    threshold_quantile=threshold_quantile,
+                    progress=progress,
+                    report=report,
+                    model_path=out_dir / "models" / f"{stem}.dsmodel" if save_models else None,
+                )
             except (DefectscopeError, OSError, ValueError, RuntimeError) as exc:
                 message = " ".join(str(exc).split()) or type(exc).__name__
                 log.debug("cell %s failed:\n%s", stem, traceback.format_exc())
@@ -214,8 +249,10 @@ def run_benchmark(
                 continue
             cell = {**base, **record, "seconds": round(time.perf_counter() - start, 3)}
             _atomic_write_text(cell_path, dumps(cell, indent=2, default=str))
-            say(f"{method} / {category.name}: image AUROC {_fmt(cell['image_auroc'], 4)}, "
-                f"pixel AUROC {_fmt(cell['pixel_auroc'], 4)} ({cell['seconds']:.1f} s)")
+            say(
+                f"{method} / {category.name}: image AUROC {_fmt(cell['image_auroc'], 4)}, "
+                f"pixel AUROC {_fmt(cell['pixel_auroc'], 4)} ({cell['seconds']:.1f} s)"
+            )
             cells.append(cell)
     write_outputs(cells, out_dir, data=str(data))
     return cells
@@ -257,11 +294,17 @@ def format_markdown(cells: Sequence[dict[str, Any]]) -> str:
     for method, group in _by_method(cells).items():
         first = group[0]
         layers = next((c.get("layers") for c in group if c.get("layers")), None)
-        parts.append(f"### {method} ({first.get('backbone')}"
-                     + (f", {','.join(layers)}" if layers else "")
-                     + f", image size {first.get('params', {}).get('image_size')}"
-                     + (f", layer weighting {first['params']['layer_weighting']}"
-                        if "layer_weighting" in first.get("params", {}) else "") + ")")
+        parts.append(
+            f"### {method} ({first.get('backbone')}"
+            + (f", {','.join(layers)}" if layers else "")
+            + f", image size {first.get('params', {}).get('image_size')}"
+            + (
+                f", layer weighting {first['params']['layer_weighting']}"
+                if "layer_weighting" in first.get("params", {})
+                else ""
+            )
+            + ")"
+        )
         parts.append("")
         parts += [header, rule]
         for c in group:
@@ -280,25 +323,52 @@ def format_markdown(cells: Sequence[dict[str, Any]]) -> str:
 def write_outputs(cells: Sequence[dict[str, Any]], out_dir: Path, *, data: str | None = None) -> dict[str, Path]:
     """Write benchmark.md, benchmark.csv, benchmark.json and the HTML index pages; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out_dir / "benchmark.md", "csv": out_dir / "benchmark.csv",
-             "json": out_dir / "benchmark.json", "html": out_dir / "index.html"}
+    paths = {
+        "markdown": out_dir / "benchmark.md",
+        "csv": out_dir / "benchmark.csv",
+        "json": out_dir / "benchmark.json",
+        "html": out_dir / "index.html",
+    }
     _atomic_write_text(paths["markdown"], format_markdown(cells))
 
-    columns = ["method", "category", "status", "backbone", *(k for k, _, _ in METRICS), "image_f1_max",
-               "n_train", "n_good", "n_defective", "n_failed", "error", "key"]
+    columns = [
+        "method",
+        "category",
+        "status",
+        "backbone",
+        *(k for k, _, _ in METRICS),
+        "image_f1_max",
+        "n_train",
+        "n_good",
+        "n_defective",
+        "n_failed",
+        "error",
+        "key",
+    ]
     lines: list[list[Any]] = []
     for method, group in _by_method(cells).items():
         lines += [[c.get(col, "") if c.get(col) is not None else "" for col in columns] for c in group]
         m = method_means(group)
-        lines.append([method, "mean", f"{m['n_ok']}/{m['n_categories']} ok", group[0].get("backbone"),
-                      *(m[k] if m[k] is not None else "" for k, _, _ in METRICS)] + [""] * 7)
+        lines.append(
+            [
+                method,
+                "mean",
+                f"{m['n_ok']}/{m['n_categories']} ok",
+                group[0].get("backbone"),
+                *(m[k] if m[k] is not None else "" for k, _, _ in METRICS),
+            ]
+            + [""] * 7
+        )
     with open(paths["csv"], "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(columns)
         writer.writerows(lines)
 
-    summary = {"data": data, "cells": list(cells),
-               "means": {method: method_means(group) for method, group in _by_method(cells).items()}}
+    summary = {
+        "data": data,
+        "cells": list(cells),
+        "means": {method: method_means(group) for method, group in _by_method(cells).items()},
+    }
     _atomic_write_text(paths["json"], dumps(summary, indent=2, default=str))
     _write_html(cells, out_dir)
     return paths
@@ -318,8 +388,14 @@ def _write_html(cells: Sequence[dict[str, Any]], out_dir: Path) -> None:
             rows.append(row)
         page = write_benchmark_index(rows, out_dir / _safe(method))
         m = method_means(group)
-        methods.append({"name": method, "href": os.path.relpath(page, out_dir).replace(os.sep, "/"),
-                        "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],
-                        "n_ok": m["n_ok"], "n_categories": m["n_categories"]})
+        methods.append(
+            {
+                "name": method,
+                "href": os.path.relpath(page, out_dir).replace(os.sep, "/"),
+                "image_auroc": m["image_auroc"],
+                "pixel_auroc": m["pixel_auroc"],
+                "n_ok": m["n_ok"],
+                "n_categories": m["n_categories"],
+            }
+        )
     _atomic_write_text(out_dir / "index.html", render_benchmark_summary(methods))
-

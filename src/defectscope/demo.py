@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 
 from .api import fit
+from .common.jsonout import dumps
 from .data.elpv import elpv_split
-from .evaluation import format_summary
-from .jsonout import dumps
+from .evaluation.evaluate import format_summary
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,15 @@ def run_demo(
         f"ELPV monocrystalline cells: learning from {len(split.train)} good cells; testing on "
         f"{len(split.test) - n_def} held-out good and {n_def} defective cells"
     )
-    model = fit(split.train, method="patchcore", coreset_ratio=coreset_ratio, seed=seed, batch_size=batch_size,
-                progress=progress, data_name="elpv:mono")
+    model = fit(
+        split.train,
+        method="patchcore",
+        coreset_ratio=coreset_ratio,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        data_name="elpv:mono",
+    )
     meta = model.meta
     model_path = model.save(output / "elpv_mono.dsmodel")
     print(f"model      {model_path} (fit {meta['training']['fit_seconds']:.1f} s, threshold {meta['threshold']:.4f})")
@@ -47,7 +54,9 @@ def run_demo(
     result["fit_seconds"] = meta["training"]["fit_seconds"]
     (output / "metrics.json").write_text(dumps(result, indent=2))
     print(format_summary(result))
-    print(f"heatmaps   {heatmaps}/ (good/ and defective/: each cell beside its map, with the verdict; white "
-          f"outline = above the pixel threshold {meta['pixel_threshold']:.4f})")
+    print(
+        f"heatmaps   {heatmaps}/ (good/ and defective/: each cell beside its map, with the verdict; white "
+        f"outline = above the pixel threshold {meta['pixel_threshold']:.4f})"
+    )
     print(f"metrics    {output / 'metrics.json'}")
     return result

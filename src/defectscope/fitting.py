@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .common.progress import progress_bar
 from .data.geometry import size_text
 from .data.loader import iter_batches
 from .detectors.base import Detector
 from .errors import DataLayoutError, DefectscopeError
-from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,12 @@ def pixel_threshold_from_maxima(maxima: np.ndarray, quantile: float = DEFAULT_TH
     images, so about (1 - quantile) of good images have any pixel at or above it. It is on the
     map's scale, which for SPADE (and, after re-weighting, PatchCore) is not the image score's."""
     maxima = np.asarray(maxima, dtype=np.float64)
-    return {"threshold": float(np.quantile(maxima, quantile)), "quantile": quantile, "n_images": int(maxima.size),
-            "rule": "quantile of the anomaly-map maxima of held-out good training images"}
+    return {
+        "threshold": float(np.quantile(maxima, quantile)),
+        "quantile": quantile,
+        "n_images": int(maxima.size),
+        "rule": "quantile of the anomaly-map maxima of held-out good training images",
+    }
 
 
 def _check_quantile(quantile: float) -> None:
@@ -104,7 +108,9 @@ def _input_text(detector: Detector) -> str:
     return f"{text} ({tiles} x {tiles} tiles of {size_text(detector.image_size)})" if tiles > 1 else text
 
 
-def _suspects(detector: Detector, loaded: list[Path], sizes: list[tuple[int, int]]) -> tuple[list[dict[str, Any]], float]:
+def _suspects(
+    detector: Detector, loaded: list[Path], sizes: list[tuple[int, int]]
+) -> tuple[list[dict[str, Any]], float]:
     """Training images to look at before trusting the threshold: score outliers and tiny images."""
     scores = detector.training_scores()
     which = detector.training_score_images()
@@ -112,8 +118,11 @@ def _suspects(detector: Detector, loaded: list[Path], sizes: list[tuple[int, int
     positions, cutoff = score_outliers(scores)
     for pos in positions:
         path = loaded[int(which[pos])]
-        found[path] = {"path": str(path), "score": float(scores[pos]),
-                       "reason": f"held-out score {scores[pos]:.4g} is above the outlier cutoff {cutoff:.4g}"}
+        found[path] = {
+            "path": str(path),
+            "score": float(scores[pos]),
+            "reason": f"held-out score {scores[pos]:.4g} is above the outlier cutoff {cutoff:.4g}",
+        }
     side = min(detector.input_shape) / TINY_FACTOR
     for path, (h, w) in zip(loaded, sizes):
         if min(h, w) < side:
@@ -123,8 +132,9 @@ def _suspects(detector: Detector, loaded: list[Path], sizes: list[tuple[int, int
     return list(found.values()), cutoff
 
 
-def _counting(batches: Iterator[Any], failures: list[tuple[Path, str]], bar: Any, loaded: list[Path],
-              sizes: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+def _counting(
+    batches: Iterator[Any], failures: list[tuple[Path, str]], bar: Any, loaded: list[Path], sizes: list[tuple[int, int]]
+) -> Iterator[torch.Tensor]:
     """Feed loaded images to the detector, collect load failures, loaded paths and sizes, advance the bar."""
     for batch in batches:
         failures.extend(batch.failures)
@@ -165,7 +175,7 @@ def fit_detector(
 
     Images that cannot be loaded are skipped and listed; fitting fails before any work when
     there are fewer images than the method needs, and after loading if too few remained.
-    ``aligner`` (a :class:`defectscope.align.Aligner`) warps each image into its reference
+    ``aligner`` (a :class:`defectscope.components.align.Aligner`) warps each image into its reference
     frame first; images it cannot align are used unaligned and listed in ``training.alignment``.
 
     After the fit, ``training.suspects`` lists training images to look at before trusting the
@@ -187,8 +197,9 @@ def fit_detector(
     loaded_paths: list[Path] = []
     sizes: list[tuple[int, int]] = []
     with progress_bar(total=len(paths), desc=f"fit {detector.method}", enabled=progress) as bar:
-        batches = iter_batches(paths, detector.input_shape, mean, std, batch_size=batch_size, transform=aligner,
-                               resize=detector.resize)
+        batches = iter_batches(
+            paths, detector.input_shape, mean, std, batch_size=batch_size, transform=aligner, resize=detector.resize
+        )
         unaligned: list[str] = []
         unrefined: list[str] = []
         if aligner is not None:
@@ -210,31 +221,43 @@ def fit_detector(
     suspects, cutoff = _suspects(detector, loaded_paths, sizes)
     declined = bool(exclude_outliers and suspects and 2 * len(suspects) >= len(loaded_paths))
     if declined:
-        log.warning("--exclude-outliers: %d of %d training images are suspect, which is the training set, not "
-                    "outliers: none excluded (each one's reason is listed with the suspects)",
-                    len(suspects), len(loaded_paths))
+        log.warning(
+            "--exclude-outliers: %d of %d training images are suspect, which is the training set, not "
+            "outliers: none excluded (each one's reason is listed with the suspects)",
+            len(suspects),
+            len(loaded_paths),
+        )
     elif exclude_outliers and suspects:
         bad = {Path(s["path"]) for s in suspects}
         log.info("fitting again without %d suspect training image(s)", len(bad))
-        meta = fit_detector(detector, [p for p in paths if Path(p) not in bad], batch_size=batch_size,
-                            threshold_quantile=threshold_quantile, progress=progress, data_name=data_name,
-                            aligner=aligner)
+        meta = fit_detector(
+            detector,
+            [p for p in paths if Path(p) not in bad],
+            batch_size=batch_size,
+            threshold_quantile=threshold_quantile,
+            progress=progress,
+            data_name=data_name,
+            aligner=aligner,
+        )
         meta["training"]["excluded"] = suspects + meta["training"].get("excluded", [])
         meta["training"]["fit_seconds"] = round(time.perf_counter() - start, 3)  # both fits
         return meta
     threshold = threshold_from_scores(detector.training_scores(), threshold_quantile, detector.training_scores_kind)
     pixel = pixel_threshold_from_maxima(detector.training_map_maxima(), threshold_quantile)
-    training: dict[str, Any] = {"suspects": suspects, **({"exclusion_declined": True} if declined else {}),
-                                "outlier_rule": (
-        f"held-out score > median + {OUTLIER_Z} x MAD / 0.6745 (= {cutoff:.6g}), or shorter side < the input's "
-        f"shorter side / {TINY_FACTOR}")}
+    training: dict[str, Any] = {
+        "suspects": suspects,
+        **({"exclusion_declined": True} if declined else {}),
+        "outlier_rule": (
+            f"held-out score > median + {OUTLIER_Z} x MAD / 0.6745 (= {cutoff:.6g}), or shorter side < the input's "
+            f"shorter side / {TINY_FACTOR}"
+        ),
+    }
     if aligner is not None:
         training["alignment"] = {"mode": aligner.mode, "n_unaligned": len(unaligned), "unaligned": unaligned}
         if getattr(aligner, "ecc", False):  # images whose ECC refinement kept the first pose
             training["alignment"] |= {"n_unrefined": len(unrefined), "unrefined": unrefined}
         if unaligned:
-            log.warning("%d of %d training images could not be aligned and were used unaligned",
-                        len(unaligned), loaded)
+            log.warning("%d of %d training images could not be aligned and were used unaligned", len(unaligned), loaded)
     return {
         "threshold": threshold["threshold"],
         "threshold_info": threshold,

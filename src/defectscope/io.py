@@ -20,15 +20,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 
-from . import __version__
+from .common.files import FileKind, OutputError, replacing
 from .detectors import NEUTRAL_PARAMS, detector_class, make_detector
 from .detectors.base import Detector
-from .errors import ModelFileError
-from .files import OutputError, replacing
-from .normalization import LEGACY_NORMALIZATION
+from .errors import DefectscopeError, ModelFileError
+from .features.normalization import LEGACY_NORMALIZATION
+from .version import MODEL_FORMAT_VERSION, __version__
 
 FORMAT_NAME = "defectscope-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = MODEL_FORMAT_VERSION
 _META_KEY = "defectscope"
 #: tensor-name prefixes of model parts that are not the detector's state (e.g. the alignment reference)
 EXTRA_PREFIXES: tuple[str, ...] = ("align.",)
@@ -36,8 +36,9 @@ EXTRA_PREFIXES: tuple[str, ...] = ("align.",)
 log = logging.getLogger(__name__)
 
 
-def save_model(path: str | Path, detector: Detector, metadata: dict[str, Any],
-               extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_model(
+    path: str | Path, detector: Detector, metadata: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write ``detector`` and ``metadata`` to ``path`` atomically; returns the path.
 
     ``metadata`` holds run information (threshold, training summary, ...); the method, its
@@ -87,14 +88,14 @@ def model_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> st
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
     rest = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
     digest.update(json.dumps(rest, sort_keys=True).encode())
     return digest.hexdigest()
 
 
 def write_model_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically write tensors + metadata (temporary file, fsync, rename; see :mod:`defectscope.files`).
+    """Atomically write tensors + metadata (temporary file, fsync, rename; see :mod:`defectscope.common.files`).
 
     ``meta["sha256"]`` is set to :func:`model_checksum` of the tensors and the rest of ``meta``."""
     meta = {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
@@ -122,12 +123,16 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         tensors = _read_tensors(path)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"{path}: model file is truncated or corrupt ({exc}); re-create it with `defectscope fit`") from exc
+        raise ModelFileError(
+            f"{path}: model file is truncated or corrupt ({exc}); re-create it with `defectscope fit`"
+        ) from exc
     stored = meta.get(CHECKSUM_KEY)
     if stored is None:  # files from before checksums: nothing to verify against, so say so
-        log.warning("%s: has no checksum (written before defectscope checked its model files): a damaged or "
-                    "hand-edited file cannot be told from a good one; `defectscope calibrate` or a new fit writes one",
-                    path)
+        log.warning(
+            "%s: has no checksum (written before defectscope checked its model files): a damaged or "
+            "hand-edited file cannot be told from a good one; `defectscope calibrate` or a new fit writes one",
+            path,
+        )
     if stored is not None and model_checksum(tensors, meta) != stored:
         raise ModelFileError(
             f"{path}: model file is damaged or was edited: its content does not match the checksum written with "
@@ -159,12 +164,44 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path}: not a defectscope model file (format {meta.get('format')!r})")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: model format version {version} is newer than this defectscope supports "
-            f"({FORMAT_VERSION}); upgrade defectscope"
-        )
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ModelFileError(f"{path}: not a defectscope model file (format version {version!r})")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(_upgrade_message(path, meta))
     return meta
+
+
+def _release(version: object) -> tuple[int, ...] | None:
+    """``"0.2.0"`` -> (0, 2, 0); None when ``version`` is not a release number."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version) if isinstance(version, str) else None
+    return tuple(int(g or 0) for g in match.groups()) if match else None
+
+
+def written_by_newer(meta: dict[str, Any]) -> bool:
+    """Whether the model file's metadata says a newer defectscope wrote it."""
+    theirs, ours = _release(meta.get("package_version")), _release(__version__)
+    return theirs is not None and ours is not None and theirs > ours
+
+
+def _upgrade_message(path: str | Path, meta: dict[str, Any]) -> str:
+    made_by = meta.get("package_version") or "an unknown version"
+    return (
+        f"{path}: made by defectscope {made_by} (format {meta.get('format_version')}); this is "
+        f"{__version__} (format {FORMAT_VERSION}): upgrade defectscope (pip install -U defectscope) to read it"
+    )
+
+
+def is_model_file(path: str | Path) -> bool:
+    """Whether ``path`` is a defectscope model file this version can read (never raises)."""
+    try:
+        read_metadata(path)
+    except (DefectscopeError, OSError):
+        return False
+    return True
+
+
+#: the model file as an output kind (:func:`defectscope.common.files.check_output_file`)
+MODEL_FILE = FileKind("defectscope model", "model.dsmodel", is_model_file)
 
 
 def _header_metadata(path: Path) -> dict[str, str] | None:
@@ -217,6 +254,10 @@ def load_model_with_extras(path: str | Path) -> tuple[Detector, dict[str, Any], 
             params.update(coreset="exact", max_bank_size=None)
         detector = make_detector(meta["method"], **params)
         detector.load_state(tensors)
+    except DefectscopeError as exc:  # a parameter or method this version does not know
+        if written_by_newer(meta):
+            raise ModelFileError(_upgrade_message(path, meta)) from exc
+        raise
     except KeyError as exc:
         raise ModelFileError(f"{path}: model file is missing {exc}; re-create it with `defectscope fit`") from exc
     return detector, meta, extras

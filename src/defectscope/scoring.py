@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .common.progress import progress_bar
 from .data.loader import ArrayImage, Source, iter_batches
-from .progress import progress_bar
 
 if TYPE_CHECKING:  # not imported: an exported model (defectscope.export) scores without torch
     from .detectors.base import Detector
@@ -53,8 +53,10 @@ def pixel_threshold(meta: dict[str, Any]) -> float:
     is on another scale than its score)."""
     value = meta.get("pixel_threshold")
     if value is None:
-        log.warning("this model has no pixel threshold (fitted by an older defectscope): overlays are drawn against "
-                    "the image threshold; refit it for overlays that agree with the verdict")
+        log.warning(
+            "this model has no pixel threshold (fitted by an older defectscope): overlays are drawn against "
+            "the image threshold; refit it for overlays that agree with the verdict"
+        )
         return float(meta["threshold"])
     return float(value)
 
@@ -69,7 +71,7 @@ def normalized_score(score: float | None, threshold: float) -> float | None:
 def judge(score: float, threshold: float) -> int:
     """1 (defective) when the score is at or above the threshold, else 0 (good).
 
-    The same rule as :func:`defectscope.metrics.confusion_at` and :func:`defectscope.metrics.f1_max`.
+    The same rule as :func:`defectscope.evaluation.metrics.confusion_at` and :func:`defectscope.evaluation.metrics.f1_max`.
     """
     return int(score >= threshold)
 
@@ -89,7 +91,7 @@ def score_paths(
     Images are decoded in a background thread while the model runs; an image that fails to
     load yields a result with ``error`` set and the others are scored as usual.
 
-    With an ``aligner`` (:class:`defectscope.align.Aligner`) each image is warped into the
+    With an ``aligner`` (:class:`defectscope.components.align.Aligner`) each image is warped into the
     reference frame before scoring and its map is warped back: ``map`` is then the map over the
     original image, not over the warped one.
     """
@@ -97,8 +99,16 @@ def score_paths(
     start = 0
     mean, std = detector.input_stats
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
-        for batch in iter_batches(paths, detector.input_shape, mean, std, batch_size=batch_size, transform=aligner,
-                                  resize=detector.resize, prepare=getattr(detector, "prepare", None)):
+        for batch in iter_batches(
+            paths,
+            detector.input_shape,
+            mean,
+            std,
+            batch_size=batch_size,
+            transform=aligner,
+            resize=detector.resize,
+            prepare=getattr(detector, "prepare", None),
+        ):
             chunk = paths[start : start + batch_size]  # each batch is the next stretch of paths, in order
             start += len(chunk)
             scored: list[ImageResult] = []
@@ -110,15 +120,17 @@ def score_paths(
                     amap = batch.placements[j].to_photo_frame(pred.maps[j]) if keep_maps else None
                     if amap is not None and record is not None:
                         amap = aligner.map_to_original(amap, record)
-                    scored.append(ImageResult(
-                        path,
-                        score=score,
-                        judgement=judge(score, threshold),
-                        map=amap,
-                        alignment=record.as_dict() if record is not None else None,
-                        notes=batch.notes[j] if batch.notes else [],
-                        size=batch.sizes[j],
-                    ))
+                    scored.append(
+                        ImageResult(
+                            path,
+                            score=score,
+                            judgement=judge(score, threshold),
+                            map=amap,
+                            alignment=record.as_dict() if record is not None else None,
+                            notes=batch.notes[j] if batch.notes else [],
+                            size=batch.sizes[j],
+                        )
+                    )
             bar.update(len(batch.paths) + len(batch.failures))
             # loaded and failed files each keep input order: merge them back by walking the stretch
             loaded, failed = iter(scored), iter(batch.failures)

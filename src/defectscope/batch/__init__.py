@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["run_batch", "BatchSummary"]
+__all__ = ["BatchSummary", "run_batch"]
 
 if TYPE_CHECKING:
     from .run import BatchSummary, run_batch

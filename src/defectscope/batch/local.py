@@ -10,13 +10,20 @@ from typing import Any
 from .rows import result_row
 
 
-def score_local(model: Any, paths: list[str], *, threshold: float, batch_size: int = 16,
-                heatmaps: Path | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
+def score_local(
+    model: Any,
+    paths: list[str],
+    *,
+    threshold: float,
+    batch_size: int = 16,
+    heatmaps: Path | None = None,
+    progress: bool = False,
+) -> Iterator[dict[str, Any]]:
     """One row per path, in order, each as soon as its batch is scored.
 
     The paths go to the model in stretches of a multiple of ``batch_size``, so the batches are
     those ``predict`` forms over the same list (scores do not depend on batching anyway)."""
-    from ..progress import progress_bar
+    from ..common.progress import progress_bar
 
     checksum = model.checksum
     stretch = batch_size * 16

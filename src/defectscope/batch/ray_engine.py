@@ -47,8 +47,16 @@ class BatchScorer:
     """The actor: loads the model once, then scores blocks of paths (a pyarrow table with a ``path``
     column) into blocks of rows with the same code as the local engine."""
 
-    def __init__(self, model: Any, checksum: str | None, threshold: float, batch_size: int, heatmaps: str | None,
-                 threads: int, runtime: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        checksum: str | None,
+        threshold: float,
+        batch_size: int,
+        heatmaps: str | None,
+        threads: int,
+        runtime: str | None = None,
+    ) -> None:
         import ray
         import torch
 
@@ -66,8 +74,10 @@ class BatchScorer:
             # this machine's cache (keyed by that sha256), made here once on another machine
             self.model = defectscope.load(path, runtime=runtime)
         if self.model.checksum != checksum:
-            raise DefectscopeError(f"worker on {socket.gethostname()}: the model's checksum {self.model.checksum} "
-                                   f"is not the driver's {checksum}")
+            raise DefectscopeError(
+                f"worker on {socket.gethostname()}: the model's checksum {self.model.checksum} "
+                f"is not the driver's {checksum}"
+            )
         self.threshold = threshold
         self.batch_size = batch_size
         self.heatmaps = Path(heatmaps) if heatmaps is not None else None
@@ -79,8 +89,9 @@ class BatchScorer:
         from .rows import arrow_schema
 
         paths = batch.column("path").to_pylist()
-        rows = list(score_local(self.model, paths, threshold=self.threshold, batch_size=self.batch_size,
-                                heatmaps=self.heatmaps))
+        rows = list(
+            score_local(self.model, paths, threshold=self.threshold, batch_size=self.batch_size, heatmaps=self.heatmaps)
+        )
         return pa.Table.from_pylist(rows, schema=arrow_schema())
 
 
@@ -110,11 +121,12 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         if address not in (None, "auto") and os.environ.get("RAY_AUTH_MODE") != "token":
             hint = " (a cluster with token authentication needs RAY_AUTH_MODE=token and its token)"
         raise DefectscopeError(f"cannot reach the Ray cluster at {where}: {exc}{hint}") from exc
-    except Exception as exc:  # noqa: BLE001 - Ray's own error classes vary between versions
+    except Exception as exc:
         if "auth" in type(exc).__name__.lower() or "InvalidAuthToken" in str(exc):
             raise DefectscopeError(
                 f"the Ray cluster at {where} wants its token: run with RAY_AUTH_MODE=token and the cluster's token "
-                "in ~/.ray/auth_token (or RAY_AUTH_TOKEN)") from exc
+                "in ~/.ray/auth_token (or RAY_AUTH_TOKEN)"
+            ) from exc
         raise
     try:
         yield
@@ -122,10 +134,20 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         ray.shutdown()
 
 
-def score_ray(model_path: Path, checksum: str | None, paths: list[str], *, threshold: float,
-              workers: int | None = None, threads: int = 1, batch_size: int = 16, heatmaps: Path | None = None,
-              progress: bool = False, info: dict[str, Any] | None = None,
-              runtime: str | None = None) -> Iterator[list[dict[str, Any]]]:
+def score_ray(
+    model_path: Path,
+    checksum: str | None,
+    paths: list[str],
+    *,
+    threshold: float,
+    workers: int | None = None,
+    threads: int = 1,
+    batch_size: int = 16,
+    heatmaps: Path | None = None,
+    progress: bool = False,
+    info: dict[str, Any] | None = None,
+    runtime: str | None = None,
+) -> Iterator[list[dict[str, Any]]]:
     """Yield the rows of ``paths`` block by block, in no fixed order, scored on the Ray cluster of this
     process's session (see :func:`ray_session`). ``workers``: actors in the pool (default: the
     cluster's CPUs / ``threads``); ``threads``: CPUs (torch threads) per actor. ``info`` (a dict)
@@ -145,20 +167,37 @@ def score_ray(model_path: Path, checksum: str | None, paths: list[str], *, thres
     size = block_rows(len(paths), workers, batch_size)
     blocks = [pa.table({"path": pa.array(paths[i : i + size], pa.string())}) for i in range(0, len(paths), size)]
     if info is not None:
-        info.update(address=ray.get_runtime_context().gcs_address, workers=workers, threads=threads,
-                    cluster_cpus=cpus, blocks=len(blocks), block_rows=size)
+        info.update(
+            address=ray.get_runtime_context().gcs_address,
+            workers=workers,
+            threads=threads,
+            cluster_cpus=cpus,
+            blocks=len(blocks),
+            block_rows=size,
+        )
     if not blocks:
         return
     model_ref = ray.put(Path(model_path).read_bytes())
     with warnings.catch_warnings():  # Ray >= 2.51 calls these "ray_remote_args" and warns; older ones need them
         warnings.simplefilter("ignore", DeprecationWarning)
         dataset = ray.data.from_arrow(blocks).map_batches(
-            BatchScorer, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
-            fn_constructor_kwargs={"model": model_ref, "checksum": checksum, "threshold": threshold,
-                                   "batch_size": batch_size, "heatmaps": str(heatmaps) if heatmaps else None,
-                                   "threads": threads, "runtime": runtime},
-            max_restarts=-1, max_task_retries=-1,  # a dead worker is restarted and its block retried
+            BatchScorer,
+            batch_size=None,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=threads,
+            fn_constructor_kwargs={
+                "model": model_ref,
+                "checksum": checksum,
+                "threshold": threshold,
+                "batch_size": batch_size,
+                "heatmaps": str(heatmaps) if heatmaps else None,
+                "threads": threads,
+                "runtime": runtime,
+            },
+            max_restarts=-1,
+            max_task_retries=-1,  # a dead worker is restarted and its block retried
         )
     try:
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -9,38 +9,70 @@ from typing import Any
 
 #: the columns, in order; ``error`` is set for an image that could not be scored (``score`` is then
 #: null) and for a scored image whose heatmap could not be written (``score`` is kept)
-COLUMNS: tuple[str, ...] = ("path", "score", "judgement", "threshold", "normalized_score", "error", "heatmap",
-                            "model_checksum")
+COLUMNS: tuple[str, ...] = (
+    "path",
+    "score",
+    "judgement",
+    "threshold",
+    "normalized_score",
+    "error",
+    "heatmap",
+    "model_checksum",
+)
 
 
 def arrow_schema() -> Any:
     """The Parquet schema (pyarrow is imported here, not at module load)."""
     import pyarrow as pa
 
-    return pa.schema([("path", pa.string()), ("score", pa.float64()), ("judgement", pa.int8()),
-                      ("threshold", pa.float64()), ("normalized_score", pa.float64()), ("error", pa.string()),
-                      ("heatmap", pa.string()), ("model_checksum", pa.string())])
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("score", pa.float64()),
+            ("judgement", pa.int8()),
+            ("threshold", pa.float64()),
+            ("normalized_score", pa.float64()),
+            ("error", pa.string()),
+            ("heatmap", pa.string()),
+            ("model_checksum", pa.string()),
+        ]
+    )
 
 
 def error_row(path: str, message: str, threshold: float, checksum: str | None) -> dict[str, Any]:
     """The row of an input that gave no image (a missing file, an empty folder, a glob matching nothing)."""
     text = message if message.startswith(path) else f"{path}: {message}"
-    return {"path": path, "score": None, "judgement": None, "threshold": threshold, "normalized_score": None,
-            "error": text, "heatmap": None, "model_checksum": checksum}
+    return {
+        "path": path,
+        "score": None,
+        "judgement": None,
+        "threshold": threshold,
+        "normalized_score": None,
+        "error": text,
+        "heatmap": None,
+        "model_checksum": checksum,
+    }
 
 
 def result_row(path: str, result: Any, checksum: str | None, heatmaps: Path | None = None) -> dict[str, Any]:
     """The row of one :class:`defectscope.api.Result`; with ``heatmaps`` the overlay is written there
     (the file name follows from the path alone, so a retried batch rewrites the same file)."""
-    row = {"path": path, "score": result.score, "judgement": result.judgement, "threshold": result.threshold,
-           "normalized_score": result.normalized_score, "error": result.error, "heatmap": None,
-           "model_checksum": checksum}
+    row = {
+        "path": path,
+        "score": result.score,
+        "judgement": result.judgement,
+        "threshold": result.threshold,
+        "normalized_score": result.normalized_score,
+        "error": result.error,
+        "heatmap": None,
+        "model_checksum": checksum,
+    }
     if heatmaps is not None and result.ok:
         target = heatmaps / heatmap_file_name(path)
         try:
             _save_png(target, result.overlay(side_by_side=True))
             row["heatmap"] = str(target)
-        except Exception as exc:  # noqa: BLE001 - a picture that fails never costs the score
+        except Exception as exc:
             row["error"] = f"{path}: heatmap not written: {exc}"
     return row
 

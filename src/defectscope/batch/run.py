@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,15 +84,17 @@ def run_batch(
     if resume and force:
         raise DefectscopeError("--resume and --force exclude each other: continue OUT, or replace it")
     if engine == "local" and (workers is not None or address is not None):
-        raise DefectscopeError("--workers and --address are for --engine ray; the local engine uses this process "
-                               "(--threads sets its torch threads)")
+        raise DefectscopeError(
+            "--workers and --address are for --engine ray; the local engine uses this process "
+            "(--threads sets its torch threads)"
+        )
     if engine == "ray":
         from .ray_engine import require_ray
 
         require_ray()
     kind = check_output(out, resume=resume, force=force)
     if heatmaps is not None:
-        from ..files import check_output_dir
+        from ..common.files import check_output_dir
 
         check_output_dir(heatmaps, "heatmap folder")
     import defectscope
@@ -103,22 +105,30 @@ def run_batch(
     entries = list(expand_inputs(inputs, exclude=heatmaps))
     if not entries:
         raise DefectscopeError("no images to score (INPUT named nothing)")
-    described = {"path": str(model_path), "checksum": model.checksum, "method": model.method,
-                 "threshold": threshold}
+    described = {"path": str(model_path), "checksum": model.checksum, "method": model.method, "threshold": threshold}
     with ExitStack() as stack:
         if engine == "ray":  # joined before OUT is touched: a cluster that cannot be reached is an error first
             from .ray_engine import ray_session
 
             stack.enter_context(ray_session(address))
         stack.enter_context(exclusive(out))  # before OUT is read or written: two runs never interleave parts
-        sink = open_sink(out, kind, model=described, resume=resume, force=force, part_rows=part_rows,
-                         flush_seconds=flush_seconds)
+        sink = open_sink(
+            out, kind, model=described, resume=resume, force=force, part_rows=part_rows, flush_seconds=flush_seconds
+        )
         # runs from before the runtime was recorded were torch's; a killed run's runtime is not known
-        earlier = sorted({r.get("runtime", "torch") for r in getattr(sink, "runs", []) if r.get("status") != "killed"}
-                         - {used_runtime})
+        earlier = sorted(
+            {r.get("runtime", "torch") for r in getattr(sink, "runs", []) if r.get("status") != "killed"}
+            - {used_runtime}
+        )
         if resume and earlier:  # scores agree within 1e-4 relative across runtimes (README), but say it
-            log.warning("%s: earlier runs scored with %s, this one with %s (scores agree within 1e-4 relative; "
-                        "--runtime %s keeps one runtime)", out, ", ".join(earlier), used_runtime, earlier[0])
+            log.warning(
+                "%s: earlier runs scored with %s, this one with %s (scores agree within 1e-4 relative; "
+                "--runtime %s keeps one runtime)",
+                out,
+                ", ".join(earlier),
+                used_runtime,
+                earlier[0],
+            )
         summary = BatchSummary(out=out, kind=kind, engine=engine, inputs=len(entries))
         todo = [e for e in entries if sink.key(e.path) not in sink.paths]
         summary.skipped = len(entries) - len(todo)
@@ -133,11 +143,17 @@ def run_batch(
             if engine == "local":
                 from .local import score_local
 
-                scored = score_local(model, paths, threshold=threshold, batch_size=batch_size, heatmaps=heatmaps,
-                                     progress=progress)
+                scored = score_local(
+                    model, paths, threshold=threshold, batch_size=batch_size, heatmaps=heatmaps, progress=progress
+                )
                 for entry in todo:  # in input order, an argument that gave no image in its place (as predict)
-                    sink.write([next(scored) if entry.error is None else
-                                error_row(entry.path, entry.error, threshold, model.checksum)])
+                    sink.write(
+                        [
+                            next(scored)
+                            if entry.error is None
+                            else error_row(entry.path, entry.error, threshold, model.checksum)
+                        ]
+                    )
                     if on_rows is not None:
                         on_rows(sink.rows)
                 summary.engine_info = {"threads": threads, "runtime": used_runtime}
@@ -147,10 +163,19 @@ def run_batch(
                 sink.write([error_row(e.path, e.error, threshold, model.checksum) for e in todo if e.error is not None])
                 del model  # the driver only needed its checksum, threshold and runtime (and made the export)
                 summary.engine_info["runtime"] = used_runtime
-                for rows in score_ray(Path(model_path), described["checksum"], paths, threshold=threshold,
-                                      workers=workers, threads=threads or 1, batch_size=batch_size,
-                                      runtime=None if used_runtime == "torch" else used_runtime,
-                                      heatmaps=heatmaps, progress=progress, info=summary.engine_info):
+                for rows in score_ray(
+                    Path(model_path),
+                    described["checksum"],
+                    paths,
+                    threshold=threshold,
+                    workers=workers,
+                    threads=threads or 1,
+                    batch_size=batch_size,
+                    runtime=None if used_runtime == "torch" else used_runtime,
+                    heatmaps=heatmaps,
+                    progress=progress,
+                    info=summary.engine_info,
+                ):
                     sink.write(rows)
                     if on_rows is not None:
                         on_rows(sink.rows)
@@ -159,11 +184,24 @@ def run_batch(
             summary.seconds = time.perf_counter() - clock
             summary.scored, summary.errors, summary.duplicates = sink.rows, sink.errors, sink.duplicates
             summary.total_rows = sink.previous_rows + sink.rows
-            sink.close(status, {"started": started.isoformat(timespec="seconds"),
-                                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                "status": status, "engine": engine, **summary.engine_info, "inputs": summary.inputs,
-                                "skipped": summary.skipped, "rows": summary.scored, "errors": summary.errors,
-                                "duplicates_dropped": summary.duplicates, "seconds": round(summary.seconds, 3)})
+            sink.close(
+                status,
+                {
+                    "started": started.isoformat(timespec="seconds"),
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "status": status,
+                    "engine": engine,
+                    **summary.engine_info,
+                    "inputs": summary.inputs,
+                    "skipped": summary.skipped,
+                    "rows": summary.scored,
+                    "errors": summary.errors,
+                    "duplicates_dropped": summary.duplicates,
+                    "seconds": round(summary.seconds, 3),
+                },
+            )
         if summary.duplicates:
-            log.warning("%d duplicate row(s) dropped (a retried task returned paths already written)", summary.duplicates)
+            log.warning(
+                "%d duplicate row(s) dropped (a retried task returned paths already written)", summary.duplicates
+            )
         return summary

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..files import OutputError, check_output_dir, check_output_file, new_file_mode, replacing
+from ..common.files import OutputError, check_output_dir, check_output_file, new_file_mode, replacing
 from .rows import COLUMNS
 
 PARQUET_SUFFIXES = ("", ".parquet", ".pq")
@@ -42,14 +42,16 @@ _HEADER = ",".join(COLUMNS)
 
 
 def output_kind(out: Path) -> str:
-    """"parquet" or "csv" from OUT's ending; anything else is refused with what is allowed."""
+    """ "parquet" or "csv" from OUT's ending; anything else is refused with what is allowed."""
     suffix = out.suffix.lower()
     if suffix in CSV_SUFFIXES:
         return "csv"
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
-    raise OutputError(f"{out}: unknown output type {out.suffix!r}: use .parquet (a folder of Parquet parts, the "
-                      "default) or .csv (one file)")
+    raise OutputError(
+        f"{out}: unknown output type {out.suffix!r}: use .parquet (a folder of Parquet parts, the "
+        "default) or .csv (one file)"
+    )
 
 
 def check_output(out: Path, *, resume: bool, force: bool) -> str:
@@ -61,16 +63,20 @@ def check_output(out: Path, *, resume: bool, force: bool) -> str:
     kind = output_kind(out)
     if kind == "parquet":
         if out.exists() and not out.is_dir():
-            raise OutputError(f"{out}: is a file; Parquet output is a folder of parts (choose a new name, or end it "
-                              "in .csv for one CSV file)")
+            raise OutputError(
+                f"{out}: is a file; Parquet output is a folder of parts (choose a new name, or end it "
+                "in .csv for one CSV file)"
+            )
         check_output_dir(out, "output folder")
         present = out.is_dir() and any(True for _ in out.iterdir())
         if present:
             strangers = sorted(p.name for p in out.iterdir() if not _OURS.fullmatch(p.name))
             if strangers:
-                raise OutputError(f"{out}: is a folder that is not a defectscope batch output (it holds "
-                                  f"{', '.join(strangers[:3])}{', ...' if len(strangers) > 3 else ''}); refusing "
-                                  "to write into it")
+                raise OutputError(
+                    f"{out}: is a folder that is not a defectscope batch output (it holds "
+                    f"{', '.join(strangers[:3])}{', ...' if len(strangers) > 3 else ''}); refusing "
+                    "to write into it"
+                )
     else:
         check_output_file(out, "CSV output")
         present = out.is_file() and out.stat().st_size > 0
@@ -78,8 +84,10 @@ def check_output(out: Path, *, resume: bool, force: bool) -> str:
             with open(out, "rb") as fh:
                 first = fh.readline().rstrip(b"\r\n").decode("utf-8", "replace")
             if first != _HEADER:
-                raise OutputError(f"{out}: exists and is not a defectscope batch CSV (its first line is not the "
-                                  f"header {_HEADER}); refusing to touch it")
+                raise OutputError(
+                    f"{out}: exists and is not a defectscope batch CSV (its first line is not the "
+                    f"header {_HEADER}); refusing to touch it"
+                )
     if present and not (resume or force):
         raise OutputError(f"{out}: exists; --resume scores only the paths not in it yet, --force replaces it")
     return kind
@@ -105,14 +113,19 @@ class Sink:
         """Rows of another model in OUT: refused (a resumed run never mixes two models' scores)."""
         others = sorted(c for c in self.checksums if c != self.checksum)
         if others:
-            raise OutputError(f"{self.out}: holds rows of another model (checksum {others[0][:12]}..., this model's "
-                              f"is {(self.checksum or 'none')[:12]}...); --resume continues a run of the same model "
-                              "(--force replaces OUT)")
-        if self.threshold is not None and any(abs(t - self.threshold) > 1e-12 * max(1.0, abs(t))
-                                              for t in self.thresholds):
+            raise OutputError(
+                f"{self.out}: holds rows of another model (checksum {others[0][:12]}..., this model's "
+                f"is {(self.checksum or 'none')[:12]}...); --resume continues a run of the same model "
+                "(--force replaces OUT)"
+            )
+        if self.threshold is not None and any(
+            abs(t - self.threshold) > 1e-12 * max(1.0, abs(t)) for t in self.thresholds
+        ):
             shown = ", ".join(f"{t:.6g}" for t in sorted(self.thresholds))
-            raise OutputError(f"{self.out}: holds rows judged at threshold {shown}, this run judges at "
-                              f"{self.threshold:.6g}; resume with the same --threshold (--force replaces OUT)")
+            raise OutputError(
+                f"{self.out}: holds rows judged at threshold {shown}, this run judges at "
+                f"{self.threshold:.6g}; resume with the same --threshold (--force replaces OUT)"
+            )
 
     def key(self, path: str) -> str:
         """The path as OUT stores it (the resume key)."""
@@ -144,8 +157,16 @@ class Sink:
 class ParquetSink(Sink):
     """A folder of Parquet parts and ``_manifest.json``; see the module docstring."""
 
-    def __init__(self, out: Path, *, model: dict[str, Any], resume: bool, force: bool, part_rows: int = 10_000,
-                 flush_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *,
+        model: dict[str, Any],
+        resume: bool,
+        force: bool,
+        part_rows: int = 10_000,
+        flush_seconds: float = 30.0,
+    ) -> None:
         super().__init__(out, model.get("checksum"), model.get("threshold"))
         import pyarrow.parquet  # noqa: F401 - fail here, before the work, when pyarrow is missing
 
@@ -189,7 +210,7 @@ class ParquetSink(Sink):
         for part in self._parts():
             try:
                 table = pq.read_table(part, columns=["path", "error", "model_checksum", "threshold"])
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
+            except Exception as exc:
                 raise OutputError(f"{part}: cannot be read as a batch part ({exc}); move it away to resume") from exc
             paths = table.column("path").to_pylist()
             self.paths.update(paths)
@@ -199,8 +220,13 @@ class ParquetSink(Sink):
             self.previous_errors += len(paths) - table.column("error").null_count
         if status == "running":  # a run that never closed its manifest (killed): listed with the rows it left
             left = self.previous_rows - sum(int(r.get("rows", 0)) for r in self.runs)
-            self.runs.append({"status": "killed", "rows": max(left, 0),
-                              "note": "the run ended without closing its manifest; found by --resume"})
+            self.runs.append(
+                {
+                    "status": "killed",
+                    "rows": max(left, 0),
+                    "note": "the run ended without closing its manifest; found by --resume",
+                }
+            )
 
     def _append(self, rows: list[dict[str, Any]]) -> None:
         if not self.buffer:
@@ -243,9 +269,16 @@ class ParquetSink(Sink):
         import pyarrow.parquet as pq
 
         parts = [{"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows} for p in self._parts()]
-        manifest = {"format": FORMAT, "status": status, "model": self.model,
-                    "rows": sum(p["rows"] for p in parts), "errors": self.previous_errors + self.errors,
-                    "columns": list(COLUMNS), "parts": parts, "runs": self.runs}
+        manifest = {
+            "format": FORMAT,
+            "status": status,
+            "model": self.model,
+            "rows": sum(p["rows"] for p in parts),
+            "errors": self.previous_errors + self.errors,
+            "columns": list(COLUMNS),
+            "parts": parts,
+            "runs": self.runs,
+        }
         with replacing(self.out / MANIFEST) as tmp:
             tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
@@ -253,17 +286,19 @@ class ParquetSink(Sink):
 class CsvSink(Sink):
     """One CSV file, a header and a line per row, flushed per write; see the module docstring."""
 
-    def __init__(self, out: Path, *, checksum: str | None, resume: bool, force: bool,
-                 threshold: float | None = None) -> None:
+    def __init__(
+        self, out: Path, *, checksum: str | None, resume: bool, force: bool, threshold: float | None = None
+    ) -> None:
         super().__init__(out, checksum, threshold)
         out.parent.mkdir(parents=True, exist_ok=True)
         existing = out.is_file() and out.stat().st_size > 0
         if existing and resume and not force:
             self._read_existing()
             self._check_model()
-            self.fh = open(out, "a", encoding="utf-8", errors="surrogateescape", newline="")
+            # the sink holds its file open across writes and closes it in close()
+            self.fh = open(out, "a", encoding="utf-8", errors="surrogateescape", newline="")  # noqa: SIM115
         else:
-            self.fh = open(out, "w", encoding="utf-8", errors="surrogateescape", newline="")
+            self.fh = open(out, "w", encoding="utf-8", errors="surrogateescape", newline="")  # noqa: SIM115
             self.fh.write(_HEADER + "\n")
             self.fh.flush()
         self.writer = csv.writer(self.fh, lineterminator="\n")
@@ -307,11 +342,20 @@ class CsvSink(Sink):
         self.fh.close()
 
 
-def open_sink(out: Path, kind: str, *, model: dict[str, Any], resume: bool, force: bool, part_rows: int = 10_000,
-              flush_seconds: float = 30.0) -> Sink:
+def open_sink(
+    out: Path,
+    kind: str,
+    *,
+    model: dict[str, Any],
+    resume: bool,
+    force: bool,
+    part_rows: int = 10_000,
+    flush_seconds: float = 30.0,
+) -> Sink:
     if kind == "parquet":
-        return ParquetSink(out, model=model, resume=resume, force=force, part_rows=part_rows,
-                           flush_seconds=flush_seconds)
+        return ParquetSink(
+            out, model=model, resume=resume, force=force, part_rows=part_rows, flush_seconds=flush_seconds
+        )
     return CsvSink(out, checksum=model.get("checksum"), resume=resume, force=force, threshold=model.get("threshold"))
 
 
@@ -337,8 +381,9 @@ def exclusive(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise OutputError(f"{out}: another defectscope batch is writing it now; wait for that run to end, or "
-                              "give another OUT") from None
+            raise OutputError(
+                f"{out}: another defectscope batch is writing it now; wait for that run to end, or give another OUT"
+            ) from None
         try:
             yield
         finally:
@@ -358,8 +403,10 @@ def read_output(out: Path) -> list[dict[str, Any]]:
     with open(out, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         records = list(csv.DictReader(fh))
     typed = {"score": float, "judgement": int, "threshold": float, "normalized_score": float}
-    return [{k: (None if v == "" and k != "path" else typed[k](v) if k in typed else v) for k, v in r.items()}
-            for r in records]
+    return [
+        {k: (None if v == "" and k != "path" else typed[k](v) if k in typed else v) for k, v in r.items()}
+        for r in records
+    ]
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -40,9 +40,7 @@ def _sq_dist_bounded(a: np.ndarray, i: int, b: np.ndarray, j: int, bound: np.flo
 
 
 @njit(cache=True, nogil=True)
-def kcenter_pruned(
-    x: np.ndarray, start: int, selected: np.ndarray, sq_dist: np.ndarray, nearest: np.ndarray
-) -> None:
+def kcenter_pruned(x: np.ndarray, start: int, selected: np.ndarray, sq_dist: np.ndarray, nearest: np.ndarray) -> None:
     """Greedy k-center of (N, d) float32 ``x`` from ``start``; fills selected (K,), sq_dist (N,), nearest (N,)."""
     n = x.shape[0]
     k_total = selected.shape[0]

@@ -20,7 +20,7 @@ from ..errors import DefectscopeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["jl_dim", "random_projection", "greedy_coreset", "kcenter", "KCenterResult", "coverage_radius", "ENGINES"]
+__all__ = ["ENGINES", "KCenterResult", "coverage_radius", "greedy_coreset", "jl_dim", "kcenter", "random_projection"]
 
 
 def jl_dim(n_samples: int, eps: float) -> int:
@@ -183,7 +183,7 @@ def _batched(
     Each round takes the ``pool_size`` points farthest from their nearest centre; every point
     outside that pool is at most ``bound`` (the next largest distance) from a centre, and adding
     centres only lowers distances. So while the farthest pool point, after the centres chosen in
-    this round, is still farther than ``bound``, it is exactly the point the one-at-a-time greedy
+    in this pass, is still farther than ``bound``, it is exactly the point the one-at-a-time greedy
     would choose next; its effect on the other pool points is known from the pool's own distances.
     The round stops when that test fails; then one matrix product updates every point's nearest
     centre for all the centres chosen in the round. Same result as :func:`_greedy_loop`, with
@@ -212,7 +212,7 @@ def _batched(
         while count + len(new) < n_select:
             j = int(torch.argmax(pool_d))
             best = float(pool_d[j])
-            if new and best <= bound or best == -float("inf"):
+            if (new and best <= bound) or best == -float("inf"):
                 break  # a point outside the pool may be the farthest now: update everything first
             new.append(j)
             torch.minimum(pool_d, gram[j], out=pool_d)
@@ -339,9 +339,7 @@ def coverage_radius(features: torch.Tensor, centres: torch.Tensor, chunk_size: i
         _check_matrix(centres, "centres")
         c = centres.float()
         if c.shape[1] != x.shape[1] or c.shape[0] == 0:
-            raise DefectscopeError(
-                f"coverage_radius needs (K, {x.shape[1]}) centres with K >= 1, got {tuple(c.shape)}"
-            )
+            raise DefectscopeError(f"coverage_radius needs (K, {x.shape[1]}) centres with K >= 1, got {tuple(c.shape)}")
     if x.shape[0] == 0:
         return 0.0
     c_sq = (c * c).sum(dim=1)

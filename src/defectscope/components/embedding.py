@@ -16,8 +16,16 @@ import torch.nn.functional as F
 
 from ..errors import DefectscopeError
 
-__all__ = ["BORDER_PADDINGS", "LAYER_WEIGHTINGS", "check_choice", "concat_layers", "default_multiscale_layers",
-           "layer_scales", "local_average", "weigh_layers"]
+__all__ = [
+    "BORDER_PADDINGS",
+    "LAYER_WEIGHTINGS",
+    "check_choice",
+    "concat_layers",
+    "default_multiscale_layers",
+    "layer_scales",
+    "local_average",
+    "weigh_layers",
+]
 
 #: how a p x p neighbourhood that crosses the map's edge is averaged (see :func:`local_average`)
 BORDER_PADDINGS = ("zeros", "exclude")

@@ -66,7 +66,8 @@ class FeatureStore:
         self._row_bytes = 4 * dim
         self._directory = Path(directory) if directory is not None else Path(tempfile.gettempdir())
         try:
-            self._file: IO[bytes] | None = tempfile.TemporaryFile(dir=self._directory, buffering=0)
+            # held for the store's life, closed by close(); unnamed, so the OS frees it even after a crash
+            self._file: IO[bytes] | None = tempfile.TemporaryFile(dir=self._directory, buffering=0)  # noqa: SIM115
         except OSError as exc:
             raise DefectscopeError(
                 f"cannot create a temporary feature file in {self._directory} ({exc.strerror}); "
@@ -91,8 +92,9 @@ class FeatureStore:
                 raise
             return
         if self._writer is None:
-            self._writer = threading.Thread(target=self._write_pending, args=(handle.fileno(),),
-                                            name="defectscope-feature-store", daemon=True)
+            self._writer = threading.Thread(
+                target=self._write_pending, args=(handle.fileno(),), name="defectscope-feature-store", daemon=True
+            )
             self._writer.start()
         self._pending.put((offset, data))
 
@@ -103,7 +105,7 @@ class FeatureStore:
         self._raise_failed_write()
 
     def _write(self, fd: int, offset: int, data: np.ndarray) -> None:
-        view = memoryview(data).cast("B")
+        view = data.data.cast("B")
         try:
             while view:
                 written = os.pwrite(fd, view, offset)
@@ -128,7 +130,7 @@ class FeatureStore:
                         self._write(fd, *item)
                     except DefectscopeError as exc:
                         self._error = exc
-                    except Exception as exc:  # noqa: BLE001 - the thread must go on draining, or append blocks
+                    except Exception as exc:
                         self._error = DefectscopeError(f"writing training features to {self._directory} failed: {exc}")
             finally:
                 self._pending.task_done()
@@ -159,7 +161,9 @@ class FeatureStore:
         """Rows at ``indices`` ((K,) integer, ascending) as a (K, dim) tensor, reading block by block."""
         indices = indices.to(torch.int64)
         if indices.numel() and (indices[0] < 0 or indices[-1] >= self._rows):
-            raise DefectscopeError(f"row indices must lie in [0, {self._rows}), got {int(indices[0])}..{int(indices[-1])}")
+            raise DefectscopeError(
+                f"row indices must lie in [0, {self._rows}), got {int(indices[0])}..{int(indices[-1])}"
+            )
         if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
             raise DefectscopeError("gather needs strictly ascending row indices")
         out = torch.empty(indices.numel(), self.dim, dtype=torch.float32)
@@ -201,7 +205,7 @@ class FeatureStore:
         if out.numel() == 0:
             return
         offset = start * self._row_bytes
-        view = memoryview(out.numpy()).cast("B")
+        view = out.numpy().data.cast("B")
         while view:
             got = os.preadv(fd, [view], offset)
             if not got:
@@ -227,7 +231,7 @@ class FeatureStore:
             handle.close()
             self._file = None
 
-    def __enter__(self) -> "FeatureStore":
+    def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -243,4 +247,3 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore(rows={self._rows}, dim={self.dim}, {self.nbytes / 2**20:.1f} MiB in {self._directory})"
-

@@ -28,13 +28,13 @@ from ..errors import DefectscopeError
 
 __all__ = [
     "GaussianAccumulator",
-    "covariance_from_sums",
-    "regularized_inverse",
-    "mahalanobis",
-    "loo_mahalanobis",
     "accumulator_bytes",
+    "covariance_from_sums",
     "fit_gaussians",
     "fit_scratch_bytes",
+    "loo_mahalanobis",
+    "mahalanobis",
+    "regularized_inverse",
 ]
 
 
@@ -59,9 +59,7 @@ class GaussianAccumulator:
     def update(self, x: torch.Tensor, chunk_size: int = 256) -> None:
         """Add a batch x (B, P, d) of samples, in chunks of positions."""
         if x.ndim != 3 or x.shape[1:] != (self.positions, self.dim):
-            raise DefectscopeError(
-                f"expected samples shaped (B, {self.positions}, {self.dim}), got {tuple(x.shape)}"
-            )
+            raise DefectscopeError(f"expected samples shaped (B, {self.positions}, {self.dim}), got {tuple(x.shape)}")
         x = x.to(self.sum.dtype)
         self.n += x.shape[0]
         self.sum += x.sum(dim=0)
@@ -130,9 +128,7 @@ def regularized_inverse(cov: torch.Tensor, epsilon: float) -> torch.Tensor:
     return chol_inv.mT @ chol_inv  # Sigma^-1 = L^-T L^-1
 
 
-def mahalanobis(
-    x: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor, chunk_size: int = 1024
-) -> torch.Tensor:
+def mahalanobis(x: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Distances (B, P) of samples x (B, P, d) to per-position Gaussians (paper eq. 2).
 
     M(x_ij) = sqrt((x_ij - mu_ij)^T Sigma_ij^-1 (x_ij - mu_ij)); mean (P, d), inv_cov (P, d, d).

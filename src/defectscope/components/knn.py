@@ -21,7 +21,7 @@ from ..errors import DefectscopeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NearestNeighbors", "BACKENDS", "INDEXES", "default_nlist"]
+__all__ = ["BACKENDS", "INDEXES", "NearestNeighbors", "default_nlist"]
 
 BACKENDS = ("faiss", "torch")
 INDEXES = ("flat", "hnsw", "ivf")
@@ -107,8 +107,12 @@ class NearestNeighbors:
             raise DefectscopeError(
                 f"index={index!r} is an approximate faiss index: use backend='faiss', or index='flat' with backend={backend!r}"
             )
-        for name, value in (("hnsw_m", hnsw_m), ("ef_construction", ef_construction), ("ef_search", ef_search),
-                            ("nprobe", nprobe)):
+        for name, value in (
+            ("hnsw_m", hnsw_m),
+            ("ef_construction", ef_construction),
+            ("ef_search", ef_search),
+            ("nprobe", nprobe),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise DefectscopeError(f"{name} must be a positive integer, got {value!r}")
         if nlist is not None and (not isinstance(nlist, int) or nlist < 1):
@@ -122,7 +126,11 @@ class NearestNeighbors:
         self.chunk_size = chunk_size
         self.groups: torch.Tensor | None = None
         if groups is not None:
-            if not isinstance(groups, torch.Tensor) or groups.shape != (self.bank.shape[0],) or groups.is_floating_point():
+            if (
+                not isinstance(groups, torch.Tensor)
+                or groups.shape != (self.bank.shape[0],)
+                or groups.is_floating_point()
+            ):
                 raise DefectscopeError(
                     f"groups must be a ({self.bank.shape[0]},) integer tensor, one group id per bank entry"
                 )
@@ -140,8 +148,10 @@ class NearestNeighbors:
             try:
                 import faiss
             except ImportError:
-                log.warning("faiss is not installed: nearest-neighbour search falls back to the torch backend"
-                            + (f" (exact, not index={index!r})" if index != "flat" else ""))
+                log.warning(
+                    "faiss is not installed: nearest-neighbour search falls back to the torch backend"
+                    + (f" (exact, not index={index!r})" if index != "flat" else "")
+                )
                 self.backend = "torch"
                 self.index = "flat"
             else:
@@ -166,12 +176,20 @@ class NearestNeighbors:
         cap = n_bank // IVF_MIN_POINTS_PER_LIST
         want = default_nlist(n_bank) if nlist is None else nlist
         if cap < 2:
-            log.info("bank of %d entries is too small for an IVF index (needs %d per list): using the exact flat index",
-                     n_bank, IVF_MIN_POINTS_PER_LIST)
+            log.info(
+                "bank of %d entries is too small for an IVF index (needs %d per list): using the exact flat index",
+                n_bank,
+                IVF_MIN_POINTS_PER_LIST,
+            )
             return None
         if want > cap:
-            log.warning("nlist=%d needs %d bank entries to train, the bank has %d: using nlist=%d",
-                        want, want * IVF_MIN_POINTS_PER_LIST, n_bank, cap)
+            log.warning(
+                "nlist=%d needs %d bank entries to train, the bank has %d: using nlist=%d",
+                want,
+                want * IVF_MIN_POINTS_PER_LIST,
+                n_bank,
+                cap,
+            )
             want = cap
         return max(2, want)
 
@@ -204,9 +222,10 @@ class NearestNeighbors:
         import faiss
 
         if self.index == "hnsw":
-            return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, n_fetch))
+            # faiss's SWIG classes take keyword arguments its stubs do not declare
+            return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, n_fetch))  # type: ignore[attr-defined]
         if self.index == "ivf":
-            return faiss.SearchParametersIVF(nprobe=self.nprobe)
+            return faiss.SearchParametersIVF(nprobe=self.nprobe)  # type: ignore[call-arg]
         return None
 
     def __len__(self) -> int:
@@ -232,15 +251,15 @@ class NearestNeighbors:
         n_excluded = 0
         if exclude_group is not None:
             if self.groups is None:
-                raise DefectscopeError("exclude_group needs the bank's groups: build NearestNeighbors(bank, groups=...)")
+                raise DefectscopeError(
+                    "exclude_group needs the bank's groups: build NearestNeighbors(bank, groups=...)"
+                )
             excluded = self.groups == int(exclude_group)
             n_excluded = int(excluded.sum())
         if not isinstance(k, int) or k < 1:
             raise DefectscopeError(f"k must be a positive integer, got {k!r}")
         if k > n_bank - n_excluded:
-            raise DefectscopeError(
-                f"k={k} neighbours asked but the bank has only {n_bank - n_excluded} usable entries"
-            )
+            raise DefectscopeError(f"k={k} neighbours asked but the bank has only {n_bank - n_excluded} usable entries")
 
         n_queries = queries.shape[0]
         distances = torch.empty(n_queries, k, dtype=torch.float32)
@@ -255,9 +274,7 @@ class NearestNeighbors:
             indices[lo : lo + chunk.shape[0]] = idx
         return distances, indices
 
-    def search_excluding(
-        self, queries: torch.Tensor, k: int, exclude_group: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_excluding(self, queries: torch.Tensor, k: int, exclude_group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as ``search(queries, k, exclude_group=exclude_group)``."""
         return self.search(queries, k, exclude_group=exclude_group)
 
@@ -289,9 +306,14 @@ class NearestNeighbors:
         short = dropped.gather(1, keep).any(dim=1)  # rows with fewer than k usable entries
         if bool(short.any()):
             rows = short.nonzero().squeeze(1)
-            log.debug("%d queries got fewer than %d usable neighbours from the %s index: searched exactly",
-                      rows.numel(), k, self.index)
-            excluded = None if exclude_group is None else self.groups == int(exclude_group)  # type: ignore[union-attr]
+            log.debug(
+                "%d queries got fewer than %d usable neighbours from the %s index: searched exactly",
+                rows.numel(),
+                k,
+                self.index,
+            )
+            groups = self.groups
+            excluded = None if exclude_group is None or groups is None else groups == int(exclude_group)
             d2_t[rows], idx_t[rows] = self._torch_chunk(chunk[rows], k, excluded)
         return d2_t, idx_t
 

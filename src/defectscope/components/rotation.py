@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rotation_angles", "rotate_images"]
+__all__ = ["rotate_images", "rotation_angles"]
 
 
 def rotation_angles(n: int) -> list[float]:

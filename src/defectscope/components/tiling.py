@@ -58,10 +58,11 @@ class TileGrid:
         if self.n == 1:  # no tiling: whatever the detector is given (tune's cached-feature tokens too)
             return images
         if tuple(images.shape[-2:]) != self.canvas:
-            raise DefectscopeError(f"tiling expects {self.canvas[0]}x{self.canvas[1]} inputs, got "
-                                   f"{images.shape[-2]}x{images.shape[-1]}")
+            raise DefectscopeError(
+                f"tiling expects {self.canvas[0]}x{self.canvas[1]} inputs, got {images.shape[-2]}x{images.shape[-1]}"
+            )
         th, tw = self.tile
-        tiles = [images[:, :, y:y + th, x:x + tw] for y, x in self.origins()]
+        tiles = [images[:, :, y : y + th, x : x + tw] for y, x in self.origins()]
         return torch.stack(tiles, dim=1).reshape(-1, images.shape[1], th, tw)
 
     def stitch(self, maps: torch.Tensor) -> torch.Tensor:
@@ -71,8 +72,10 @@ class TileGrid:
             DefectscopeError: the maps are not tile-sized or not a whole number of images.
         """
         if tuple(maps.shape[-2:]) != self.tile or maps.shape[0] % self.count:
-            raise DefectscopeError(f"cannot stitch maps shaped {tuple(maps.shape)} from {self.count} tiles of "
-                                   f"{self.tile[0]}x{self.tile[1]}")
+            raise DefectscopeError(
+                f"cannot stitch maps shaped {tuple(maps.shape)} from {self.count} tiles of "
+                f"{self.tile[0]}x{self.tile[1]}"
+            )
         if self.n == 1:
             return maps
         b = maps.shape[0] // self.count
@@ -81,8 +84,8 @@ class TileGrid:
         cover = maps.new_zeros(self.canvas)
         th, tw = self.tile
         for t, (y, x) in enumerate(self.origins()):
-            total[:, y:y + th, x:x + tw] += per_image[:, t]
-            cover[y:y + th, x:x + tw] += 1
+            total[:, y : y + th, x : x + tw] += per_image[:, t]
+            cover[y : y + th, x : x + tw] += 1
         return total / cover
 
 

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .. import __version__
 from ..errors import DefectscopeError
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -279,9 +279,7 @@ def _download_mvtec(
     return [out_dir / c for c in wanted]
 
 
-def _download_visa(
-    out_dir: Path, objects: list[str], progress: bool, base_url: str | None, keep: bool
-) -> list[Path]:
+def _download_visa(out_dir: Path, objects: list[str], progress: bool, base_url: str | None, keep: bool) -> list[Path]:
     root = out_dir / "visa"
     if (root / "split_csv" / "1cls.csv").is_file() and all((root / o).is_dir() for o in objects):
         log.info("VisA already present in %s", root)
@@ -401,9 +399,10 @@ def _receive(
     from tqdm.auto import tqdm  # only needed while downloading
 
     done = offset
-    with part.open(mode) as fh, tqdm(
-        total=total, initial=offset, unit="B", unit_scale=True, desc=part.name[:-5], disable=not progress
-    ) as bar:
+    with (
+        part.open(mode) as fh,
+        tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.name[:-5], disable=not progress) as bar,
+    ):
         try:
             while chunk := resp.read(_CHUNK):
                 fh.write(chunk)

@@ -50,9 +50,7 @@ def _read_labels(data: Path) -> list[tuple[Path, float, str]]:
     return rows
 
 
-def elpv_split(
-    cell_type: str = "mono", n_train: int | None = 200, seed: int = 0, test_good: int | None = 100
-) -> Split:
+def elpv_split(cell_type: str = "mono", n_train: int | None = 200, seed: int = 0, test_good: int | None = 100) -> Split:
     """Good/defective split of the ELPV cells of one type.
 
     Good = defect probability 0.0, defective = 1.0; cells rated 1/3 or 2/3 are left out

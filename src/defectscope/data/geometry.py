@@ -26,7 +26,6 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
@@ -39,7 +38,7 @@ CROP_FRACTION = 0.875
 #: the range of each input side a detector accepts, in pixels
 MIN_SIDE, MAX_SIDE = 32, 2048
 
-ImageSize = Union[int, Sequence[int]]
+ImageSize = int | Sequence[int]
 
 
 def _whole(value: object) -> bool:
@@ -53,8 +52,12 @@ def input_shape(image_size: ImageSize) -> tuple[int, int]:
     """
     if _whole(image_size):
         sides = (int(image_size), int(image_size))  # type: ignore[arg-type]
-    elif isinstance(image_size, Sequence) and not isinstance(image_size, str) and len(image_size) == 2 \
-            and all(_whole(v) for v in image_size):
+    elif (
+        isinstance(image_size, Sequence)
+        and not isinstance(image_size, str)
+        and len(image_size) == 2
+        and all(_whole(v) for v in image_size)
+    ):
         sides = (int(image_size[0]), int(image_size[1]))
     else:
         raise DefectscopeError(f"image_size must be a whole number of pixels or [height, width], got {image_size!r}")
@@ -70,8 +73,10 @@ def check_image_size(image_size: ImageSize) -> tuple[int, int]:
     except DefectscopeError:
         h = w = 0
     if not (MIN_SIDE <= h <= MAX_SIDE and MIN_SIDE <= w <= MAX_SIDE):
-        raise DefectscopeError(f"image_size must be an integer S or [height, width], each between {MIN_SIDE} and "
-                               f"{MAX_SIDE}, got {image_size!r}")
+        raise DefectscopeError(
+            f"image_size must be an integer S or [height, width], each between {MIN_SIDE} and "
+            f"{MAX_SIDE}, got {image_size!r}"
+        )
     return h, w
 
 

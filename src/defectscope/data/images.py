@@ -39,9 +39,38 @@ if TYPE_CHECKING:  # torch loads in preprocess only: exported models read images
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
-    ".pgm", ".ppm", ".pbm", ".pnm", ".pfm", ".tga", ".jp2", ".j2k", ".jpx", ".j2c", ".pcx", ".sgi", ".rgb",
-    ".qoi", ".dds", ".icns", ".ico", ".im", ".ras", ".xbm", ".psd",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".bmp",
+    ".dib",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".gif",
+    ".pgm",
+    ".ppm",
+    ".pbm",
+    ".pnm",
+    ".pfm",
+    ".tga",
+    ".jp2",
+    ".j2k",
+    ".jpx",
+    ".j2c",
+    ".pcx",
+    ".sgi",
+    ".rgb",
+    ".qoi",
+    ".dds",
+    ".icns",
+    ".ico",
+    ".im",
+    ".ras",
+    ".xbm",
+    ".psd",
 )
 """File name endings treated as images (compared case-insensitively): the raster formats Pillow
 decodes (``python -c "from PIL import features; features.pilinfo()"`` lists them), without the
@@ -153,8 +182,10 @@ def _to_rgb_uint8(img: Image.Image, path: str | Path, notes: list[str] | None = 
         alpha = rgba[..., 3:4]
         if notes is not None and bool((alpha < 255).any()):
             share = float((alpha < 255).mean())
-            notes.append(f"has transparent pixels ({share:.0%} of the image): composited over black, so they "
-                         "count as black (save the photo without transparency to avoid it)")
+            notes.append(
+                f"has transparent pixels ({share:.0%} of the image): composited over black, so they "
+                "count as black (save the photo without transparency to avoid it)"
+            )
         rgb = rgba[..., :3] * (alpha / 255.0)  # composite over black
         return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     try:
@@ -174,9 +205,11 @@ def _float_to_uint8(arr: np.ndarray, notes: list[str] | None = None) -> np.ndarr
     lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 1.0)
     if lo < 0.0 or hi > 1.0:
         if notes is not None:
-            notes.append(f"has float values outside [0, 1] ({lo:.6g} to {hi:.6g}): the whole image was stretched "
-                         "from its minimum to its maximum, so one stray value changes every pixel (give values in "
-                         "[0, 1], or uint8/uint16)")
+            notes.append(
+                f"has float values outside [0, 1] ({lo:.6g} to {hi:.6g}): the whole image was stretched "
+                "from its minimum to its maximum, so one stray value changes every pixel (give values in "
+                "[0, 1], or uint8/uint16)"
+            )
         arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
@@ -225,8 +258,9 @@ def to_rgb_uint8(image: object, name: str = "image", notes: list[str] | None = N
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise ImageLoadError(f"{name}: expected an array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
-                             f"got {arr.shape}")
+        raise ImageLoadError(
+            f"{name}: expected an array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {arr.shape}"
+        )
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageLoadError(f"{name}: the array is empty ({arr.shape})")
     if arr.dtype == bool:
@@ -241,23 +275,30 @@ def to_rgb_uint8(image: object, name: str = "image", notes: list[str] | None = N
             bits = 16 if arr.dtype == np.uint16 else next(b for b in (8, 16, 32, 64) if peak < 2**b)
             out = np.clip(np.rint(arr.astype(np.float64) * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
     elif arr.dtype.kind == "i":
-        raise ImageLoadError(f"{name}: signed integer arrays ({arr.dtype}) are ambiguous (0-255 data or a 16-bit "
-                             "range?): convert to uint8 (0-255), uint16 (0-65535) or float (0-1) first")
+        raise ImageLoadError(
+            f"{name}: signed integer arrays ({arr.dtype}) are ambiguous (0-255 data or a 16-bit "
+            "range?): convert to uint8 (0-255), uint16 (0-65535) or float (0-1) first"
+        )
     else:
         raise ImageLoadError(f"{name}: unsupported array dtype {arr.dtype} (use uint8, uint16 or float)")
     if out.ndim == 2:
         return _gray_to_rgb(out)
     if out.shape[2] == 4:  # composite over black, as for files with transparency
         if notes is not None and bool((out[..., 3] < 255).any()):
-            notes.append(f"has transparent pixels ({float((out[..., 3] < 255).mean()):.0%} of the image): composited "
-                         "over black, so they count as black")
+            notes.append(
+                f"has transparent pixels ({float((out[..., 3] < 255).mean()):.0%} of the image): composited "
+                "over black, so they count as black"
+            )
         alpha = out[..., 3:4].astype(np.float32) / 255.0
         return np.clip(np.rint(out[..., :3].astype(np.float32) * alpha), 0, 255).astype(np.uint8)
     return np.array(out[..., :3], dtype=np.uint8, order="C")  # a copy: the caller's array is never shared
 
 
 def load_mask(
-    path: str | Path, size: tuple[int, int] | None = None, *, image: str | Path | None = None,
+    path: str | Path,
+    size: tuple[int, int] | None = None,
+    *,
+    image: str | Path | None = None,
     image_shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Read a ground-truth mask as an (H, W) bool array.
@@ -291,8 +332,12 @@ def load_mask(
     if values.size > NOISY_MASK_VALUES and values[-1] >= mid:
         if str(path) not in _WARNED_MASKS:  # once per file, however often it is read
             _WARNED_MASKS.add(str(path))
-            log.warning("%s: mask holds %d different values (compression noise or soft edges?): binarised at %s",
-                        path, values.size, mid)
+            log.warning(
+                "%s: mask holds %d different values (compression noise or soft edges?): binarised at %s",
+                path,
+                values.size,
+                mid,
+            )
         mask = arr >= mid
     else:
         mask = arr != 0
@@ -304,8 +349,9 @@ def load_mask(
     return np.ascontiguousarray(mask, dtype=bool)
 
 
-def preprocess(image: np.ndarray, size: ImageSize, mean: Sequence[float], std: Sequence[float],
-               resize: str = "stretch") -> torch.Tensor:
+def preprocess(
+    image: np.ndarray, size: ImageSize, mean: Sequence[float], std: Sequence[float], resize: str = "stretch"
+) -> torch.Tensor:
     """(H, W, 3) uint8 RGB -> (3, H_in, W_in) float32 model input; ``size`` is S or (H_in, W_in).
 
     Resized (bilinear, antialiased) as the ``resize`` protocol says (:mod:`defectscope.data.geometry`:

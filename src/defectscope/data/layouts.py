@@ -95,8 +95,12 @@ def find_images(folder: Path, recursive: bool = True) -> list[Path]:
                 continue
             (found if _is_image(base / name) else others).append(base / name)
     if skipped:
-        log.warning("%s: skipped %d folder link(s) leading to folders already searched or nowhere: %s", folder,
-                    len(skipped), ", ".join(str(p) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        log.warning(
+            "%s: skipped %d folder link(s) leading to folders already searched or nowhere: %s",
+            folder,
+            len(skipped),
+            ", ".join(str(p) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
     _note_not_images(folder, others)
     return sorted(found)
 
@@ -211,8 +215,7 @@ def good_images(data_dir: Path, min_images: int = 1) -> list[Path]:
             )
     if len(images) < min_images:
         raise DataLayoutError(
-            f"{source}: found {len(images)} good image(s), need at least {min_images} "
-            f"({', '.join(IMAGE_EXTENSIONS)})"
+            f"{source}: found {len(images)} good image(s), need at least {min_images} ({', '.join(IMAGE_EXTENSIONS)})"
         )
     return images
 
@@ -271,13 +274,19 @@ def _warn_missing_masks(where: Path, samples: list[Sample], mask_dirs: Sequence[
     missing = [s.path for s in samples if s.label == 1 and s.mask_path is None]
     total = sum(s.label == 1 for s in samples)
     if missing:
-        log.warning("%s: %d of %d defective image(s) have no ground-truth mask (pixel metrics are skipped): %s",
-                    where, len(missing), total, _some(missing))
+        log.warning(
+            "%s: %d of %d defective image(s) have no ground-truth mask (pixel metrics are skipped): %s",
+            where,
+            len(missing),
+            total,
+            _some(missing),
+        )
     used = {s.mask_path.resolve() for s in samples if s.mask_path is not None}
     orphans = [m for d in mask_dirs for m in find_images(d, recursive=False) if m.resolve() not in used]
     if orphans:
-        log.warning("%s: %d mask file(s) match no test image (check their names): %s", where, len(orphans),
-                    _some(orphans))
+        log.warning(
+            "%s: %d mask file(s) match no test image (check their names): %s", where, len(orphans), _some(orphans)
+        )
 
 
 def _some(paths: Sequence[Path], n: int = 10) -> str:

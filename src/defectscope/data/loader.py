@@ -10,6 +10,7 @@ not kept: callers that need them reload the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -72,7 +73,7 @@ class ArrayImage:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, obj: object, name: str) -> "ArrayImage":
+    def of(cls, obj: object, name: str) -> ArrayImage:
         """Convert a PIL image or numpy array (see :func:`defectscope.data.images.to_rgb_uint8`); a
         conversion problem is kept as ``error``, not raised; what was not used as given, as ``notes``."""
         notes: list[str] = []
@@ -107,9 +108,15 @@ ImageTransform = Callable[[np.ndarray], tuple[np.ndarray, Any]]
 Prepare = Callable[[np.ndarray, int, Sequence[float], Sequence[float]], np.ndarray]
 
 
-def _load_one(path: Source, size: ImageSize, mean: Sequence[float], std: Sequence[float],
-              transform: ImageTransform | None = None, resize: str = "stretch",
-              prepare: Prepare | None = None) -> _Loaded | str:
+def _load_one(
+    path: Source,
+    size: ImageSize,
+    mean: Sequence[float],
+    std: Sequence[float],
+    transform: ImageTransform | None = None,
+    resize: str = "stretch",
+    prepare: Prepare | None = None,
+) -> _Loaded | str:
     """((3, H_in, W_in) tensor or array, original (H, W), transform record or None, notes, placement), or the
     ImageLoadError message."""
     if isinstance(path, ArrayImage):
@@ -130,8 +137,13 @@ def _load_one(path: Source, size: ImageSize, mean: Sequence[float], std: Sequenc
     return model_input, shape, record, notes, place
 
 
-def _assemble(chunk: list[Path], results: list[_Loaded | str], size: ImageSize, transform_used: bool = False,
-              as_numpy: bool = False) -> Batch:
+def _assemble(
+    chunk: list[Path],
+    results: list[_Loaded | str],
+    size: ImageSize,
+    transform_used: bool = False,
+    as_numpy: bool = False,
+) -> Batch:
     """A Batch from one stretch's load results (failures keep their input order)."""
     tensors, paths, sizes, failures, records, notes, places = [], [], [], [], [], [], []
     for path, result in zip(chunk, results):
@@ -151,8 +163,15 @@ def _assemble(chunk: list[Path], results: list[_Loaded | str], size: ImageSize, 
         import torch
 
         images = torch.stack(tensors) if tensors else torch.empty(0, 3, *input_shape(size))
-    return Batch(images=images, paths=paths, sizes=sizes, failures=failures,
-                 transforms=records if transform_used else [], notes=notes, placements=places)
+    return Batch(
+        images=images,
+        paths=paths,
+        sizes=sizes,
+        failures=failures,
+        transforms=records if transform_used else [],
+        notes=notes,
+        placements=places,
+    )
 
 
 def iter_batches(
@@ -175,7 +194,7 @@ def iter_batches(
     Closing the generator early stops the background thread(s).
 
     transform: optional hook called on each decoded (H, W, 3) uint8 image before resizing
-    (e.g. :class:`defectscope.align.Aligner`); it returns the image to use and a record that
+    (e.g. :class:`defectscope.components.align.Aligner`); it returns the image to use and a record that
     ends up in ``Batch.transforms`` (same order as ``Batch.paths``).
 
     size, resize: the model input, S or (H_in, W_in), and the resize protocol
@@ -221,12 +240,11 @@ def iter_batches(
                             return
                         results.append(_load_one(p, size, mean, std, transform, resize, prepare))
                 else:
-                    results = list(pool.map(lambda p: _load_one(p, size, mean, std, transform, resize, prepare),
-                                            chunk))
+                    results = list(pool.map(lambda p: _load_one(p, size, mean, std, transform, resize, prepare), chunk))
                 if not put(_assemble(chunk, results, size, transform is not None, prepare is not None)):
                     return
             put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
+        except BaseException as exc:
             put(_Raised(exc))
         finally:
             if pool is not None:
@@ -250,8 +268,6 @@ def iter_batches(
     finally:
         stop.set()
         while thread.is_alive():  # unblock a producer waiting on a full queue, then wait for it
-            try:
+            with contextlib.suppress(queue.Empty):
                 out.get_nowait()
-            except queue.Empty:
-                pass
             thread.join(timeout=_POLL_S)

@@ -226,8 +226,7 @@ def _required(base: Path, parts: tuple[str, ...]) -> Path:
         folder = _child_dir(folder, part) if folder is not None else None
     if folder is None:
         raise DataLayoutError(
-            f"{base}: missing folder {'/'.join(parts)}; "
-            "a simple VisA object folder needs train/Normal and test/Anomaly"
+            f"{base}: missing folder {'/'.join(parts)}; a simple VisA object folder needs train/Normal and test/Anomaly"
         )
     return folder
 

@@ -19,8 +19,12 @@ METHODS: dict[str, str] = {
 #: parameters added after model files and benchmark cells existed, each at the value that reproduces the
 #: earlier computation: a model file without one loads with this value (io.py), and a benchmark cell's key
 #: leaves it out at this value (layer_weighting: no longer PatchCore's default, but what came before it)
-NEUTRAL_PARAMS: dict[str, Any] = {"resize": "stretch", "rotations": 1, "border_padding": "zeros",
-                                  "layer_weighting": "channels"}
+NEUTRAL_PARAMS: dict[str, Any] = {
+    "resize": "stretch",
+    "rotations": 1,
+    "border_padding": "zeros",
+    "layer_weighting": "channels",
+}
 
 
 def comparable_params(full: dict[str, Any]) -> dict[str, Any]:
@@ -51,11 +55,16 @@ def make_detector(method: str, **params: Any) -> Detector:
     valid = cls._param_names()
     unknown = sorted(set(params) - set(valid))
     if unknown:
-        raise DefectscopeError(
-            f"{method} does not take parameter(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
-        )
+        raise DefectscopeError(f"{method} does not take parameter(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     return cls(**params)
 
 
-__all__ = ["Detector", "Prediction", "METHODS", "NEUTRAL_PARAMS", "comparable_params", "detector_class",
-           "make_detector"]
+__all__ = [
+    "METHODS",
+    "NEUTRAL_PARAMS",
+    "Detector",
+    "Prediction",
+    "comparable_params",
+    "detector_class",
+    "make_detector",
+]

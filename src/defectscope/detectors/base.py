@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones import Extractor, build_extractor
 from ..data.geometry import ImageSize, check_image_size, check_resize, input_shape
 from ..errors import DefectscopeError, NotFittedError
-from ..normalization import DEFAULT_NORMALIZATION, check_normalization, input_stats
+from ..features.backbones import Extractor, build_extractor
+from ..features.normalization import DEFAULT_NORMALIZATION, check_normalization, input_stats
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,9 @@ class Detector(ABC):
         if self._extractor is None:
             if self.layers is None:
                 self.layers = self._default_layers()
-            self._extractor = build_extractor(self.backbone, self._extractor_layers(), weights=self.weights,
-                                              normalization=self.normalization)
+            self._extractor = build_extractor(
+                self.backbone, self._extractor_layers(), weights=self.weights, normalization=self.normalization
+            )
             self.layers = self._layers_used(self._extractor)
         return self._extractor
 
@@ -189,11 +190,10 @@ class Detector(ABC):
     def _check_fitted(self) -> None:
         if not self.is_fitted:
             raise NotFittedError(
-                f"this {type(self).__name__} is not fitted yet: call fit() with good images, "
-                "or load a model file"
+                f"this {type(self).__name__} is not fitted yet: call fit() with good images, or load a model file"
             )
 
-    def fit(self, images: torch.Tensor | Iterable[torch.Tensor], progress: bool = False) -> "Detector":
+    def fit(self, images: torch.Tensor | Iterable[torch.Tensor], progress: bool = False) -> Detector:
         """Learn from good images: one (N, 3, H, W) tensor or an iterable of batches.
 
         ``progress`` draws bars (with ETAs) on stderr for the steps after feature extraction
@@ -255,7 +255,7 @@ class Detector(ABC):
         self._check_fitted()
         return {k: v.detach().cpu().contiguous() for k, v in self._state_tensors().items()}
 
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> "Detector":
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> Detector:
         """Restore learned state written by :meth:`state_dict`."""
         self._load_state_tensors(tensors)
         return self

@@ -24,13 +24,13 @@ from collections.abc import Iterator
 
 import torch
 
+from ..common.progress import progress_bar
 from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.feature_store import FeatureStore
 from ..components.gaussian import fit_gaussians, fit_scratch_bytes, mahalanobis
 from ..data.geometry import ImageSize, size_text
 from ..errors import DefectscopeError, ModelFileError
-from ..normalization import DEFAULT_NORMALIZATION
-from ..progress import progress_bar
+from ..features.normalization import DEFAULT_NORMALIZATION
 from .base import DEFAULT_BACKBONE, Detector
 
 log = logging.getLogger(__name__)
@@ -147,11 +147,16 @@ class PaDiM(Detector):
             not isinstance(self.d_reduced, int) or isinstance(self.d_reduced, bool) or self.d_reduced < 1
         ):
             raise DefectscopeError(f"d_reduced must be a positive integer or None, got {self.d_reduced!r}")
-        if self.epsilon is not None and (isinstance(self.epsilon, bool) or not isinstance(self.epsilon, numbers.Real)
-                                         or not 0 < self.epsilon <= MAX_EPSILON):
-            raise DefectscopeError(f"epsilon must be a number in (0, {MAX_EPSILON:g}] or None (the backbone's default), "
-                                   f"got {self.epsilon!r}: beyond that the regulariser swamps every feature and the "
-                                   "distances underflow to 0")
+        if self.epsilon is not None and (
+            isinstance(self.epsilon, bool)
+            or not isinstance(self.epsilon, numbers.Real)
+            or not 0 < self.epsilon <= MAX_EPSILON
+        ):
+            raise DefectscopeError(
+                f"epsilon must be a number in (0, {MAX_EPSILON:g}] or None (the backbone's default), "
+                f"got {self.epsilon!r}: beyond that the regulariser swamps every feature and the "
+                "distances underflow to 0"
+            )
 
     @property
     def epsilon_used(self) -> float:

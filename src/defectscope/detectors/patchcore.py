@@ -19,23 +19,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..common.progress import progress_bar
 from ..components.coreset import KCenterResult, kcenter
-from ..components.embedding import (BORDER_PADDINGS, LAYER_WEIGHTINGS, check_choice, concat_layers, local_average,
-                                    weigh_layers)
+from ..components.embedding import (
+    BORDER_PADDINGS,
+    LAYER_WEIGHTINGS,
+    check_choice,
+    concat_layers,
+    local_average,
+    weigh_layers,
+)
 from ..components.feature_store import FeatureStore
 from ..components.knn import BACKENDS, INDEXES, NearestNeighbors
 from ..components.rotation import rotate_images, rotation_angles
 from ..components.tiling import TileGrid, tile_grid
 from ..data.geometry import MAX_SIDE, ImageSize, check_image_size, input_shape, size_text
 from ..errors import DefectscopeError
-from ..normalization import PATCHCORE_NORMALIZATION
-from ..progress import progress_bar
+from ..features.normalization import PATCHCORE_NORMALIZATION
 from .base import Detector, gaussian_blur
 
 log = logging.getLogger(__name__)
 
 #: PatchCore's default model input side (px) and layer weighting, decided together on the development
-#: suite's mean in session 5 (README, "Accuracy beyond bottle"); PaDiM and SPADE keep the base 256 px
+#: suite's mean in version 0.1.0 (docs/benchmarks.md); PaDiM and SPADE keep the base 256 px
 PATCHCORE_IMAGE_SIZE = 288
 PATCHCORE_LAYER_WEIGHTING = "equal"
 
@@ -114,6 +120,9 @@ class PatchCore(Detector):
     """
 
     method = "patchcore"
+    grid_: tuple[int, int]
+    training_map_max_: torch.Tensor | None
+    _index: NearestNeighbors | None
     training_scores_kind = "k-fold held-out (each image against the bank fitted without its fold)"
 
     def __init__(
@@ -144,8 +153,16 @@ class PatchCore(Detector):
         tiles: int = 1,
         tile_overlap: float = 0.25,
     ) -> None:
-        super().__init__(backbone=backbone, layers=layers, image_size=image_size, resize=resize, weights=weights,
-                         seed=seed, blur_sigma=blur_sigma, normalization=normalization)
+        super().__init__(
+            backbone=backbone,
+            layers=layers,
+            image_size=image_size,
+            resize=resize,
+            weights=weights,
+            seed=seed,
+            blur_sigma=blur_sigma,
+            normalization=normalization,
+        )
         self.coreset_ratio = coreset_ratio
         self.coreset_eps = coreset_eps
         self.projection_dim = projection_dim
@@ -177,8 +194,10 @@ class PatchCore(Detector):
         if self.folds < 2:
             raise DefectscopeError(f"folds must be >= 2 (the threshold holds one fold out), got {self.folds}")
         if self.coreset == "folds" and self.max_bank_size is not None and self.max_bank_size < self.folds:
-            raise DefectscopeError(f"max_bank_size={self.max_bank_size} is below folds={self.folds}: every fold needs "
-                                   "at least one memory-bank entry; raise max_bank_size or lower folds")
+            raise DefectscopeError(
+                f"max_bank_size={self.max_bank_size} is below folds={self.folds}: every fold needs "
+                "at least one memory-bank entry; raise max_bank_size or lower folds"
+            )
         if self.threshold_images < 1:
             raise DefectscopeError(f"threshold_images must be >= 1, got {self.threshold_images}")
         if self.num_neighbors < 1:
@@ -193,17 +212,23 @@ class PatchCore(Detector):
             raise DefectscopeError(f"knn_index must be one of {', '.join(INDEXES)}, got {self.knn_index!r}")
         if self.knn_index != "flat" and self.knn_backend != "faiss":
             raise DefectscopeError(f"knn_index={self.knn_index!r} needs knn_backend='faiss'")
-        if isinstance(self.rotations, bool) or not isinstance(self.rotations, numbers.Integral) \
-                or not 1 <= self.rotations <= 360:
-            raise DefectscopeError(f"rotations must be an integer between 1 and 360 (evenly spaced angles), "
-                                   f"got {self.rotations!r}")
+        if (
+            isinstance(self.rotations, bool)
+            or not isinstance(self.rotations, numbers.Integral)
+            or not 1 <= self.rotations <= 360
+        ):
+            raise DefectscopeError(
+                f"rotations must be an integer between 1 and 360 (evenly spaced angles), got {self.rotations!r}"
+            )
         self.rotations = int(self.rotations)
         canvas = self.tile_grid.canvas  # tiles and overlap checked by tile_grid
         self.tiles, self.tile_overlap = int(self.tiles), float(self.tile_overlap)  # numpy numbers: JSON-ready
         if self.tiles > 1 and max(canvas) > MAX_SIDE:
-            raise DefectscopeError(f"{self.tiles} x {self.tiles} tiles of {size_text(self.image_size)} overlapping by "
-                                   f"{self.tile_overlap} make a {size_text(canvas)} canvas, over the {MAX_SIDE} px "
-                                   "limit: use fewer tiles, a smaller image size or more overlap")
+            raise DefectscopeError(
+                f"{self.tiles} x {self.tiles} tiles of {size_text(self.image_size)} overlapping by "
+                f"{self.tile_overlap} make a {size_text(canvas)} canvas, over the {MAX_SIDE} px "
+                "limit: use fewer tiles, a smaller image size or more overlap"
+            )
         check_image_size(canvas)
         if self.target_dim is not None and self.target_dim < 1:
             raise DefectscopeError(f"target_dim must be a positive integer, got {self.target_dim}")
@@ -287,9 +312,20 @@ class PatchCore(Detector):
         n = n_patches // per_image
         folds = self._image_folds(n)
         n_select = self.bank_size_for(n_patches)
-        log.info("PatchCore: %s coreset of %d of %d patches (%d images x %d tiles x %d angles, %dx%d grid, %d dims, "
-                 "%d folds)", self.coreset, n_select, n_patches, n, self.tile_grid.count, self.rotations, grid[0],
-                 grid[1], store.dim, int(folds.max()) + 1)
+        log.info(
+            "PatchCore: %s coreset of %d of %d patches (%d images x %d tiles x %d angles, %dx%d grid, %d dims, "
+            "%d folds)",
+            self.coreset,
+            n_select,
+            n_patches,
+            n,
+            self.tile_grid.count,
+            self.rotations,
+            grid[0],
+            grid[1],
+            store.dim,
+            int(folds.max()) + 1,
+        )
         t0 = time.perf_counter()
         with progress_bar(n_select, "coreset", self._show_progress, unit="centre") as bar:
             if self.coreset == "exact":
@@ -343,7 +379,7 @@ class PatchCore(Detector):
 
     def _fold_selection(
         self, store: FeatureStore, per_image: int, folds: torch.Tensor, n_select: int, bar: Any
-    ) -> "_Selection":
+    ) -> _Selection:
         """Greedy k-center per chunk of images, each chunk inside one fold; the bank is their union.
 
         A chunk holds at most ``CHUNK_PATCHES`` patches and chooses its share of the bank in
@@ -374,7 +410,7 @@ class PatchCore(Detector):
         bank_image = torch.cat(owners)
         return _Selection(torch.cat(banks), bank_image, len(chunks), radius, projected, exact=False)
 
-    def _exact_selection(self, store: FeatureStore, per_image: int, n_select: int, bar: Any) -> "_Selection":
+    def _exact_selection(self, store: FeatureStore, per_image: int, n_select: int, bar: Any) -> _Selection:
         """One greedy k-center over all training patches (the paper's method; memory grows with N)."""
         pool = store.read()
         result = self._select(pool, n_select, bar)
@@ -382,8 +418,9 @@ class PatchCore(Detector):
         radius = float(result.sq_dist.max().clamp_min(0).sqrt())
         return _Selection(bank, result.indices // per_image, 1, radius, result.projected, exact=True)
 
-    def _fold_bank(self, store: FeatureStore, per_image: int, folds: torch.Tensor, fold: int,
-                   selection: "_Selection") -> torch.Tensor:
+    def _fold_bank(
+        self, store: FeatureStore, per_image: int, folds: torch.Tensor, fold: int, selection: _Selection
+    ) -> torch.Tensor:
         """The memory bank fitted without the images of ``fold`` (M_f, D)."""
         if not selection.exact:  # fold selection: the other folds' entries
             return selection.bank[folds[selection.bank_image] != fold].contiguous()
@@ -394,7 +431,7 @@ class PatchCore(Detector):
         return pool[result.indices].contiguous()
 
     def _held_out_scores(
-        self, store: FeatureStore, per_image: int, folds: torch.Tensor, scored: torch.Tensor, selection: "_Selection"
+        self, store: FeatureStore, per_image: int, folds: torch.Tensor, scored: torch.Tensor, selection: _Selection
     ) -> torch.Tensor:
         """Scores (T,) of the ``scored`` training images, each against the bank fitted without its fold.
 
@@ -433,11 +470,12 @@ class PatchCore(Detector):
     @property
     def index(self) -> NearestNeighbors:
         """Nearest-neighbour index over the memory bank (built lazily, not saved)."""
-        if getattr(self, "_index", None) is None:
-            self._index = NearestNeighbors(
+        index = getattr(self, "_index", None)
+        if index is None:
+            index = self._index = NearestNeighbors(
                 self.memory_bank_, backend=self.knn_backend, index=self.knn_index, seed=self.seed
             )
-        return self._index
+        return index
 
     def _predict_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tiling = self.tile_grid
@@ -453,7 +491,11 @@ class PatchCore(Detector):
         return scores, maps
 
     def _image_scores(
-        self, patches: torch.Tensor, dist: torch.Tensor, nn_idx: torch.Tensor, bank: torch.Tensor,
+        self,
+        patches: torch.Tensor,
+        dist: torch.Tensor,
+        nn_idx: torch.Tensor,
+        bank: torch.Tensor,
         index: NearestNeighbors,
     ) -> torch.Tensor:
         """Re-weighted image scores (paper eq. 7).
@@ -487,9 +529,10 @@ class PatchCore(Detector):
         return self.training_scores_
 
     def _training_map_maxima(self) -> torch.Tensor:
-        if getattr(self, "training_map_max_", None) is None:
+        maxima = getattr(self, "training_map_max_", None)
+        if maxima is None:
             raise NotImplementedError("this PatchCore model was fitted before held-out map maxima were kept")
-        return self.training_map_max_
+        return maxima
 
     def training_score_images(self) -> np.ndarray:
         index = getattr(self, "threshold_image_index_", None)
@@ -511,7 +554,8 @@ class PatchCore(Detector):
     def _load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.memory_bank_ = tensors["memory_bank"].float().contiguous()
         self.bank_image_ = tensors["bank_image"].long()
-        self.grid_ = tuple(int(v) for v in tensors["grid"])
+        rows, cols = (int(v) for v in tensors["grid"])
+        self.grid_ = (rows, cols)
         self.training_scores_ = tensors["training_scores"].float()  # (T,) held-out scores
         self.n_train_ = int(tensors["n_train"])
         self.training_map_max_ = tensors["training_map_max"].float() if "training_map_max" in tensors else None

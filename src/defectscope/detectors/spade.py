@@ -32,13 +32,13 @@ from collections.abc import Iterator
 
 import torch
 
-from ..backbones import Extractor, available_layers, default_layers
+from ..common.progress import progress_bar
 from ..components.embedding import concat_layers, default_multiscale_layers
 from ..components.knn import NearestNeighbors
 from ..data.geometry import ImageSize, size_text
 from ..errors import DefectscopeError, ModelFileError
-from ..normalization import DEFAULT_NORMALIZATION
-from ..progress import progress_bar
+from ..features.backbones import Extractor, available_layers, default_layers
+from ..features.normalization import DEFAULT_NORMALIZATION
 from .base import DEFAULT_BACKBONE, Detector
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class SPADE(Detector):
     def _extractor_layers(self) -> list[str]:
         """The pixel-level layers plus the global layer: one forward pass gives both."""
         maps = self._map_layer_names()
-        return maps + [g for g in [self._global_name()] if g not in (None, *maps)]
+        glob = self._global_name()
+        return maps if glob is None or glob in maps else [*maps, glob]
 
     def _layers_used(self, extractor: Extractor) -> list[str]:
         maps = set(self._map_layer_names())
@@ -113,8 +114,10 @@ class SPADE(Detector):
         """Use an already built extractor; it must provide the global layer unless global_layer="maps"."""
         glob = self._global_name()
         if glob is not None and glob not in extractor.layers:
-            raise DefectscopeError(f"SPADE's global layer {glob} is not among the extractor's layers "
-                                   f"{', '.join(extractor.layers)}; use global_layer='maps' to pool the deepest one")
+            raise DefectscopeError(
+                f"SPADE's global layer {glob} is not among the extractor's layers "
+                f"{', '.join(extractor.layers)}; use global_layer='maps' to pool the deepest one"
+            )
         self._extractor = extractor
         if self.layers is None:
             self.layers = list(extractor.layers)
@@ -155,14 +158,16 @@ class SPADE(Detector):
         self.n_train_ = n
         for name in ("k", "top_k"):
             if getattr(self, name) > n:
-                log.warning("SPADE: %s=%d is more than the %d training images: using %d", name, getattr(self, name), n, n)
+                log.warning(
+                    "SPADE: %s=%d is more than the %d training images: using %d", name, getattr(self, name), n, n
+                )
         log.info("SPADE: stored %d training images, maps %s", n, tuple(self.train_maps_.shape[1:]))
 
     def _embed(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global features (B, C_global) and embedding maps (B, h, w, C) as float32."""
         extractor = self.extractor
         feats = dict(zip(extractor.layers, self._features(batch)))
-        maps = [feats[name] for name in self.layers]
+        maps = [feats[name] for name in self._map_layer_names()]
         glob = self._global_name()
         global_ = (feats[glob] if glob is not None else maps[-1]).mean(dim=(2, 3))  # global average pool
         emb = concat_layers(maps, mode="nearest").permute(0, 2, 3, 1)
@@ -195,7 +200,7 @@ class SPADE(Detector):
     def _train_sq_norms(self) -> torch.Tensor:
         """Squared norms (N, P) of the stored training embeddings (as float32), computed once."""
         if self._train_sq is None:
-            n, h, w, c = self.train_maps_.shape
+            _n, h, w, _c = self.train_maps_.shape
             self._train_sq = torch.stack(
                 [m.to(torch.float32).pow(2).sum(dim=-1).reshape(h * w) for m in self.train_maps_]
             )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["EXPORT_FILE", "FORMATS", "RUNTIMES", "RUNTIME_CHOICES", "INSTALL_HINT", "is_exported", "set_threads"]
+__all__ = ["EXPORT_FILE", "FORMATS", "INSTALL_HINT", "RUNTIMES", "RUNTIME_CHOICES", "is_exported", "set_threads"]
 
 #: the metadata file that makes a folder an exported model
 EXPORT_FILE = "defectscope-export.json"

@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from . import EXPORT_FILE, FORMAT_NAME, FORMAT_VERSION, FORMATS, INSTALL_HINT
-from .. import __version__
+from ..common.files import OutputError
 from ..errors import DefectscopeError, ModelFileError
-from ..files import OutputError
+from ..version import __version__
+from . import EXPORT_FILE, FORMAT_NAME, FORMAT_VERSION, FORMATS, INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
-__all__ = ["export_model", "export_refusal", "cached_export", "measure_agreement", "OPSET", "SCORE_RTOL", "MAP_TOL"]
+__all__ = ["MAP_TOL", "OPSET", "SCORE_RTOL", "cached_export", "export_model", "export_refusal", "measure_agreement"]
 
 #: ONNX opset written (Resize, Pad reflect, Gather/ArgMax as used here are all older than this)
 OPSET = 17
@@ -42,8 +42,9 @@ RUN_BYTES = 256 * 2**20
 CHECK_IMAGES = 4
 
 
-def export_model(model_path: str | Path, output: str | Path, fmt: str = "onnx", *,
-                 check_images: Sequence[str | Path] = ()) -> dict[str, Any]:
+def export_model(
+    model_path: str | Path, output: str | Path, fmt: str = "onnx", *, check_images: Sequence[str | Path] = ()
+) -> dict[str, Any]:
     """Export the model file ``model_path`` into the new (or empty) folder ``output``.
 
     fmt: "onnx" or "openvino". check_images: image files scored by both paths for the recorded
@@ -78,7 +79,7 @@ def export_model(model_path: str | Path, output: str | Path, fmt: str = "onnx", 
             graph_file, files = "model.onnx", ["model.onnx"]
         from .runtime import CHECKSUM_KEY, DEFAULT_RUNTIME, file_sha256, json_checksum
 
-        out = {k: v for k, v in meta.items()}
+        out = dict(meta.items())
         out.update(
             export_format=FORMAT_NAME,
             export_format_version=FORMAT_VERSION,
@@ -88,9 +89,13 @@ def export_model(model_path: str | Path, output: str | Path, fmt: str = "onnx", 
                 "files": {name: file_sha256(work / name) for name in files},
                 "opset": OPSET,
                 "runtime": DEFAULT_RUNTIME[fmt],
-                "input": {"name": "images", "shape": ["N", 3, detector.image_size, detector.image_size],
-                          "dtype": "float32", "range": [0.0, 1.0],
-                          "resize": "bilinear, antialiased, outside the graph (Pillow, float32 per channel)"},
+                "input": {
+                    "name": "images",
+                    "shape": ["N", 3, detector.image_size, detector.image_size],
+                    "dtype": "float32",
+                    "range": [0.0, 1.0],
+                    "resize": "bilinear, antialiased, outside the graph (Pillow, float32 per channel)",
+                },
                 "outputs": {"scores": ["N"], "maps": ["N", detector.image_size, detector.image_size]},
                 "images_per_run": _images_per_run(detector),
                 "source": {"path": str(Path(model_path).resolve()), "sha256": meta.get("sha256")},
@@ -119,8 +124,8 @@ def cached_export(model_path: str | Path) -> Path:
     complete export (a leftover folder without its metadata, or a file) is removed and made again: exports
     are written elsewhere and renamed into place, so an incomplete entry is never one being written.
     """
+    from ..features.weights import cache_dir
     from ..io import read_model_file
-    from ..weights import cache_dir
 
     model_path = Path(model_path)
     if model_path.is_dir():
@@ -158,8 +163,10 @@ def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise OutputError(f"{output}: is a file; export writes a folder: give a new folder name")
     if output.is_dir() and any(output.iterdir()):
-        raise OutputError(f"{output}: the folder is not empty; export into a new or empty folder (an earlier export "
-                          "is never overwritten)")
+        raise OutputError(
+            f"{output}: the folder is not empty; export into a new or empty folder (an earlier export "
+            "is never overwritten)"
+        )
     parent = output.parent if str(output.parent) else Path(".")
     if parent.exists() and not os.access(parent, os.W_OK):
         raise OutputError(f"{parent}: permission denied (cannot create {output.name} there)")
@@ -170,27 +177,38 @@ def export_refusal(meta: dict[str, Any]) -> str | None:
     from the metadata alone, before anything is loaded)."""
     missing = [key for key in ("sha256", "pixel_threshold", "normalization") if key not in meta]
     if missing:
-        remedy = ("`defectscope calibrate` writes one" if missing == ["sha256"]
-                  else "fit the model again with this version to export it")
-        return (f"written by an older defectscope (no {', '.join(missing).replace('_', ' ')} in its metadata), which "
-                f"an export must carry; {remedy}")
+        remedy = (
+            "`defectscope calibrate` writes one"
+            if missing == ["sha256"]
+            else "fit the model again with this version to export it"
+        )
+        return (
+            f"written by an older defectscope (no {', '.join(missing).replace('_', ' ')} in its metadata), which "
+            f"an export must carry; {remedy}"
+        )
     if meta.get("method") == "spade":
         from .graph import REFUSED
 
         return f"SPADE models cannot be exported: {REFUSED['spade']}"
     if (meta.get("align") or {}).get("mode", "none") != "none":
-        return ("models fitted with --align cannot be exported yet (the alignment runs in OpenCV before the model, "
-                "outside any graph); fit without --align to export")
+        return (
+            "models fitted with --align cannot be exported yet (the alignment runs in OpenCV before the model, "
+            "outside any graph); fit without --align to export"
+        )
     params = meta.get("params") or {}
     if params.get("tiles", 1) != 1:
-        return (f"tiled models (--tile {params['tiles']}) cannot be exported yet (the graph takes one input per "
-                "image, not its tiles); fit without --tile to export")
+        return (
+            f"tiled models (--tile {params['tiles']}) cannot be exported yet (the graph takes one input per "
+            "image, not its tiles); fit without --tile to export"
+        )
     if params.get("resize", "stretch") != "stretch" or not isinstance(meta.get("image_size"), int):
         size = meta.get("image_size")
         shown = f"{size[1]}x{size[0]}" if isinstance(size, (list, tuple)) and len(size) == 2 else size
-        return (f"only models with a square input and the stretch protocol can be exported yet (this one: image "
-                f"size {shown}, --resize {params.get('resize', 'stretch')}); the torch-free resize "
-                "reproduces stretch only")
+        return (
+            f"only models with a square input and the stretch protocol can be exported yet (this one: image "
+            f"size {shown}, --resize {params.get('resize', 'stretch')}); the torch-free resize "
+            "reproduces stretch only"
+        )
     return None
 
 
@@ -208,7 +226,8 @@ def _load_source(path: Path) -> tuple[Any, dict[str, Any]]:
         if missing:
             raise ModelFileError(
                 f"{path}: written by an older defectscope (no {', '.join(missing).replace('_', ' ')} in its metadata), "
-                "which an export must carry; fit the model again with this version, then export it")
+                "which an export must carry; fit the model again with this version, then export it"
+            )
         reason = export_refusal(meta)
         if reason is not None:
             raise DefectscopeError(f"{path}: {reason}")
@@ -223,9 +242,16 @@ def _write_onnx(graph: Any, size: int, path: Path) -> None:
     example = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape arithmetic (sizes are fixed)
-        torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=["images"],
-                          output_names=["scores", "maps"],
-                          dynamic_axes={"images": {0: "N"}, "scores": {0: "N"}, "maps": {0: "N"}})
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=["scores", "maps"],
+            dynamic_axes={"images": {0: "N"}, "scores": {0: "N"}, "maps": {0: "N"}},
+        )
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
@@ -264,8 +290,9 @@ def _check_images(paths: Sequence[str | Path], size: int) -> tuple[list[np.ndarr
     return images, f"{CHECK_IMAGES} synthetic images"
 
 
-def measure_agreement(detector: Any, folder: Path, meta: dict[str, Any],
-                      check_images: Sequence[str | Path] = ()) -> dict[str, Any]:
+def measure_agreement(
+    detector: Any, folder: Path, meta: dict[str, Any], check_images: Sequence[str | Path] = ()
+) -> dict[str, Any]:
     """Score images with the torch detector and the exported folder; the largest differences.
 
     Returns max_score_rel (|s_export / s_torch - 1|), max_map_diff (|map difference| / torch map
@@ -288,13 +315,24 @@ def measure_agreement(detector: Any, folder: Path, meta: dict[str, Any],
     ranges = np.ptp(reference.maps.reshape(len(images), -1), axis=1).astype(np.float64)
     map_diff = np.abs(exported.maps - reference.maps).reshape(len(images), -1).max(axis=1) / np.maximum(ranges, 1e-12)
     judged = bool(((exported.scores >= threshold) == (reference.scores >= threshold)).all())
-    result = {"max_score_rel": float(rel.max()), "max_map_diff": float(map_diff.max()), "judgements_equal": judged,
-              "n_images": len(images), "images": source, "runtime": runtime.runtime}
+    result = {
+        "max_score_rel": float(rel.max()),
+        "max_map_diff": float(map_diff.max()),
+        "judgements_equal": judged,
+        "n_images": len(images),
+        "images": source,
+        "runtime": runtime.runtime,
+    }
     result["within"] = bool(result["max_score_rel"] <= SCORE_RTOL and result["max_map_diff"] <= MAP_TOL and judged)
     if not result["within"]:
-        log.warning("the exported model differs from the model file more than allowed on %s: scores %.2g relative, "
-                    "maps %.2g of their range, judgements %s", source, result["max_score_rel"],
-                    result["max_map_diff"], "equal" if judged else "DIFFERENT")
+        log.warning(
+            "the exported model differs from the model file more than allowed on %s: scores %.2g relative, "
+            "maps %.2g of their range, judgements %s",
+            source,
+            result["max_score_rel"],
+            result["max_map_diff"],
+            "equal" if judged else "DIFFERENT",
+        )
     return result
 
 

@@ -51,8 +51,9 @@ class _Graph(nn.Module):
 
     def finish_maps(self, patch_maps: torch.Tensor) -> torch.Tensor:
         """(N, h, w) -> (N, S, S): bilinear upsampling, Gaussian blur (as Detector._finish_maps)."""
-        maps = F.interpolate(patch_maps.unsqueeze(1), size=(self.size, self.size), mode="bilinear",
-                             align_corners=False).squeeze(1)
+        maps = F.interpolate(
+            patch_maps.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False
+        ).squeeze(1)
         return gaussian_blur(maps, self.sigma)
 
 
@@ -76,14 +77,19 @@ class PatchCoreGraph(_Graph):
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised -> (N, h, w, D), as PatchCore._patch_features (adaptive pooling
         over channels written as a matrix product with its fixed averaging matrix)."""
-        maps = weigh_layers(local_average(self.extractor(x), self.patch_size, self.border_padding),
-                            self.layer_weighting)
+        maps = weigh_layers(
+            local_average(self.extractor(x), self.patch_size, self.border_padding), self.layer_weighting
+        )
         h, w = maps[0].shape[-2:]
         for m in maps[1:]:
             if m.shape[-1] * m.shape[-2] > h * w:
                 h, w = m.shape[-2:]
-        maps = [m if m.shape[-2:] == (h, w) else
-                F.interpolate(m, size=(int(h), int(w)), mode="bilinear", align_corners=False) for m in maps]
+        maps = [
+            m
+            if m.shape[-2:] == (h, w)
+            else F.interpolate(m, size=(int(h), int(w)), mode="bilinear", align_corners=False)
+            for m in maps
+        ]
         feats = torch.cat(maps, dim=1).permute(0, 2, 3, 1)
         d = feats.shape[-1]
         if self.target_dim is not None and self.target_dim < d:
@@ -151,13 +157,15 @@ def scoring_graph(detector: Detector) -> nn.Module:
         return PatchCoreGraph(detector).eval()
     if isinstance(detector, PaDiM):
         return PaDiMGraph(detector).eval()
-    raise DefectscopeError(f"{detector.method} models cannot be exported: {REFUSED.get(detector.method, '')}".rstrip(": "))
+    raise DefectscopeError(
+        f"{detector.method} models cannot be exported: {REFUSED.get(detector.method, '')}".rstrip(": ")
+    )
 
 
 #: why a method is not exported (the README says the same)
 REFUSED = {
     "spade": "SPADE's pixel search compares each image with the full feature maps of its nearest training images, "
-             "chosen per image; as a graph that means every training image's feature map as a constant (about "
-             "600 MB for bottle at 256 px) and a data-dependent gather of several of them per image, which neither "
-             "runtime runs faster than torch; use PatchCore or PaDiM for exported models",
+    "chosen per image; as a graph that means every training image's feature map as a constant (about "
+    "600 MB for bottle at 256 px) and a data-dependent gather of several of them per image, which neither "
+    "runtime runs faster than torch; use PatchCore or PaDiM for exported models",
 }

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..errors import DefectscopeError
 
-__all__ = ["resize_unit", "prepare"]
+__all__ = ["prepare", "resize_unit"]
 
 
 def resize_unit(image: np.ndarray, size: int) -> np.ndarray:
@@ -34,8 +34,10 @@ def resize_unit(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[:2] == (size, size):
         return np.ascontiguousarray(unit.transpose(2, 0, 1))
     channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(unit[:, :, c])).resize(
-            (size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(unit[:, :, c])).resize((size, size), Image.Resampling.BILINEAR),
+            dtype=np.float32,
+        )
         for c in range(3)
     ]
     return np.stack(channels)

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import DefectscopeError, ModelFileError
 from . import EXPORT_FILE, FORMAT_NAME, FORMAT_VERSION, INSTALL_HINT, RUNTIMES, threads
 from .preprocess import prepare as _prepare
-from ..errors import DefectscopeError, ModelFileError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RuntimeDetector", "Prediction", "load_exported", "json_checksum", "file_sha256"]
+__all__ = ["Prediction", "RuntimeDetector", "file_sha256", "json_checksum", "load_exported"]
 
 #: the runtime each graph format runs on unless told otherwise (see the README, "Exported models")
 DEFAULT_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -109,8 +109,9 @@ class RuntimeDetector:
 
 
 def _missing(runtime: str, exc: ImportError) -> DefectscopeError:
-    return DefectscopeError(f"running an exported model with {runtime} needs the {runtime} package ({exc}): "
-                            f"{INSTALL_HINT}")
+    return DefectscopeError(
+        f"running an exported model with {runtime} needs the {runtime} package ({exc}): {INSTALL_HINT}"
+    )
 
 
 def _onnxruntime(graph: Path, n_threads: int) -> Any:
@@ -125,7 +126,7 @@ def _onnxruntime(graph: Path, n_threads: int) -> Any:
     options.log_severity_level = 3  # warnings about unused initialisers are not the user's business
     try:
         session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+    except Exception as exc:
         raise ModelFileError(f"{graph}: onnxruntime cannot load this graph ({str(exc).splitlines()[0]})") from exc
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -146,11 +147,15 @@ def _openvino(graph: Path, n_threads: int) -> Any:
     except ImportError as exc:
         raise _missing("openvino", exc) from None
     core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": n_threads, "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1,
-              "PERFORMANCE_HINT": "LATENCY"}
+    config = {
+        "INFERENCE_NUM_THREADS": n_threads,
+        "INFERENCE_PRECISION_HINT": "f32",
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+    }
     try:
         compiled = core.compile_model(str(graph), "CPU", config)
-    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with long traces
+    except Exception as exc:
         raise ModelFileError(f"{graph}: OpenVINO cannot load this graph ({str(exc).splitlines()[0]})") from exc
     request = compiled.create_infer_request()
     out_scores, out_maps = compiled.output("scores"), compiled.output("maps")
@@ -183,28 +188,39 @@ def read_export_meta(folder: str | Path) -> dict[str, Any]:
     if not folder.exists():
         raise ModelFileError(f"{folder}: exported model folder not found")
     if not path.is_file():
-        raise ModelFileError(f"{folder}: is a folder without {EXPORT_FILE}, not an exported model (give a model file, "
-                             "or a folder written by `defectscope export`)")
+        raise ModelFileError(
+            f"{folder}: is a folder without {EXPORT_FILE}, not an exported model (give a model file, "
+            "or a folder written by `defectscope export`)"
+        )
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("export_format") != FORMAT_NAME or not isinstance(meta.get("export"), dict):
+    if (
+        not isinstance(meta, dict)
+        or meta.get("export_format") != FORMAT_NAME
+        or not isinstance(meta.get("export"), dict)
+    ):
         raise ModelFileError(f"{path}: not a defectscope export (format {meta.get('export_format')!r})")
     version = meta.get("export_format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelFileError(f"{folder}: export format version {version} is newer than this defectscope supports "
-                             f"({FORMAT_VERSION}); upgrade defectscope")
+        raise ModelFileError(
+            f"{folder}: export format version {version} is newer than this defectscope supports "
+            f"({FORMAT_VERSION}); upgrade defectscope"
+        )
     if meta.get(CHECKSUM_KEY) != json_checksum(meta):
-        raise ModelFileError(f"{path}: damaged or edited by hand: its content does not match the checksum written "
-                             "with it; export the model again")
+        raise ModelFileError(
+            f"{path}: damaged or edited by hand: its content does not match the checksum written "
+            "with it; export the model again"
+        )
     for name, digest in meta["export"]["files"].items():
         file = folder / name
         if not file.is_file():
             raise ModelFileError(f"{folder}: {name} is missing; export the model again")
         if file_sha256(file) != digest:
-            raise ModelFileError(f"{file}: damaged or replaced: it does not match the checksum in {EXPORT_FILE}; "
-                                 "export the model again")
+            raise ModelFileError(
+                f"{file}: damaged or replaced: it does not match the checksum in {EXPORT_FILE}; export the model again"
+            )
     return meta
 
 
@@ -218,6 +234,7 @@ def load_exported(folder: str | Path, runtime: str | None = None) -> tuple[Runti
     if runtime not in RUNTIMES:
         raise DefectscopeError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     if fmt == "openvino" and runtime != "openvino":
-        raise DefectscopeError(f"{folder}: an OpenVINO export runs on openvino only; export with --format onnx for "
-                               f"{runtime}")
+        raise DefectscopeError(
+            f"{folder}: an OpenVINO export runs on openvino only; export with --format onnx for {runtime}"
+        )
     return RuntimeDetector(folder, meta, runtime, threads()), meta

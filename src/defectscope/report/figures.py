@@ -53,8 +53,13 @@ def pro_figure(fpr: Sequence[float], pro: Sequence[float], aupro: float | None, 
     fig, ax = _new_figure()
     text = "PRO" if aupro is None else f"PRO (AUPRO@{fpr_limit:g} {aupro:.3f})"
     ax.plot(fpr, pro, lw=2, color=DEFECT_COLOUR, label=text)
-    ax.set(xlim=(0, fpr_limit), ylim=(0, 1.01), xlabel="pixel false positive rate",
-           ylabel="per-region overlap", title="PRO curve")
+    ax.set(
+        xlim=(0, fpr_limit),
+        ylim=(0, 1.01),
+        xlabel="pixel false positive rate",
+        ylabel="per-region overlap",
+        title="PRO curve",
+    )
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     return fig
@@ -90,8 +95,15 @@ def confusion_figure(confusion: dict[str, int]) -> Figure:
     cells = np.array([[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]])
     ax.imshow(cells, cmap="Blues")
     for (i, j), value in np.ndenumerate(cells):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=14,
-                color="white" if value > cells.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="white" if value > cells.max() / 2 else "black",
+        )
     ax.set_xticks([0, 1], ["judged good", "judged defective"])
     ax.set_yticks([0, 1], ["good", "defective"])
     ax.set_title("At the model's threshold")

@@ -73,7 +73,9 @@ def overlay(
     scale = 2.0 * pixel_threshold if pixel_threshold > 0 else max(float(full.max()), 1e-12)
     level = np.clip(full / scale, 0.0, 1.0)
     colour = cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    out = np.ascontiguousarray((image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8))
+    out = np.ascontiguousarray(
+        (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
+    )
     thickness = max(1, round(max(h, w) / 300))
     region, colour_of_region = regions(full, pixel_threshold, verdict.judgement if verdict is not None else None)
     if region is not None:
@@ -90,8 +92,19 @@ def overlay(
         if out.shape[1] < LEGEND_WIDTH:  # a narrow picture: white margin so the legend fits beside nothing
             margin = np.full((out.shape[0], LEGEND_WIDTH - out.shape[1], 3), 255, np.uint8)
             out = np.concatenate([out, margin], axis=1)
-        out = np.concatenate([out, _legend(out.shape[1], pixel_threshold, verdict, region is not None
-                                           and colour_of_region == _YELLOW, gt_mask is not None)], axis=0)
+        out = np.concatenate(
+            [
+                out,
+                _legend(
+                    out.shape[1],
+                    pixel_threshold,
+                    verdict,
+                    region is not None and colour_of_region == _YELLOW,
+                    gt_mask is not None,
+                ),
+            ],
+            axis=0,
+        )
     return out
 
 
@@ -109,8 +122,9 @@ def regions(full: np.ndarray, pixel_threshold: float, judgement: int | None) -> 
     return labels == labels[y, x], _YELLOW
 
 
-def _legend(width: int, pixel_threshold: float, verdict: Verdict | None, peak_only: bool,
-            ground_truth: bool = False) -> np.ndarray:
+def _legend(
+    width: int, pixel_threshold: float, verdict: Verdict | None, peak_only: bool, ground_truth: bool = False
+) -> np.ndarray:
     """A white strip: verdict line, colour bar from 0 to 2x the pixel threshold, what the outlines mean."""
     font = cv2.FONT_HERSHEY_SIMPLEX
     size = max(0.35, min(1.2, width / 900))
@@ -118,9 +132,19 @@ def _legend(width: int, pixel_threshold: float, verdict: Verdict | None, peak_on
     strip = np.full((line * 3 + 8, width, 3), 255, np.uint8)
     if verdict is not None:
         word = "DEFECTIVE" if verdict.judgement else "good"
-        text = f"{word}: score {verdict.score:.4g} {'>=' if verdict.judgement else '<'} threshold {verdict.threshold:.4g}"
-        cv2.putText(strip, text, (6, line - 6), font, size, (200, 0, 0) if verdict.judgement else (0, 120, 0),
-                    max(1, round(size * 2)), cv2.LINE_AA)
+        text = (
+            f"{word}: score {verdict.score:.4g} {'>=' if verdict.judgement else '<'} threshold {verdict.threshold:.4g}"
+        )
+        cv2.putText(
+            strip,
+            text,
+            (6, line - 6),
+            font,
+            size,
+            (200, 0, 0) if verdict.judgement else (0, 120, 0),
+            max(1, round(size * 2)),
+            cv2.LINE_AA,
+        )
     bar_w = max(10, width - 12)
     ramp = cv2.applyColorMap(np.linspace(0, 255, bar_w).astype(np.uint8)[None, :], cv2.COLORMAP_JET)[..., ::-1]
     top = line + 2
@@ -130,10 +154,20 @@ def _legend(width: int, pixel_threshold: float, verdict: Verdict | None, peak_on
     small = size * 0.8
     y = top + line // 2 + int(22 * small)
     cv2.putText(strip, "0", (6, y), font, small, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(strip, f"pixel thr {pixel_threshold:.4g}", (max(6, mid - int(80 * small)), y), font, small, (0, 0, 0), 1,
-                cv2.LINE_AA)
+    cv2.putText(
+        strip,
+        f"pixel thr {pixel_threshold:.4g}",
+        (max(6, mid - int(80 * small)), y),
+        font,
+        small,
+        (0, 0, 0),
+        1,
+        cv2.LINE_AA,
+    )
     right = f"{2 * pixel_threshold:.4g}"
-    cv2.putText(strip, right, (max(6, 6 + bar_w - int(18 * small * len(right))), y), font, small, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(
+        strip, right, (max(6, 6 + bar_w - int(18 * small * len(right))), y), font, small, (0, 0, 0), 1, cv2.LINE_AA
+    )
     if verdict is not None and not verdict.judgement:
         note = "judged good: nothing outlined"
     elif peak_only:

@@ -68,12 +68,16 @@ def make_figures(result: dict[str, Any], folder: Path) -> dict[str, str]:
     curves = result.get("curves") or {}
     roc = curves.get("image_roc")
     if roc:
-        fig = figures.roc_figure([("image", roc["fpr"], roc["tpr"], result.get("image_auroc"))], title="Image-level ROC")
+        fig = figures.roc_figure(
+            [("image", roc["fpr"], roc["tpr"], result.get("image_auroc"))], title="Image-level ROC"
+        )
         figures.save_figure(fig, folder / "roc_image.png")
         made["roc_image"] = "roc_image.png"
     proc = curves.get("pixel_roc")
     if proc:
-        fig = figures.roc_figure([("pixel", proc["fpr"], proc["tpr"], result.get("pixel_auroc"))], title="Pixel-level ROC")
+        fig = figures.roc_figure(
+            [("pixel", proc["fpr"], proc["tpr"], result.get("pixel_auroc"))], title="Pixel-level ROC"
+        )
         figures.save_figure(fig, folder / "roc_pixel.png")
         made["roc_pixel"] = "roc_pixel.png"
     pro = curves.get("pro")
@@ -85,7 +89,9 @@ def make_figures(result: dict[str, Any], folder: Path) -> dict[str, str]:
     if images:
         good = [r["score"] for r in images if r["label"] == 0]
         bad = [r["score"] for r in images if r["label"] == 1]
-        figures.save_figure(figures.score_histogram_figure(good, bad, float(result["threshold"])), folder / "scores.png")
+        figures.save_figure(
+            figures.score_histogram_figure(good, bad, float(result["threshold"])), folder / "scores.png"
+        )
         made["scores"] = "scores.png"
     if result.get("confusion"):
         figures.save_figure(figures.confusion_figure(result["confusion"]), folder / "confusion.png")
@@ -95,8 +101,13 @@ def make_figures(result: dict[str, Any], folder: Path) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- pages
 
-_FIGURE_ALTS = {"roc_image": "image ROC curve", "roc_pixel": "pixel ROC curve", "pro": "PRO curve",
-                "scores": "histogram of scores of good and defective images", "confusion": "confusion matrix"}
+_FIGURE_ALTS = {
+    "roc_image": "image ROC curve",
+    "roc_pixel": "pixel ROC curve",
+    "pro": "PRO curve",
+    "scores": "histogram of scores of good and defective images",
+    "confusion": "confusion matrix",
+}
 
 
 def _input_text(result: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -119,7 +130,7 @@ def write_report(
 ) -> Path:
     """Write ``out_dir/index.html`` and its figures for one evaluation ``result``; returns the page.
 
-    ``result`` is what :func:`defectscope.evaluation.evaluate_detector` returns; image records
+    ``result`` is what :func:`defectscope.evaluation.evaluate.evaluate_detector` returns; image records
     with an ``"overlay"`` key point into ``out_dir/overlays`` (the ``overlay_dir`` given there).
     ``meta`` is the model's metadata (training data, threshold rule and its warning).
     """
@@ -154,8 +165,13 @@ def write_report(
     return page
 
 
-_BENCH_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
-                  ("image_f1_max", "image F1-max"), ("images_per_second", "images/s")]
+_BENCH_COLUMNS = [
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("aupro", "AUPRO"),
+    ("image_f1_max", "image F1-max"),
+    ("images_per_second", "images/s"),
+]
 
 
 def write_benchmark_index(rows: list[dict[str, Any]], out_dir: Path) -> Path:
@@ -177,16 +193,28 @@ def write_benchmark_index(rows: list[dict[str, Any]], out_dir: Path) -> Path:
             if target.suffix.lower() != ".html":
                 target = target / "index.html"
             href = _url(os.path.relpath(target, out_dir))
-        table.append({"name": row.get("dataset", "?"), "href": href, "method": row.get("method", ""),
-                      "backbone": row.get("backbone", ""), "metrics": [row.get(key) for key, _ in _BENCH_COLUMNS]})
+        table.append(
+            {
+                "name": row.get("dataset", "?"),
+                "href": href,
+                "method": row.get("method", ""),
+                "backbone": row.get("backbone", ""),
+                "metrics": [row.get(key) for key, _ in _BENCH_COLUMNS],
+            }
+        )
     means = []
     for key, _ in _BENCH_COLUMNS:
         values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         means.append(sum(values) / len(values) if values else None)
     page = out_dir / "index.html"
     page.write_text(
-        render("benchmark_index.html", title="defectscope benchmark", columns=[label for _, label in _BENCH_COLUMNS],
-               rows=table, means=means if rows else []),
+        render(
+            "benchmark_index.html",
+            title="defectscope benchmark",
+            columns=[label for _, label in _BENCH_COLUMNS],
+            rows=table,
+            means=means if rows else [],
+        ),
         encoding="utf-8",
     )
     return page

@@ -39,8 +39,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import defectscope
 
-from .. import __version__
 from ..errors import DefectscopeError
+from ..version import __version__
 from .batching import ModelSlot, QueueFull
 from .metrics import Metrics
 from .settings import Settings
@@ -51,16 +51,20 @@ log = logging.getLogger("defectscope.serve")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """Model names: what fits in a URL path segment without escaping."""
 RETRY_AFTER_S = 1
-PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
-               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 """The page runs its own inline script and talks to this server only; nothing loads from elsewhere."""
 
 
 def check_name(name: str) -> str:
     """``name`` if it is a valid model name, else DefectscopeError saying what is allowed."""
     if not NAME_PATTERN.fullmatch(name):
-        raise DefectscopeError(f"model name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-                               "starting with a letter or digit (MODEL=NAME sets it)")
+        raise DefectscopeError(
+            f"model name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (MODEL=NAME sets it)"
+        )
     return name
 
 
@@ -72,9 +76,17 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
     if not models:
         raise DefectscopeError("no models to serve")
     metrics = Metrics()
-    slots = {check_name(name): ModelSlot(name, model, metrics, max_batch=settings.max_batch,
-                                         max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
-             for name, model in models.items()}
+    slots = {
+        check_name(name): ModelSlot(
+            name,
+            model,
+            metrics,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+        )
+        for name, model in models.items()
+    }
     state: dict[str, Any] = {"ready": False, "tasks": set()}
 
     async def reload_all() -> None:
@@ -89,9 +101,13 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
         loop = asyncio.get_running_loop()
         for slot in slots.values():
             slot.start()
-        sighup = (settings.handle_sighup and hasattr(signal, "SIGHUP")
-                  and threading.current_thread() is threading.main_thread())
+        sighup = (
+            settings.handle_sighup
+            and hasattr(signal, "SIGHUP")
+            and threading.current_thread() is threading.main_thread()
+        )
         if sighup:
+
             def on_sighup() -> None:
                 log.info("SIGHUP: reloading %d model(s)", len(slots))
                 task = loop.create_task(reload_all())
@@ -109,8 +125,9 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
             for slot in slots.values():
                 await slot.stop()
 
-    app = FastAPI(title="defectscope", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(
+        title="defectscope", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.state.slots = slots
     app.state.metrics = metrics
     app.state.settings = settings
@@ -122,8 +139,11 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise ServeError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                             {"WWW-Authenticate": "Bearer"})
+            raise ServeError(
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
 
     def slot_of(request: Request, name: str) -> ModelSlot:
         request.scope.setdefault("defectscope", {})["model"] = name
@@ -138,8 +158,9 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
-        html = page.render(version=__version__, auth=settings.api_key is not None,
-                           max_body_mb=f"{settings.max_body_bytes / 2**20:.3g}")
+        html = page.render(
+            version=__version__, auth=settings.api_key is not None, max_body_mb=f"{settings.max_body_bytes / 2**20:.3g}"
+        )
         return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"})
 
     @app.get("/healthz")
@@ -179,13 +200,18 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
         try:
             result, batch = await asyncio.wait_for(future, max(remaining, 0.0))
         except asyncio.TimeoutError:
-            raise ServeError(504, f"no answer within {settings.timeout_s:g} s, the server's limit (--timeout-s)") from None
+            raise ServeError(
+                504, f"no answer within {settings.timeout_s:g} s, the server's limit (--timeout-s)"
+            ) from None
         request.scope["defectscope"]["batch"] = batch
         if not result.ok:  # the API's message names the image by its place in the batch: name it as sent
             raise ServeError(400, _renamed(result.error, result.name, filename))
         answer: dict[str, Any] = {
-            "model": name, "score": float(result.score), "judgement": int(result.judgement),
-            "threshold": float(result.threshold), "normalized_score": _float_or_none(result.normalized_score),
+            "model": name,
+            "score": float(result.score),
+            "judgement": int(result.judgement),
+            "threshold": float(result.threshold),
+            "normalized_score": _float_or_none(result.normalized_score),
             "notes": list(result.notes),  # what the loader noticed: extra frames, transparency, odd ranges
         }
         if heatmap:
@@ -209,10 +235,18 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
 
 def _describe(name: str, model: defectscope.Model) -> dict[str, Any]:
     info = model.info()
-    return {"name": name, "method": info["method"], "backbone": info["backbone"], "image_size": info["image_size"],
-            "layer_weighting": info["layer_weighting"],
-            "threshold": info["threshold"], "fitted": info["fitted"], "checksum": info["checksum"],
-            "runtime": info["runtime"], "runtime_reason": info["runtime_reason"]}
+    return {
+        "name": name,
+        "method": info["method"],
+        "backbone": info["backbone"],
+        "image_size": info["image_size"],
+        "layer_weighting": info["layer_weighting"],
+        "threshold": info["threshold"],
+        "fitted": info["fitted"],
+        "checksum": info["checksum"],
+        "runtime": info["runtime"],
+        "runtime_reason": info["runtime_reason"],
+    }
 
 
 def _float_or_none(value: float | None) -> float | None:
@@ -221,7 +255,7 @@ def _float_or_none(value: float | None) -> float | None:
 
 def _renamed(error: str, api_name: str, name: str) -> str:
     prefix = f"{api_name}: "
-    return f"{name}: {error[len(prefix):]}" if error.startswith(prefix) else error
+    return f"{name}: {error[len(prefix) :]}" if error.startswith(prefix) else error
 
 
 def _overlay_png_base64(result: defectscope.Result) -> str:
@@ -297,5 +331,13 @@ class _Observe:
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(elapsed)
             error = f" error={json.dumps(note['error'])}" if "error" in note else ""
-            log.info("request method=%s route=%s model=%s status=%d latency_ms=%.1f batch=%s%s", scope["method"],
-                     route, note.get("model", "-"), status, 1000 * elapsed, note.get("batch", "-"), error)
+            log.info(
+                "request method=%s route=%s model=%s status=%d latency_ms=%.1f batch=%s%s",
+                scope["method"],
+                route,
+                note.get("model", "-"),
+                status,
+                1000 * elapsed,
+                note.get("batch", "-"),
+                error,
+            )

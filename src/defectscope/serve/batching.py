@@ -14,6 +14,7 @@ the old one in place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -60,8 +61,16 @@ class Job:
 class ModelSlot:
     """A model under a name: the current :class:`defectscope.Model`, its file, and its batcher."""
 
-    def __init__(self, name: str, model: defectscope.Model, metrics: Metrics, *, max_batch: int,
-                 max_wait_ms: float, max_queue: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: defectscope.Model,
+        metrics: Metrics,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        max_queue: int,
+    ) -> None:
         self.name = name
         self.model = model
         self.path: Path | None = model.path
@@ -86,10 +95,8 @@ class ModelSlot:
         """Stop the batcher; requests still waiting are told the server is shutting down."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         while self._pending:
             job = self._pending.popleft()
@@ -104,8 +111,10 @@ class ModelSlot:
     def submit(self, image: Any, maps: bool) -> asyncio.Future:
         """Queue one decoded image; the future resolves to (Result, batch size). Raises QueueFull."""
         if len(self._pending) >= self.max_queue:
-            raise QueueFull(f"model {self.name!r} has {len(self._pending)} requests waiting, the server's limit "
-                            "(--max-queue); retry shortly")
+            raise QueueFull(
+                f"model {self.name!r} has {len(self._pending)} requests waiting, the server's limit "
+                "(--max-queue); retry shortly"
+            )
         job = Job(image, maps, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self.metrics.queue_depth.labels(self.name).set(len(self._pending))
@@ -147,8 +156,9 @@ class ModelSlot:
         maps = any(job.maps for job in jobs)
         self.metrics.batch_size.labels(self.name).observe(len(jobs))
         try:
-            results = await asyncio.to_thread(model.predict, [job.image for job in jobs], maps=maps,
-                                              batch_size=len(jobs))
+            results = await asyncio.to_thread(
+                model.predict, [job.image for job in jobs], maps=maps, batch_size=len(jobs)
+            )
         except Exception as exc:  # a bug, not a bad image (those come back as results): fail this batch only
             log.exception("model %s: scoring a batch of %d failed", self.name, len(jobs))
             for job in jobs:
@@ -174,6 +184,11 @@ class ModelSlot:
                 raise
             self.model = model
             self.metrics.reloads.labels(self.name, "ok").inc()
-            log.info("reloaded model=%s checksum=%s runtime=%s (%s)", self.name, model.checksum,
-                     model.runtime or "torch", model.runtime_reason)
+            log.info(
+                "reloaded model=%s checksum=%s runtime=%s (%s)",
+                self.name,
+                model.checksum,
+                model.runtime or "torch",
+                model.runtime_reason,
+            )
             return model

@@ -18,16 +18,35 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("defectscope_requests", "HTTP requests answered, by route, method and status",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("defectscope_request_duration_seconds", "Time from request to answer, by route",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("defectscope_batch_size", "Images scored in one forward pass, by model",
-                                    ["model"], buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("defectscope_queue_depth", "Requests waiting for a batch, by model", ["model"],
-                                 registry=r)
-        self.reloads = Counter("defectscope_model_reloads", "Model reloads, by model and outcome (ok, failed)",
-                               ["model", "outcome"], registry=r)
+        self.requests = Counter(
+            "defectscope_requests",
+            "HTTP requests answered, by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "defectscope_request_duration_seconds",
+            "Time from request to answer, by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "defectscope_batch_size",
+            "Images scored in one forward pass, by model",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "defectscope_queue_depth", "Requests waiting for a batch, by model", ["model"], registry=r
+        )
+        self.reloads = Counter(
+            "defectscope_model_reloads",
+            "Model reloads, by model and outcome (ok, failed)",
+            ["model", "outcome"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -116,8 +116,11 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ServeError(400, f"{name}: image data is truncated or corrupt: {_first_line(exc)}") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise ServeError(413, f"{name}: {width} x {height} = {width * height:,} pixels, more than the server's "
-                              f"limit of {max_pixels:,} (--max-pixels)")
+        raise ServeError(
+            413,
+            f"{name}: {width} x {height} = {width * height:,} pixels, more than the server's "
+            f"limit of {max_pixels:,} (--max-pixels)",
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

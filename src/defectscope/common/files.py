@@ -13,13 +13,23 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DefectscopeError
+from ..errors import DefectscopeError
 
-__all__ = ["new_file_mode", "replacing", "check_output_file", "check_output_dir", "os_error_message", "OutputError"]
+__all__ = [
+    "JSON_FILE",
+    "FileKind",
+    "OutputError",
+    "check_output_dir",
+    "check_output_file",
+    "new_file_mode",
+    "os_error_message",
+    "replacing",
+]
 
 
 class OutputError(DefectscopeError):
@@ -53,47 +63,60 @@ def _check_folder_writable(folder: Path, target: Path, what: str) -> None:
 
 
 def check_output_file(
-    path: str | Path, what: str = "output file", *, replaces: str | None = None,
+    path: str | Path,
+    what: str = "output file",
+    *,
+    replaces: FileKind | None = None,
     inputs: tuple[str | Path, ...] = (),
 ) -> Path:
     """Fail now, with a message naming ``path``, if a file cannot (or must not) be written there later.
 
     Checks that ``path`` is not a folder, that its folder exists or can be created and accepts new
     files, that it is none of ``inputs`` (a result never overwrites what it is computed from), and,
-    when a file is already there, that it is of the kind about to be written: ``replaces`` is
-    "model" (a defectscope model file) or "json" (a JSON document); anything else already there
-    (an image, say) is refused. Raises :class:`OutputError`. Use before the long work.
+    when a file is already there, that it is of the kind about to be written (``replaces``, e.g.
+    :data:`JSON_FILE` or :data:`defectscope.io.MODEL_FILE`); anything else already there (an image,
+    say) is refused. Raises :class:`OutputError`. Use before the long work.
     """
     path = Path(path)
     if path.is_dir():
-        example = "results.json" if replaces == "json" else "model.dsmodel"
+        example = replaces.example if replaces is not None else "output"
         raise OutputError(f"{path}: is a folder; give a file name for the {what} (e.g. {path / example})")
     for source in inputs:
         if path.exists() and Path(source).exists() and os.path.samefile(path, source):
             raise OutputError(f"{path}: is also an input of this command; write the {what} somewhere else")
-    if path.is_file() and replaces is not None and not _is_kind(path, replaces):
-        raise OutputError(f"{path}: exists and is not a {'defectscope model' if replaces == 'model' else 'JSON'} "
-                          f"file; refusing to overwrite it with the {what} (remove it or choose another name)")
+    if path.is_file() and replaces is not None and not replaces.recognise(path):
+        raise OutputError(
+            f"{path}: exists and is not a {replaces.name} "
+            f"file; refusing to overwrite it with the {what} (remove it or choose another name)"
+        )
     _check_folder_writable(path.parent, path, what)
     return path
 
 
-def _is_kind(path: Path, kind: str) -> bool:
-    """Whether the existing file at ``path`` is a defectscope model ("model") or a JSON document ("json")."""
-    if kind == "model":
-        from .io import read_metadata
-
-        try:
-            read_metadata(path)
-        except DefectscopeError:
-            return False
-        return True
+def _is_json(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as fh:
             json.load(fh)
     except (OSError, ValueError):
         return path.stat().st_size == 0
     return True
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """A kind of output file that may be overwritten by a file of the same kind.
+
+    ``name`` is said in errors ("defectscope model"), ``example`` is a file name to suggest,
+    ``recognise(path)`` tells whether an existing file is of this kind (it must not raise).
+    """
+
+    name: str
+    example: str
+    recognise: Callable[[Path], bool]
+
+
+#: a JSON document (an empty file counts: a previous run may have been stopped before writing it)
+JSON_FILE = FileKind("JSON", "results.json", _is_json)
 
 
 def check_output_dir(path: str | Path, what: str = "output folder") -> Path:

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from ..data.images import load_mask
+from ..data.samples import Sample, Split
+from ..detectors.base import Detector
+from ..errors import DefectscopeError
+from ..scoring import normalized_score, score_paths
 from . import metrics
-from .data.images import load_mask
-from .data.samples import Sample, Split
-from .detectors.base import Detector
-from .errors import DefectscopeError
-from .scoring import normalized_score, score_paths
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,13 @@ def evaluate_detector(
     the method's own image score.
     overlay_dir: small overlays for a report (longest side ``overlay_max_side``); each image
     record then holds ``"overlay"``, the PNG's path relative to ``overlay_dir``.
-    aligner: a :class:`defectscope.align.Aligner`; images are warped into its reference frame
+    aligner: a :class:`defectscope.components.align.Aligner`; images are warped into its reference frame
     for scoring and maps are warped back to each image's own frame before the pixel
     metrics and overlays, so maps and masks are compared in the photo's frame. Each image
     record then holds ``"aligned"``; the result holds ``"alignment"`` (mode, unaligned paths; for the ECC
     modes also the paths where ECC kept the first pose, ``"unrefined"``).
     """
-    from .report.heatmaps import Verdict, resize_map
+    from ..report.heatmaps import Verdict, resize_map
 
     if protocol not in PROTOCOLS:
         raise DefectscopeError(f"unknown evaluation protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -85,8 +85,12 @@ def evaluate_detector(
     n_masked = sum(s.mask_path is not None for s in samples if s.label == 1)
     has_masks = 0 < n_defective == n_masked
     if not has_masks and n_masked:  # the layout already named the images without a mask
-        log.info("%s: %d of %d defective images have no mask; pixel metrics are skipped", split.name,
-                 n_defective - n_masked, n_defective)
+        log.info(
+            "%s: %d of %d defective images have no mask; pixel metrics are skipped",
+            split.name,
+            n_defective - n_masked,
+            n_defective,
+        )
     elif not has_masks:
         log.info("%s: no ground-truth masks; pixel metrics are skipped", split.name)
     pixel = metrics.PixelMetrics() if has_masks else None
@@ -99,8 +103,15 @@ def evaluate_detector(
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     start = time.perf_counter()
     n_scored = 0
-    results = score_paths(detector, [s.path for s in samples], threshold, batch_size=batch_size,
-                          keep_maps=keep_maps, progress=progress, aligner=aligner)
+    results = score_paths(
+        detector,
+        [s.path for s in samples],
+        threshold,
+        batch_size=batch_size,
+        keep_maps=keep_maps,
+        progress=progress,
+        aligner=aligner,
+    )
     for sample, result in zip(samples, results):
         if not result.ok:
             failed.append({"path": str(sample.path), "error": result.error or ""})
@@ -109,13 +120,22 @@ def evaluate_detector(
         if pixel is not None and result.map is not None:
             shape = result.size if full_res else result.map.shape
             try:
-                mask = (load_mask(sample.mask_path, size=shape, image=sample.path, image_shape=result.size)
-                        if sample.mask_path is not None else np.zeros(shape, dtype=bool))
+                mask = (
+                    load_mask(sample.mask_path, size=shape, image=sample.path, image_shape=result.size)
+                    if sample.mask_path is not None
+                    else np.zeros(shape, dtype=bool)
+                )
             except DefectscopeError as exc:  # a mask that does not fit its image: left out of the pixel metrics
                 mask_errors.append({"path": str(sample.path), "mask": str(sample.mask_path), "error": str(exc)})
             if mask is not None and sample.label == 1 and not mask.any():
-                log.warning("%s: the mask of this defective image (%s) marks no pixel at the %dx%d resolution the maps "
-                            "are compared at", sample.path, sample.mask_path, shape[1], shape[0])
+                log.warning(
+                    "%s: the mask of this defective image (%s) marks no pixel at the %dx%d resolution the maps "
+                    "are compared at",
+                    sample.path,
+                    sample.mask_path,
+                    shape[1],
+                    shape[0],
+                )
         n_scored += 1
         record: dict[str, Any] = {
             "path": str(sample.path),
@@ -149,8 +169,9 @@ def evaluate_detector(
         if heatmap_dir is not None:
             record["heatmap"] = _write_heatmap(heatmap_dir, sample, result.map, pix, verdict, len(records) - 1)
         if overlay_dir is not None:
-            record["overlay"] = _write_overlay(overlay_dir, sample, result.map, pix, verdict, len(records) - 1,
-                                               overlay_max_side)
+            record["overlay"] = _write_overlay(
+                overlay_dir, sample, result.map, pix, verdict, len(records) - 1, overlay_max_side
+            )
     seconds = time.perf_counter() - start
 
     labels = np.array([r["label"] for r in records], dtype=np.int64)
@@ -203,8 +224,13 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, types: list[str], thre
     """
     empty = len(labels) == 0
     out: dict[str, Any] = {
-        "image_auroc": None, "image_f1_max": None, "image_f1_threshold": None,
-        "per_type_auroc": {}, "per_type": {}, "confusion": None, "_image_roc": None,
+        "image_auroc": None,
+        "image_f1_max": None,
+        "image_f1_threshold": None,
+        "per_type_auroc": {},
+        "per_type": {},
+        "confusion": None,
+        "_image_roc": None,
     }
     if empty:
         return out
@@ -237,8 +263,14 @@ def pixel_metrics(pixel: metrics.PixelMetrics | None) -> dict[str, Any]:
     aupro_fpr_limit, _pixel_roc, _pro (thinned curves up to FPR 1 and AUPRO_FPR_LIMIT).
     """
     out: dict[str, Any] = {
-        "pixel_auroc": None, "pixel_auroc_exact": None, "pixel_f1_max": None, "pixel_f1_threshold": None,
-        "aupro": None, "aupro_fpr_limit": AUPRO_FPR_LIMIT, "_pixel_roc": None, "_pro": None,
+        "pixel_auroc": None,
+        "pixel_auroc_exact": None,
+        "pixel_f1_max": None,
+        "pixel_f1_threshold": None,
+        "aupro": None,
+        "aupro_fpr_limit": AUPRO_FPR_LIMIT,
+        "_pixel_roc": None,
+        "_pro": None,
     }
     if pixel is None:
         return out
@@ -287,18 +319,19 @@ def _thin(values: np.ndarray, n: int = CURVE_POINTS) -> list[float]:
     return [float(v) for v in values]
 
 
-def _write_heatmap(folder: Path, sample: Sample, amap: np.ndarray, pixel_threshold: float, verdict: Any,
-                   index: int) -> str | None:
+def _write_heatmap(
+    folder: Path, sample: Sample, amap: np.ndarray, pixel_threshold: float, verdict: Any, index: int
+) -> str | None:
     """The full-size picture (photo | overlay, legend) of one test image; its path, or None if it failed."""
-    from .data.images import load_image
-    from .report.heatmaps import heatmap_name, overlay, save_png
+    from ..data.images import load_image
+    from ..report.heatmaps import heatmap_name, overlay, save_png
 
     path = folder / sample.defect_type / heatmap_name(Path(sample.path), index)
     try:
         image = load_image(sample.path)
         gt = load_mask(sample.mask_path) if sample.mask_path is not None else None
         save_png(path, overlay(image, amap, pixel_threshold, verdict=verdict, gt_mask=gt, side_by_side=True))
-    except Exception as exc:  # noqa: BLE001 - a picture that fails never costs the evaluation
+    except Exception as exc:
         log.warning("no heatmap for %s: %s", sample.path, exc)
         return None
     return str(path)
@@ -315,11 +348,12 @@ def _fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
-def _write_overlay(folder: Path, sample: Sample, amap: np.ndarray, pixel_threshold: float, verdict: Any,
-                   index: int, max_side: int) -> str | None:
+def _write_overlay(
+    folder: Path, sample: Sample, amap: np.ndarray, pixel_threshold: float, verdict: Any, index: int, max_side: int
+) -> str | None:
     """A small overlay PNG for a report; returns its path relative to ``folder`` (None on failure)."""
-    from .data.images import load_image
-    from .report.heatmaps import heatmap_name, overlay, save_png
+    from ..data.images import load_image
+    from ..report.heatmaps import heatmap_name, overlay, save_png
 
     try:
         image = load_image(sample.path)
@@ -327,7 +361,7 @@ def _write_overlay(folder: Path, sample: Sample, amap: np.ndarray, pixel_thresho
         picture = overlay(_fit_within(image, max(max_side, 320)), amap, pixel_threshold, verdict=verdict, gt_mask=gt)
         rel = Path(sample.defect_type) / heatmap_name(Path(sample.path), index)
         save_png(folder / rel, _fit_within(picture, max_side))
-    except Exception as exc:  # noqa: BLE001 - a picture that fails never costs the evaluation
+    except Exception as exc:
         log.warning("no overlay for %s: %s", sample.path, exc)
         return None
     return rel.as_posix()
@@ -343,8 +377,11 @@ def format_summary(result: dict[str, Any]) -> str:
         f"dataset           {result['dataset']}",
         f"method            {result['method']} ({result['backbone']}, {','.join(result['layers'])})",
         f"image_auroc       {_fmt(result['image_auroc'])}",
-        *([f"image_auroc_map   {_fmt(result['image_auroc_map_max'])} (from each map's maximum, --protocol mvtec)"]
-          if "image_auroc_map_max" in result else []),
+        *(
+            [f"image_auroc_map   {_fmt(result['image_auroc_map_max'])} (from each map's maximum, --protocol mvtec)"]
+            if "image_auroc_map_max" in result
+            else []
+        ),
         f"pixel_auroc       {_fmt(result['pixel_auroc'])}",
         f"aupro             {_fmt(result.get('aupro'))}",
         f"n_good            {result['n_good']}",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BackboneError
+from ..errors import BackboneError
 from .normalization import input_stats
 from .weights import NO_WEIGHTS, PACKAGED_LITE, create_model
 
@@ -45,8 +45,10 @@ def ensemble_members(backbone: str) -> tuple[str, ...]:
         return (backbone,)
     members = tuple(m.strip() for m in backbone.split(ENSEMBLE_SEPARATOR))
     if any(not m for m in members):
-        raise BackboneError(f"backbone ensemble {backbone!r} has an empty member: join timm names with '+', "
-                            "e.g. tf_efficientnet_lite0+tf_efficientnet_lite2")
+        raise BackboneError(
+            f"backbone ensemble {backbone!r} has an empty member: join timm names with '+', "
+            "e.g. tf_efficientnet_lite0+tf_efficientnet_lite2"
+        )
     if len(members) > MAX_MEMBERS:
         raise BackboneError(
             f"backbone ensemble {backbone!r} has {len(members)} members; at most {MAX_MEMBERS} are allowed"
@@ -75,8 +77,10 @@ def _common_rows(backbone: str, tables: list[tuple[tuple[Any, ...], ...]]) -> tu
             rows.append((row[0], sum(int(names[row[0]][1]) for names in by_name), *row[2:]))
     if not rows:
         listing = "; ".join(f"{m}: {', '.join(r[0] for r in t)}" for m, t in zip(ensemble_members(backbone), tables))
-        raise BackboneError(f"the members of {backbone!r} share no layer names ({listing}); "
-                            "choose members of one family, e.g. tf_efficientnet_lite0+tf_efficientnet_lite2")
+        raise BackboneError(
+            f"the members of {backbone!r} share no layer names ({listing}); "
+            "choose members of one family, e.g. tf_efficientnet_lite0+tf_efficientnet_lite2"
+        )
     return tuple(rows)
 
 
@@ -292,9 +296,7 @@ class FeatureExtractor(nn.Module):
         self.model.to(memory_format=torch.channels_last)
         self.eval()
 
-    def _init_hooked(
-        self, backbone: str, wanted: list[str], blocks: dict[str, list[int]], weights: str | None
-    ) -> None:
+    def _init_hooked(self, backbone: str, wanted: list[str], blocks: dict[str, list[int]], weights: str | None) -> None:
         """Block-level layers ("layer2.1", "blocks.2.0"): forward hooks on a model cut after the deepest one.
 
         The feature model runs up to the level holding the deepest requested block; inside that
@@ -328,7 +330,7 @@ class FeatureExtractor(nn.Module):
             module.register_forward_hook(_store_hook(self._hooked, name))
         self._freeze()
 
-    def train(self, mode: bool = True) -> "FeatureExtractor":
+    def train(self, mode: bool = True) -> FeatureExtractor:
         """Always stays in eval mode (frozen BatchNorm statistics)."""
         return super().train(False)
 
@@ -359,8 +361,10 @@ def concat_on_grid(per_member: Sequence[Sequence[torch.Tensor]]) -> list[torch.T
     out = []
     for maps in zip(*per_member):
         grid = tuple(maps[0].shape[-2:])
-        on_grid = [m if tuple(m.shape[-2:]) == grid
-                   else F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
+        on_grid = [
+            m if tuple(m.shape[-2:]) == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            for m in maps
+        ]
         out.append(torch.cat(on_grid, dim=1))
     return out
 
@@ -392,8 +396,13 @@ class EnsembleExtractor(nn.Module):
     std: tuple[float, float, float]
     weights_info: dict[str, Any]
 
-    def __init__(self, backbone: str, layers: Sequence[str] | None = None, weights: str | None = None,
-                 normalization: str = "weights") -> None:
+    def __init__(
+        self,
+        backbone: str,
+        layers: Sequence[str] | None = None,
+        weights: str | None = None,
+        normalization: str = "weights",
+    ) -> None:
         super().__init__()
         names = ensemble_members(backbone)
         if weights is not None and str(weights).strip().lower() != NO_WEIGHTS:
@@ -432,16 +441,23 @@ class EnsembleExtractor(nn.Module):
             # x_m = (x * s_in + m_in - m_m) / s_m
             s_in, m_in, s_m, m_m = (torch.tensor(v).view(1, 3, 1, 1) for v in (in_std, in_mean, std, mean))
             self._renorm.append((s_in / s_m, (m_in - m_m) / s_m))
-            log.info("%s: %s expects mean %s std %s; its input is re-normalised inside the extractor",
-                     backbone, m.backbone, mean, std)
+            log.info(
+                "%s: %s expects mean %s std %s; its input is re-normalised inside the extractor",
+                backbone,
+                m.backbone,
+                mean,
+                std,
+            )
         self.weights_info = {
             "source": "ensemble",
-            "members": [{"backbone": m.backbone, **m.weights_info, "mean": list(m.mean), "std": list(m.std)}
-                        for m in self.members],
+            "members": [
+                {"backbone": m.backbone, **m.weights_info, "mean": list(m.mean), "std": list(m.std)}
+                for m in self.members
+            ],
         }
         self.eval()
 
-    def train(self, mode: bool = True) -> "EnsembleExtractor":
+    def train(self, mode: bool = True) -> EnsembleExtractor:
         """Always stays in eval mode (frozen BatchNorm statistics)."""
         return super().train(False)
 
@@ -461,8 +477,9 @@ class EnsembleExtractor(nn.Module):
 Extractor = FeatureExtractor | EnsembleExtractor
 
 
-def build_extractor(backbone: str, layers: Sequence[str] | None = None, weights: str | None = None,
-                    normalization: str = "weights") -> Extractor:
+def build_extractor(
+    backbone: str, layers: Sequence[str] | None = None, weights: str | None = None, normalization: str = "weights"
+) -> Extractor:
     """The extractor for ``backbone``: a :class:`FeatureExtractor`, or an :class:`EnsembleExtractor`
     for ``"a+b[+c]"`` (``normalization`` matters only there: see its docstring)."""
     if is_ensemble(backbone):

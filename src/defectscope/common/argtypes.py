@@ -23,7 +23,11 @@ def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool
 
 
 def number(
-    kind: type = float, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+    kind: type = float,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
     hi_open: bool = False,
 ) -> Callable[[str], float | int]:
     """A ``type=`` for a finite int or float within [lo, hi] (either end open or absent)."""
@@ -52,23 +56,3 @@ positive_int = number(int, 1, 2**31 - 1)
 seed_int = number(int, 0, 2**32 - 1)
 finite_float = number(float)
 probability_open = number(float, 0.0, 1.0, lo_open=True, hi_open=True)
-
-
-def image_size(text: str) -> int | tuple[int, int]:
-    """A ``type=`` for ``--image-size``: ``N`` (an N x N input) or ``H,W``, each side in [32, 2048]."""
-    from .data.geometry import MAX_SIDE, MIN_SIDE
-
-    allowed = f"give N or H,W (height, width), each a whole number in [{MIN_SIDE}, {MAX_SIDE}]"
-    parts = [part.strip() for part in text.split(",")]
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an image size: {allowed}")
-    sides = []
-    for part in parts:
-        try:
-            value = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a whole number: {allowed}") from None
-        if not MIN_SIDE <= value <= MAX_SIDE:
-            raise argparse.ArgumentTypeError(f"{part} is out of range: {allowed}")
-        sides.append(value)
-    return sides[0] if len(sides) == 1 else (sides[0], sides[1])

@@ -53,7 +53,7 @@ def available_batches(items: Iterator[str], batch_size: int) -> Iterator[list[st
         try:
             for item in items:
                 arrived.put(item)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+        except BaseException as exc:
             arrived.put(exc)
         arrived.put(_END)
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .data.geometry import input_shape
+from ..data.geometry import input_shape
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,17 @@ def _identity(info: Any) -> Any:
 
 def cache_key(detector: Any, recorded_weights: Any) -> str:
     """sha256 (hex) of everything the traced extractor depends on (see the module docstring)."""
-    spec = {"backbone": detector.backbone, "layers": list(detector.layers or []), "weights": detector.weights,
-            "recorded": _identity(recorded_weights), "normalization": detector.normalization,
-            "input": list(input_shape(detector.image_size)), "torch": torch.__version__, "timm": _version("timm"),
-            "defectscope": __version__}
+    spec = {
+        "backbone": detector.backbone,
+        "layers": list(detector.layers or []),
+        "weights": detector.weights,
+        "recorded": _identity(recorded_weights),
+        "normalization": detector.normalization,
+        "input": list(input_shape(detector.image_size)),
+        "torch": torch.__version__,
+        "timm": _version("timm"),
+        "defectscope": __version__,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -110,7 +117,7 @@ def use_cached_extractor(detector: Any, recorded_weights: Any) -> str:
                 traced = TracedExtractor(torch.jit.load(str(module_path), map_location="cpu"), attributes)
             detector.set_extractor(traced)
             return "cached"
-        except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never fatal
+        except Exception as exc:
             log.info("traced extractor %s unreadable (%s): building it again", module_path, exc)
     built = detector.extractor
     if _identity(json.loads(json.dumps(built.weights_info, default=str))) != _identity(recorded_weights):
@@ -120,7 +127,7 @@ def use_cached_extractor(detector: Any, recorded_weights: Any) -> str:
         traced = _trace(built, input_shape(detector.image_size))  # the backbone sees tiles, not canvases
         if traced is None:
             return "built"
-        from .files import replacing
+        from ..common.files import replacing
 
         folder.mkdir(parents=True, exist_ok=True)
         with replacing(module_path) as tmp, warnings.catch_warnings():
@@ -129,7 +136,7 @@ def use_cached_extractor(detector: Any, recorded_weights: Any) -> str:
         attributes = {name: getattr(built, name) for name in _ATTRIBUTES}
         with replacing(meta_path) as tmp:
             tmp.write_text(json.dumps(attributes, default=str))
-    except Exception as exc:  # noqa: BLE001 - an unwritable cache only costs speed
+    except Exception as exc:
         log.info("could not cache the traced extractor under %s: %s", folder, exc)
         return "built"
     return "traced"

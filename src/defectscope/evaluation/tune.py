@@ -6,7 +6,7 @@ block is written as the stage name, "layer2", since it is the same tensor), and 
 non-empty combination of stages. The space is listed with its size before anything runs; a
 ``full`` grid or a seeded ``random`` draw of ``max_trials`` is evaluated.
 
-Cost: the backbone runs once per image. A single :class:`~defectscope.backbones.FeatureExtractor`
+Cost: the backbone runs once per image. A single :class:`~defectscope.features.backbones.FeatureExtractor`
 hooks every block any candidate needs and the maps are cached as float16 (bounded by
 ``max_cache_bytes``); each candidate's detector is then fitted and scored from the cache through
 :class:`CachedFeatures`, a stand-in extractor that serves the cached maps of the images whose
@@ -32,17 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..components.embedding import default_multiscale_layers
+from ..data.geometry import ImageSize, Placement, check_image_size, check_resize, input_shape
+from ..data.images import load_mask
+from ..data.loader import iter_batches
+from ..data.samples import Sample
+from ..detectors import make_detector
+from ..detectors.base import Detector
+from ..errors import DataLayoutError, DefectscopeError
+from ..features.backbones import Extractor, build_extractor, default_layers, stage_blocks
+from ..features.normalization import DEFAULT_NORMALIZATION, input_stats
 from . import metrics
-from .backbones import Extractor, build_extractor, default_layers, stage_blocks
-from .components.embedding import default_multiscale_layers
-from .data.geometry import ImageSize, Placement, check_image_size, check_resize, input_shape
-from .data.images import load_mask
-from .data.loader import iter_batches
-from .data.samples import Sample
-from .detectors import make_detector
-from .detectors.base import Detector
-from .errors import DataLayoutError, DefectscopeError
-from .normalization import DEFAULT_NORMALIZATION, input_stats
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def search_space(backbone: str, stages: Sequence[str]) -> list[tuple[str, ...]]:
         raise DefectscopeError(f"unknown stage {unknown[0]!r} for {backbone}; valid stages: {', '.join(table)}")
     stages = [s for s in table if s in set(stages)]  # shallow to deep, no duplicates
     # the stage's last block is the stage output: name it by the stage (a plain features_only layer)
-    options = {s: (table[s][:-1] + [s]) if table[s] else [s] for s in stages}
+    options = {s: ([*table[s][:-1], s]) if table[s] else [s] for s in stages}
     space: list[tuple[str, ...]] = []
     for n in range(len(stages), 0, -1):
         for subset in itertools.combinations(stages, n):
@@ -78,8 +78,9 @@ def search_space(backbone: str, stages: Sequence[str]) -> list[tuple[str, ...]]:
     return space
 
 
-def choose_trials(space: Sequence[tuple[str, ...]], max_trials: int | None, search: str,
-                  seed: int = 0) -> list[tuple[str, ...]]:
+def choose_trials(
+    space: Sequence[tuple[str, ...]], max_trials: int | None, search: str, seed: int = 0
+) -> list[tuple[str, ...]]:
     """The candidates to evaluate: all (``full``, cut at ``max_trials``) or a seeded random draw."""
     if search not in SEARCHES:
         raise DefectscopeError(f"unknown search {search!r}; choose one of: {', '.join(SEARCHES)}")
@@ -126,7 +127,7 @@ class CachedFeatures(nn.Module):
     cached (B, C_l, h_l, w_l) maps of those rows as float32.
     """
 
-    def __init__(self, cache: "FeatureCache", layers: Sequence[str]) -> None:
+    def __init__(self, cache: FeatureCache, layers: Sequence[str]) -> None:
         super().__init__()
         self.cache = cache
         self.backbone = cache.backbone
@@ -170,20 +171,30 @@ class FeatureCache:
     placements: list[Placement] = field(default_factory=list)
 
     @classmethod
-    def build(cls, extractor: Extractor, paths: Sequence[Path], image_size: ImageSize, *, batch_size: int = 16,
-              max_bytes: int = DEFAULT_MAX_CACHE_BYTES, dtype: torch.dtype = torch.float16,
-              normalization: str = DEFAULT_NORMALIZATION, resize: str = "stretch") -> "FeatureCache":
+    def build(
+        cls,
+        extractor: Extractor,
+        paths: Sequence[Path],
+        image_size: ImageSize,
+        *,
+        batch_size: int = 16,
+        max_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+        dtype: torch.dtype = torch.float16,
+        normalization: str = DEFAULT_NORMALIZATION,
+        resize: str = "stretch",
+    ) -> FeatureCache:
         """Run ``extractor`` once over ``paths`` and keep every layer's maps (``dtype``, float16 by default).
 
         Images are resized (``image_size``, ``resize``) and normalised as a detector with these parameters
-        would (:mod:`defectscope.data.geometry`, :mod:`defectscope.normalization`).
+        would (:mod:`defectscope.data.geometry`, :mod:`defectscope.features.normalization`).
         """
         mean, std = input_stats(normalization, extractor.mean, extractor.std)
         paths = [Path(p) for p in paths]
         n = len(paths)
         h_in, w_in = input_shape(image_size)
-        per_image = sum(c * (h_in // s) * (w_in // s) * dtype.itemsize
-                        for c, s in zip(extractor.channels, extractor.strides))
+        per_image = sum(
+            c * (h_in // s) * (w_in // s) * dtype.itemsize for c, s in zip(extractor.channels, extractor.strides)
+        )
         if per_image * n > max_bytes:
             raise DefectscopeError(
                 f"caching {len(extractor.layers)} layers for {n} images needs about {per_image * n / 2**30:.1f} GiB "
@@ -209,8 +220,19 @@ class FeatureCache:
                 kept.extend(batch.paths)
                 placements.extend(batch.placements)
         maps = {k: v[: len(kept)].clone() if len(kept) < n else v for k, v in maps.items()}
-        return cls(extractor.backbone, kept, maps, dict(zip(extractor.layers, extractor.strides)), extractor.mean,
-                   extractor.std, extractor.weights_info, time.perf_counter() - start, passes, failures, placements)
+        return cls(
+            extractor.backbone,
+            kept,
+            maps,
+            dict(zip(extractor.layers, extractor.strides)),
+            extractor.mean,
+            extractor.std,
+            extractor.weights_info,
+            time.perf_counter() - start,
+            passes,
+            failures,
+            placements,
+        )
 
     def rows(self, paths: Sequence[Path]) -> list[int]:
         """Cache rows of ``paths`` (those that loaded)."""
@@ -238,13 +260,21 @@ def _labelled(cache: FeatureCache, samples: Sequence[Sample]) -> tuple[list[int]
     if any(s.label == 1 and s.mask_path is None for s in kept) or not (labels == 1).any():
         return rows, labels, None
     shapes = [cache.placements[row].resized for row in rows]
-    masks = [load_mask(s.mask_path, size=shape) if s.mask_path is not None else np.zeros(shape, bool)
-             for s, shape in zip(kept, shapes)]
+    masks = [
+        load_mask(s.mask_path, size=shape) if s.mask_path is not None else np.zeros(shape, bool)
+        for s, shape in zip(kept, shapes)
+    ]
     return rows, labels, masks
 
 
-def score_detector(detector: Detector, rows: list[int], labels: np.ndarray, masks: list[np.ndarray] | None,
-                   batch_size: int = 16, placements: Sequence[Placement] | None = None) -> tuple[float | None, float | None]:
+def score_detector(
+    detector: Detector,
+    rows: list[int],
+    labels: np.ndarray,
+    masks: list[np.ndarray] | None,
+    batch_size: int = 16,
+    placements: Sequence[Placement] | None = None,
+) -> tuple[float | None, float | None]:
     """(image AUROC, pixel AUROC or None) of a detector fed cached images ``rows``.
 
     placements: per cache row, where its image lies in the model input; each map is taken back over
@@ -323,8 +353,15 @@ def tune_layers(
     needed = sorted({name for t in trials for name in t})
     extractor = build_extractor(backbone, needed, weights=probe.weights, normalization=probe.normalization)
     images = list(dict.fromkeys([Path(p) for p in train] + [Path(s.path) for s in (*validation, *held_out)]))
-    cache = FeatureCache.build(extractor, images, probe.image_size, batch_size=batch_size, max_bytes=max_cache_bytes,
-                               normalization=probe.normalization, resize=probe.resize)
+    cache = FeatureCache.build(
+        extractor,
+        images,
+        probe.image_size,
+        batch_size=batch_size,
+        max_bytes=max_cache_bytes,
+        normalization=probe.normalization,
+        resize=probe.resize,
+    )
     del extractor
     for path, message in cache.failures:
         log.warning("tune: skipping %s", message if str(path) in message else f"{path}: {message}")
@@ -339,10 +376,23 @@ def tune_layers(
         detector = _fit_cached(method, params, cache, layers, train_rows, batch_size)
         image_auc, pixel_auc = score_detector(detector, val_rows, val_labels, val_masks, batch_size, cache.placements)
         seconds = time.perf_counter() - start
-        log.info("tune [%d/%d] %s: image AUROC %s, pixel AUROC %s, %.1f s", i + 1, len(trials), ",".join(layers),
-                 image_auc, pixel_auc, seconds)
-        rows.append({"layers": ",".join(layers), "image_auroc": image_auc, "pixel_auroc": pixel_auc,
-                     "seconds": round(seconds, 3)})
+        log.info(
+            "tune [%d/%d] %s: image AUROC %s, pixel AUROC %s, %.1f s",
+            i + 1,
+            len(trials),
+            ",".join(layers),
+            image_auc,
+            pixel_auc,
+            seconds,
+        )
+        rows.append(
+            {
+                "layers": ",".join(layers),
+                "image_auroc": image_auc,
+                "pixel_auroc": pixel_auc,
+                "seconds": round(seconds, 3),
+            }
+        )
     # rank on validation only: image AUROC, then pixel AUROC, then speed
     rows.sort(key=lambda r: (-(r["image_auroc"] or 0.0), -(r["pixel_auroc"] or 0.0), r["seconds"]))
     for rank, r in enumerate(rows, 1):
@@ -350,23 +400,47 @@ def tune_layers(
     best = rows[0]["layers"].split(",")
 
     test_rows, test_labels, test_masks = _labelled(cache, held_out)
-    held: dict[str, Any] = {"n_images": len(test_rows), "n_defective": int(test_labels.sum()),
-                            "image_auroc": None, "pixel_auroc": None}
+    held: dict[str, Any] = {
+        "n_images": len(test_rows),
+        "n_defective": int(test_labels.sum()),
+        "image_auroc": None,
+        "pixel_auroc": None,
+    }
     if test_rows:
         detector = _fit_cached(method, params, cache, best, train_rows, batch_size)
-        held["image_auroc"], held["pixel_auroc"] = score_detector(detector, test_rows, test_labels, test_masks,
-                                                                  batch_size, cache.placements)
+        held["image_auroc"], held["pixel_auroc"] = score_detector(
+            detector, test_rows, test_labels, test_masks, batch_size, cache.placements
+        )
     return TuneResult(
-        method=method, backbone=backbone, stages=stages, space_size=len(space), search=search, rows=rows, best=best,
-        validation={"source": validation_source, "n_images": len(val_rows), "n_defective": int(val_labels.sum()),
-                    "image_auroc": rows[0]["image_auroc"], "pixel_auroc": rows[0]["pixel_auroc"]},
-        held_out=held, extract_seconds=round(cache.seconds, 3), backbone_passes=cache.passes,
+        method=method,
+        backbone=backbone,
+        stages=stages,
+        space_size=len(space),
+        search=search,
+        rows=rows,
+        best=best,
+        validation={
+            "source": validation_source,
+            "n_images": len(val_rows),
+            "n_defective": int(val_labels.sum()),
+            "image_auroc": rows[0]["image_auroc"],
+            "pixel_auroc": rows[0]["pixel_auroc"],
+        },
+        held_out=held,
+        extract_seconds=round(cache.seconds, 3),
+        backbone_passes=cache.passes,
         n_images=len(cache.paths),
     )
 
 
-def _fit_cached(method: str, params: dict[str, Any], cache: FeatureCache, layers: Sequence[str],
-                train_rows: list[int], batch_size: int) -> Detector:
+def _fit_cached(
+    method: str,
+    params: dict[str, Any],
+    cache: FeatureCache,
+    layers: Sequence[str],
+    train_rows: list[int],
+    batch_size: int,
+) -> Detector:
     """A detector of ``method`` with ``layers`` fitted from the cache."""
     extra = {"global_layer": "maps"} if method == "spade" else {}  # the cache holds the searched stages only
     detector = make_detector(method, **dict(params, layers=list(layers), **extra))
@@ -375,18 +449,27 @@ def _fit_cached(method: str, params: dict[str, Any], cache: FeatureCache, layers
 
 
 # --------------------------------------------------------------------------- output
-def describe_space(backbone: str, stages: Sequence[str], space: Sequence[tuple[str, ...]],
-                   trials: Sequence[tuple[str, ...]], search: str) -> str:
+def describe_space(
+    backbone: str,
+    stages: Sequence[str],
+    space: Sequence[tuple[str, ...]],
+    trials: Sequence[tuple[str, ...]],
+    search: str,
+) -> str:
     """The search space: stages, the block choices per stage, its size, and the candidates to run."""
     table = stage_blocks(backbone)
-    lines = [f"search space on {backbone}: {len(space)} candidates = every non-empty set of stages "
-             f"{', '.join(stages)} x one block per stage"]
+    lines = [
+        f"search space on {backbone}: {len(space)} candidates = every non-empty set of stages "
+        f"{', '.join(stages)} x one block per stage"
+    ]
     for s in stages:
-        choices = (table[s][:-1] + [s]) if table[s] else [s]
+        choices = ([*table[s][:-1], s]) if table[s] else [s]
         lines.append(f"  {s}: {', '.join(choices)}")
     lines.append(f"evaluating {len(trials)} of {len(space)} ({search}):")
     lines.extend(f"  {','.join(t)}" for t in trials)
     return "\n".join(lines)
+
+
 def _f(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -402,8 +485,9 @@ def markdown_table(result: TuneResult) -> str:
         "|---:|---|---:|---:|---:|",
     ]
     for r in result.rows:
-        lines.append(f"| {r['rank']} | {r['layers']} | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} | "
-                     f"{r['seconds']:.1f} |")
+        lines.append(
+            f"| {r['rank']} | {r['layers']} | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} | {r['seconds']:.1f} |"
+        )
     h = result.held_out
     lines += [
         "",

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DefectscopeError, ModelFileError
+from ..errors import DefectscopeError, ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class AlignResult:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (for --json and reports)."""
-        out = {"aligned": self.aligned, "inliers": self.inliers, "angle": round(self.angle, 2)}
+        out: dict[str, Any] = {"aligned": self.aligned, "inliers": self.inliers, "angle": round(self.angle, 2)}
         if self.refined is not None:
             out["refined"] = self.refined
             if self.refine_note:
@@ -151,9 +151,11 @@ class Aligner:
         if not 0 < ratio < 1:
             raise DefectscopeError(f"alignment ratio must be in (0, 1), got {ratio}")
         if ecc_size < 16 or ecc_blur < 0 or ecc_iterations < 1 or ecc_max_angle < 0 or ecc_max_shift < 0:
-            raise DefectscopeError(f"ECC options out of range: ecc_size {ecc_size} (>= 16), ecc_blur {ecc_blur}, "
-                                   f"ecc_iterations {ecc_iterations} (>= 1), ecc_max_angle {ecc_max_angle}, "
-                                   f"ecc_max_shift {ecc_max_shift} (>= 0)")
+            raise DefectscopeError(
+                f"ECC options out of range: ecc_size {ecc_size} (>= 16), ecc_blur {ecc_blur}, "
+                f"ecc_iterations {ecc_iterations} (>= 1), ecc_max_angle {ecc_max_angle}, "
+                f"ecc_max_shift {ecc_max_shift} (>= 0)"
+            )
         self.mode = mode
         self.base_mode = mode.removesuffix(ECC)
         self.ecc = mode.endswith(ECC)
@@ -177,7 +179,7 @@ class Aligner:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_image(cls, mode: str, image: np.ndarray, reference: str | None = None, **options: Any) -> "Aligner":
+    def from_image(cls, mode: str, image: np.ndarray, reference: str | None = None, **options: Any) -> Aligner:
         """Build from a reference (H, W, 3) uint8 image; fails when it has too few keypoints (or no silhouette)."""
         probe = cls(mode, np.zeros((0, 2)), np.zeros((0, 32)), image.shape[:2], reference=reference, **options)
         if probe.ecc:
@@ -185,9 +187,11 @@ class Aligner:
         if probe.base_mode == "silhouette":
             pose = silhouette_pose(image)
             if pose is None:
-                raise DefectscopeError(f"alignment reference {reference or 'image'}: no elongated part found against "
-                                       "the background (--align silhouette needs a part with a clear long axis on a "
-                                       "uniform background; round parts have none: use --align rigid or none)")
+                raise DefectscopeError(
+                    f"alignment reference {reference or 'image'}: no elongated part found against "
+                    "the background (--align silhouette needs a part with a clear long axis on a "
+                    "uniform background; round parts have none: use --align rigid or none)"
+                )
             probe.pose = pose
             return probe
         pts, desc = probe._detect(image)
@@ -202,16 +206,28 @@ class Aligner:
     def config(self) -> dict[str, Any]:
         """JSON metadata stored in the model file (the keypoints go in :meth:`tensors`)."""
         return {
-            "mode": self.mode, "ref_size": list(self.ref_size), "n_features": self.n_features, "ratio": self.ratio,
-            "min_inliers": self.min_inliers, "allow_scale": self.allow_scale, "inlier_tol": self.inlier_tol,
-            "reference": self.reference, "n_keypoints": int(len(self.keypoints)),
+            "mode": self.mode,
+            "ref_size": list(self.ref_size),
+            "n_features": self.n_features,
+            "ratio": self.ratio,
+            "min_inliers": self.min_inliers,
+            "allow_scale": self.allow_scale,
+            "inlier_tol": self.inlier_tol,
+            "reference": self.reference,
+            "n_keypoints": len(self.keypoints),
             **({"pose": list(self.pose)} if self.pose is not None else {}),
             **({"ecc": self._ecc_options()} if self.ecc else {}),
         }
 
     def _ecc_options(self) -> dict[str, Any]:
-        return {"ecc_size": self.ecc_size, "ecc_blur": self.ecc_blur, "ecc_iterations": self.ecc_iterations,
-                "ecc_eps": self.ecc_eps, "ecc_max_angle": self.ecc_max_angle, "ecc_max_shift": self.ecc_max_shift}
+        return {
+            "ecc_size": self.ecc_size,
+            "ecc_blur": self.ecc_blur,
+            "ecc_iterations": self.ecc_iterations,
+            "ecc_eps": self.ecc_eps,
+            "ecc_max_angle": self.ecc_max_angle,
+            "ecc_max_shift": self.ecc_max_shift,
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The reference keypoints and descriptors (and ECC's reduced grey reference) as named tensors."""
@@ -224,8 +240,9 @@ class Aligner:
         return out
 
     @classmethod
-    def from_model(cls, config: dict[str, Any] | None, tensors: dict[str, torch.Tensor],
-                   mode: str | None = None) -> "Aligner | None":
+    def from_model(
+        cls, config: dict[str, Any] | None, tensors: dict[str, torch.Tensor], mode: str | None = None
+    ) -> Aligner | None:
         """Rebuild from a model file's ``align`` metadata and ``align.*`` tensors; None when it has none.
 
         ``mode`` overrides the stored mode ("none" disables alignment).
@@ -235,27 +252,40 @@ class Aligner:
         if mode == "none":
             return None
         if not config or stored == "none":
-            raise DefectscopeError(f"--align {mode}: this model was fitted without alignment; refit it with --align {mode}")
+            raise DefectscopeError(
+                f"--align {mode}: this model was fitted without alignment; refit it with --align {mode}"
+            )
         if mode not in ALIGN_MODES:
             raise DefectscopeError(f"unknown alignment {mode!r}; choose one of: {', '.join(ALIGN_MODES)}")
         base, stored_base = mode.removesuffix(ECC), stored.removesuffix(ECC)
         if (base == "silhouette") != (stored_base == "silhouette"):  # a pose, or keypoints: the other is not stored
             usable = "silhouette, silhouette+ecc" if stored_base == "silhouette" else "rot90, rigid, rigid+ecc"
-            raise DefectscopeError(f"--align {mode}: this model was fitted with --align {stored}; use --align "
-                                   f"{usable} or none")
-        options: dict[str, Any] = {k: config[k] for k in ("n_features", "ratio", "min_inliers", "allow_scale",
-                                                          "inlier_tol") if k in config}
+            raise DefectscopeError(
+                f"--align {mode}: this model was fitted with --align {stored}; use --align {usable} or none"
+            )
+        options: dict[str, Any] = {
+            k: config[k] for k in ("n_features", "ratio", "min_inliers", "allow_scale", "inlier_tol") if k in config
+        }
         if mode.endswith(ECC):
             if f"{TENSOR_PREFIX}ecc_reference" not in tensors:
-                raise DefectscopeError(f"--align {mode}: this model keeps no ECC reference; refit it with --align {mode}")
+                raise DefectscopeError(
+                    f"--align {mode}: this model keeps no ECC reference; refit it with --align {mode}"
+                )
             options |= config.get("ecc", {})
             options["ecc_reference"] = tensors[f"{TENSOR_PREFIX}ecc_reference"].numpy()
         if base == "silhouette":
             if "pose" not in config:
-                raise DefectscopeError(f"--align {mode}: this model's reference has no silhouette pose; refit it "
-                                       "with --align silhouette")
-            aligner = cls(mode, np.zeros((0, 2)), np.zeros((0, 32)), tuple(config["ref_size"]),
-                          reference=config.get("reference"), **options)
+                raise DefectscopeError(
+                    f"--align {mode}: this model's reference has no silhouette pose; refit it with --align silhouette"
+                )
+            aligner = cls(
+                mode,
+                np.zeros((0, 2)),
+                np.zeros((0, 32)),
+                tuple(config["ref_size"]),
+                reference=config.get("reference"),
+                **options,
+            )
             aligner.pose = tuple(float(v) for v in config["pose"])
             return aligner
         try:
@@ -270,7 +300,7 @@ class Aligner:
         """ORB keypoints (K, 2) float32 (x, y) and descriptors (K, 32) uint8."""
         import cv2
 
-        orb = cv2.ORB_create(nfeatures=self.n_features)
+        orb = cv2.ORB_create(nfeatures=self.n_features)  # type: ignore[attr-defined]  # missing from cv2's stubs
         kps, desc = orb.detectAndCompute(_gray(image), None)
         if desc is None or not kps:
             return np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
@@ -328,16 +358,20 @@ class Aligner:
         rh, rw = self.ref_size
         ref = self.ecc_reference.astype(np.float32)
         h, w = ref.shape
-        warped = cv2.warpAffine(_gray(image), result.matrix, (rw, rh), flags=cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_REPLICATE)
+        warped = cv2.warpAffine(
+            _gray(image), result.matrix, (rw, rh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
         moving = self._ecc_gray(warped).astype(np.float32)
         warp = np.eye(2, 3, dtype=np.float32)
         criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, self.ecc_iterations, self.ecc_eps)
         blur = self.ecc_blur + (self.ecc_blur % 2 == 0) if self.ecc_blur > 0 else 1  # an odd kernel side (1: none)
-        smooth = (lambda a: cv2.GaussianBlur(a, (blur, blur), 0)) if blur > 1 else (lambda a: a)  # noqa: E731
+        smooth = (lambda a: cv2.GaussianBlur(a, (blur, blur), 0)) if blur > 1 else (lambda a: a)
         try:
             before = float(cv2.computeECC(smooth(ref), smooth(moving)))  # the correlation ECC starts from
-            after, warp = cv2.findTransformECC(ref, moving, warp, cv2.MOTION_EUCLIDEAN, criteria, None, blur)
+            # cv2's stubs lack the overload with inputMask=None and gaussFiltSize that OpenCV accepts
+            after, warp = cv2.findTransformECC(  # type: ignore[call-overload]
+                ref, moving, warp, cv2.MOTION_EUCLIDEAN, criteria, None, blur
+            )
         except cv2.error as exc:  # OpenCV's "error: (-7:Iterations do not converge) <why> in function ..."
             found = re.search(r"\(-?\d+:[^)]*\)\s*(.*?)\s*(?:in function|$)", str(exc), re.S)
             return self._unrefined(result, f"ECC did not converge ({found.group(1) if found else 'OpenCV error'})")
@@ -352,12 +386,27 @@ class Aligner:
         centre = np.array([(rw - 1) / 2.0, (rh - 1) / 2.0, 1.0])
         shift = float(np.linalg.norm((corr @ centre)[:2] - centre[:2]))
         if abs(turn) > self.ecc_max_angle or shift > self.ecc_max_shift * max(rh, rw):
-            return self._unrefined(result, f"ECC moved the pose implausibly far ({turn:.1f} degrees, {shift:.1f} px; "
-                                           f"limits {self.ecc_max_angle:g} degrees, "
-                                           f"{self.ecc_max_shift * max(rh, rw):.1f} px)")
+            return self._unrefined(
+                result,
+                f"ECC moved the pose implausibly far ({turn:.1f} degrees, {shift:.1f} px; "
+                f"limits {self.ecc_max_angle:g} degrees, "
+                f"{self.ecc_max_shift * max(rh, rw):.1f} px)",
+            )
         # the correlation at the final warp, measured as ``before`` was (ECC reports the one of its last step)
-        after = float(cv2.computeECC(smooth(ref), smooth(cv2.warpAffine(
-            moving, warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE))))
+        after = float(
+            cv2.computeECC(
+                smooth(ref),
+                smooth(
+                    cv2.warpAffine(
+                        moving,
+                        warp,
+                        (w, h),
+                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                        borderMode=cv2.BORDER_REPLICATE,
+                    )
+                ),
+            )
+        )
         if after < before - 1e-4:  # a drop beyond rounding
             return self._unrefined(result, f"ECC lowered the correlation ({before:.4f} -> {after:.4f})")
         matrix = (corr @ np.vstack([result.matrix, [0.0, 0.0, 1.0]]))[:2]
@@ -382,7 +431,7 @@ class Aligner:
         matrix = np.hstack([rot, t[:, None]])
         return AlignResult(matrix, True, 1, float(np.degrees(rtheta - theta)), size)
 
-    def _rot90(self, src: np.ndarray, dst: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, int, float]:
+    def _rot90(self, src: np.ndarray, dst: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray | None, int, float]:
         """Best quarter turn about the image centre, by matches agreeing on one translation."""
         h, w = size
         rh, rw = self.ref_size
@@ -436,8 +485,11 @@ class Aligner:
         """Loader hook: (H, W, 3) uint8 -> (image in the reference frame or as given, AlignResult)."""
         result = self.estimate(image)
         if not result.aligned:
-            log.info("could not align an image (%d matching keypoints, need %d): scored unaligned",
-                     result.inliers, self.min_inliers)
+            log.info(
+                "could not align an image (%d matching keypoints, need %d): scored unaligned",
+                result.inliers,
+                self.min_inliers,
+            )
             return image, result
         return self.warp_image(image, result), result
 
@@ -467,8 +519,13 @@ class Aligner:
         ref_to_s = np.array([[s_w / rw, 0, 0.5 * s_w / rw - 0.5], [0, s_h / rh, 0.5 * s_h / rh - 0.5], [0, 0, 1.0]])
         s_to_orig = np.array([[w / s_w, 0, 0.5 * w / s_w - 0.5], [0, h / s_h, 0.5 * h / s_h - 0.5], [0, 0, 1.0]])
         m = (ref_to_s @ full @ s_to_orig)[:2]  # original S-grid -> reference S-grid
-        return cv2.warpAffine(amap.astype(np.float32), m, (s_w, s_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                              borderMode=cv2.BORDER_REPLICATE)
+        return cv2.warpAffine(
+            amap.astype(np.float32),
+            m,
+            (s_w, s_h),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
 
 
 def silhouette_pose(image: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -526,8 +583,9 @@ def _rotation_rad(theta: float) -> np.ndarray:
     return np.array([[c, -s], [s, c]], dtype=np.float64)
 
 
-def make_aligner(mode: str, reference_image: np.ndarray | None, reference: str | None = None,
-                 **options: Any) -> Aligner | None:
+def make_aligner(
+    mode: str, reference_image: np.ndarray | None, reference: str | None = None, **options: Any
+) -> Aligner | None:
     """An Aligner for ``mode`` from a reference image, or None for ``mode == "none"``."""
     if mode not in ALIGN_MODES:
         raise DefectscopeError(f"unknown alignment {mode!r}; choose one of: {', '.join(ALIGN_MODES)}")
@@ -556,8 +614,9 @@ def alignment_quality(aligner: Aligner, reference: np.ndarray, images: list[np.n
     return (float(np.mean(scores)) if scores else -1.0), failed
 
 
-def choose_aligner(reference_image: np.ndarray, images: list[np.ndarray], reference: str | None = None
-                   ) -> tuple[Aligner, dict[str, Any]]:
+def choose_aligner(
+    reference_image: np.ndarray, images: list[np.ndarray], reference: str | None = None
+) -> tuple[Aligner, dict[str, Any]]:
     """``--align auto``: the candidate (:data:`AUTO_CANDIDATES`) that aligns the training ``images`` best to
     the reference, by :func:`alignment_quality`; returns it and a record of every candidate's quality.
 
@@ -580,5 +639,9 @@ def choose_aligner(reference_image: np.ndarray, images: list[np.ndarray], refere
         why = "; ".join(f"{mode}: {info['error']}" for mode, info in tried.items())
         raise DefectscopeError(f"--align auto: no alignment works on this reference ({why})")
     log.info("--align auto chose %s: %s", best[1].mode, tried)
-    return best[1], {"chosen": best[1].mode, "candidates": tried, "n_images": len(images),
-                     "rule": "highest mean normalised cross-correlation with the reference after alignment"}
+    return best[1], {
+        "chosen": best[1].mode,
+        "candidates": tried,
+        "n_images": len(images),
+        "rule": "highest mean normalised cross-correlation with the reference after alignment",
+    }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import DefectscopeError
+from ..errors import DefectscopeError
 
 Stats = tuple[float, float, float]
 

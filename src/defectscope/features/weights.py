@@ -32,8 +32,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import BackboneError
-from .files import replacing
+from ..common.files import replacing
+from ..errors import BackboneError
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _clean_state_dict(raw: Any, path: Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise BackboneError(f"weights file {path} holds no tensors")
     if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -248,9 +248,7 @@ def _ep_key(key: str, flat: list[tuple[str, bool]]) -> str | None:
 
 
 # --------------------------------------------------------------------------- validation
-def to_timm_state_dict(
-    state_dict: Mapping[str, torch.Tensor], backbone: str, source: str
-) -> dict[str, torch.Tensor]:
+def to_timm_state_dict(state_dict: Mapping[str, torch.Tensor], backbone: str, source: str) -> dict[str, torch.Tensor]:
     """Check (and if needed rename) a state dict against timm's full ``backbone`` model.
 
     Every non-classifier key of the model must be present with the right shape; keys the
@@ -312,7 +310,7 @@ def packaged_state_dict(backbone: str) -> tuple[dict[str, torch.Tensor], dict[st
         try:
             with safe_open(str(cached), framework="pt", device="cpu") as fh:
                 meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
             if meta.get("format") == _CACHE_FORMAT and meta.get("version") == version and meta.get("sha256"):
                 sd = to_timm_state_dict(tensors, name, f"cached weights {cached}")
                 log.debug("using cached weights %s", cached)
@@ -391,9 +389,7 @@ def _create_from_hub(backbone: str, timm_kwargs: dict[str, Any]) -> tuple[nn.Mod
     cfg = timm.models.get_pretrained_cfg(backbone)
     cfg_dict: dict[str, Any] = cfg.to_dict() if cfg is not None else {}
     if not cfg_dict or not (cfg_dict.get("hf_hub_id") or cfg_dict.get("url")):
-        raise BackboneError(
-            f"timm has no pretrained weights for {backbone!r}; pass --weights FILE or weights='none'"
-        )
+        raise BackboneError(f"timm has no pretrained weights for {backbone!r}; pass --weights FILE or weights='none'")
     info: dict[str, Any] = {"source": "timm-hub", "hf_hub_id": cfg_dict.get("hf_hub_id"), "url": cfg_dict.get("url")}
     endpoint = _hub_endpoint(cfg_dict)
     if not endpoint or not _hub_reachable(endpoint):

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from ..errors import DataLayoutError, DefectscopeError
 from . import metrics
-from .errors import DataLayoutError, DefectscopeError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,11 @@ def threshold_for_fpr(good_scores: np.ndarray, target_fpr: float) -> float:
         return float(s[-1])
     if allowed == 0:
         return float(np.nextafter(s[0], np.inf))  # reject none: just above the highest
-    return float(0.5 * (s[allowed] + s[allowed - 1])) if s[allowed] < s[allowed - 1] else float(np.nextafter(s[allowed], np.inf))
+    return (
+        float(0.5 * (s[allowed] + s[allowed - 1]))
+        if s[allowed] < s[allowed - 1]
+        else float(np.nextafter(s[allowed], np.inf))
+    )
 
 
 def calibrate_threshold(
@@ -138,14 +142,15 @@ def calibration_samples(data: Path, split: str | None = None) -> tuple[list[Path
     needs ``split="test"`` said explicitly (else DataLayoutError): the threshold is then tuned on
     the images it will be judged on, which makes evaluate's confusion matrix optimistic.
     """
-    from .data.layouts import find_images, is_category, load_category
+    from ..data.layouts import find_images, is_category, load_category
 
     data = Path(data)
     if not data.is_dir():
         raise DataLayoutError(f"{data}: folder not found")
     if split is not None and not is_category(data):
-        raise DataLayoutError(f"--split {split} is for a dataset category (MVTec AD, VisA); {data} is not one: "
-                              "leave --split out")
+        raise DataLayoutError(
+            f"--split {split} is for a dataset category (MVTec AD, VisA); {data} is not one: leave --split out"
+        )
     if is_category(data):
         if split != "test":
             raise DataLayoutError(
@@ -182,21 +187,22 @@ def calibrate_model(
     The old threshold and its info are appended to metadata ``threshold_history``. The model
     is rewritten atomically in place, or written to ``output`` (a new file; ``model`` is left as it
     is). Where it goes is checked before any image is scored; if writing still fails, the
-    :class:`~defectscope.files.OutputError` raised names the threshold that was computed.
+    :class:`~defectscope.common.files.OutputError` raised names the threshold that was computed.
     Returns the new threshold info plus ``previous_threshold``, ``failed`` (images that could
     not be scored, left out of the calibration), ``source`` (which images were used) and
     ``written`` (the model file written).
     """
-    from .files import OutputError, check_output_file, os_error_message
-    from .io import load_model, read_model_file, update_metadata, write_model_file
-    from .scoring import score_paths
+    from ..common.files import OutputError, check_output_file, os_error_message
+    from ..io import MODEL_FILE, load_model, read_model_file, update_metadata, write_model_file
+    from ..scoring import score_paths
 
     target = Path(output) if output is not None else Path(model)
-    check_output_file(target, "calibrated model file", replaces="model")
+    check_output_file(target, "calibrated model file", replaces=MODEL_FILE)
     detector, meta = load_model(model)
     paths, labels, source = calibration_samples(data, split)
-    log.info("calibrating on %s: %d good and %d defective images", source, int((labels == 0).sum()),
-             int((labels == 1).sum()))
+    log.info(
+        "calibrating on %s: %d good and %d defective images", source, int((labels == 0).sum()), int((labels == 1).sum())
+    )
     old = float(meta["threshold"])
     kept_labels: list[int] = []
     kept_scores: list[float] = []
@@ -215,8 +221,7 @@ def calibrate_model(
     info["n_failed"] = len(failed)
     # info["warning"], when present, is the caller's to show (the CLI prints it once)
     history = list(meta.get("threshold_history") or [])
-    history.append({"threshold": old, "threshold_info": meta.get("threshold_info"),
-                    "replaced": info["calibrated"]})
+    history.append({"threshold": old, "threshold_info": meta.get("threshold_info"), "replaced": info["calibrated"]})
     changes = {"threshold": info["threshold"], "threshold_info": info, "threshold_history": history}
     try:
         if output is None:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import DefectscopeError
+from ..errors import DefectscopeError
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ class MetricInputError(DefectscopeError, ValueError):
 def _check_scores(scores: np.ndarray, what: str) -> None:
     if scores.size and not np.isfinite(scores).all():
         bad = int(np.count_nonzero(~np.isfinite(scores)))
-        raise MetricInputError(
-            f"{what} contain {bad} NaN/inf value(s); fix the detector output or drop those samples"
-        )
+        raise MetricInputError(f"{what} contain {bad} NaN/inf value(s); fix the detector output or drop those samples")
 
 
 def _labels_scores(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -321,9 +319,7 @@ class PixelMetrics:
         if maps.ndim == 2:
             maps, masks = maps[None], masks[None]
         if maps.ndim != 3 or maps.shape != masks.shape:
-            raise MetricInputError(
-                f"maps {maps.shape} and masks {masks.shape} must both be shaped (B, H, W)"
-            )
+            raise MetricInputError(f"maps {maps.shape} and masks {masks.shape} must both be shaped (B, H, W)")
         maps32 = maps.astype(np.float32, copy=False)
         _check_scores(maps32, "anomaly maps")
         defect = masks if masks.dtype == bool else masks > 0
@@ -361,7 +357,9 @@ class PixelMetrics:
             self._hist.add(a)
         log.info(
             "pixel metrics: %d good-pixel scores exceed %d bytes; switched to a %d-bin histogram",
-            self.n_neg, self.max_bytes, HIST_BINS,
+            self.n_neg,
+            self.max_bytes,
+            HIST_BINS,
         )
         self._neg = []
 
@@ -453,13 +451,13 @@ class PixelMetrics:
                 t_cut = min(float(neg[0]), float(pos[0]))
             else:
                 t_cut = float(neg[n_neg - 1 - allowed])  # first threshold with fpr > limit
-            tail_neg = neg[np.searchsorted(neg, np.float32(t_cut), side="left"):]
-            tail_pos = pos[np.searchsorted(pos, np.float32(t_cut), side="left"):]
+            tail_neg = neg[np.searchsorted(neg, np.float32(t_cut), side="left") :]
+            tail_pos = pos[np.searchsorted(pos, np.float32(t_cut), side="left") :]
             thresholds = np.unique(np.concatenate([tail_neg, tail_pos]))[::-1]
             fp = n_neg - np.searchsorted(neg, thresholds, side="left")
         else:
             h = self._hist
-            thresholds = (h.lo + h.width * np.arange(h.nbins, -1, -1, dtype=np.float64))
+            thresholds = h.lo + h.width * np.arange(h.nbins, -1, -1, dtype=np.float64)
             above = np.r_[np.cumsum(h.counts[::-1])[::-1], 0]
             fp = above[np.arange(h.nbins, -1, -1)]
             n_neg = self.n_neg

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .cli_options import add_align_options, add_common, add_model_options, model_params, show_progress
-from .cli_types import finite_float, number, positive_int, probability_open, seed_int
-from .errors import DefectscopeError
-from .export import RUNTIME_CHOICES
-from .jsonout import dumps
+from ..common.argtypes import finite_float, number, positive_int, probability_open, seed_int
+from ..common.jsonout import dumps
+from ..errors import DefectscopeError
+from ..export import RUNTIME_CHOICES
+from ..version import MODEL_FORMAT_VERSION, __version__
+from .options import add_align_options, add_common, add_model_options, model_params, show_progress
 
 log = logging.getLogger("defectscope")
 
@@ -43,149 +43,263 @@ def build_parser() -> argparse.ArgumentParser:
         prog="defectscope",
         description="Unsupervised visual inspection: learn good parts from photos, then find defects.",
     )
-    parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"defectscope {__version__} (model format {MODEL_FORMAT_VERSION})"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("fit", help="learn a model from good images",
-                       description="Learn a model from good images. DATA is an MVTec AD category folder "
-                                   "(train/good is used), a VisA object folder (train/Normal), a plain test folder "
-                                   "(its train/) or any folder of good images (searched recursively).")
+    p = sub.add_parser(
+        "fit",
+        help="learn a model from good images",
+        description="Learn a model from good images. DATA is an MVTec AD category folder "
+        "(train/good is used), a VisA object folder (train/Normal), a plain test folder "
+        "(its train/) or any folder of good images (searched recursively).",
+    )
     p.add_argument("data", type=Path, metavar="DATA")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL", help="model file to write")
-    p.add_argument("--exclude-outliers", action="store_true",
-                   help="fit again without the training images that look unlike the rest (held-out score outliers "
-                        "and images far smaller than the model input; fit names them either way)")
+    p.add_argument(
+        "--exclude-outliers",
+        action="store_true",
+        help="fit again without the training images that look unlike the rest (held-out score outliers "
+        "and images far smaller than the model input; fit names them either way)",
+    )
     add_model_options(p)
     add_align_options(p, fit=True)
     add_common(p)
 
-    p = sub.add_parser("predict", help="score images: prints path,score,judgement",
-                       description="Score images with a model. Prints one line per image: path,score,judgement "
-                                   "(judgement 0 = good, 1 = defective: score at or above the threshold). Images that "
-                                   "cannot be read are reported on stderr and the exit code is 1.")
+    p = sub.add_parser(
+        "predict",
+        help="score images: prints path,score,judgement",
+        description="Score images with a model. Prints one line per image: path,score,judgement "
+        "(judgement 0 = good, 1 = defective: score at or above the threshold). Images that "
+        "cannot be read are reported on stderr and the exit code is 1.",
+    )
     p.add_argument("model", type=Path, metavar="MODEL")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="image files, folders (recursive) or globs; - reads paths from standard input, one per line, "
-                        "each scored and printed as soon as it arrives")
-    p.add_argument("-0", "--null", action="store_true",
-                   help="with -: paths on standard input are separated by NUL characters (find -print0)")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (recursive) or globs; - reads paths from standard input, one per line, "
+        "each scored and printed as soon as it arrives",
+    )
+    p.add_argument(
+        "-0",
+        "--null",
+        action="store_true",
+        help="with -: paths on standard input are separated by NUL characters (find -print0)",
+    )
     p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write a heatmap overlay PNG per image")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per line: path, score, judgement, threshold, error")
-    p.add_argument("--normalized", action="store_true",
-                   help="print score / threshold (1.0 = the threshold); --json then adds raw_score")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object per line: path, score, judgement, threshold, error"
+    )
+    p.add_argument(
+        "--normalized",
+        action="store_true",
+        help="print score / threshold (1.0 = the threshold); --json then adds raw_score",
+    )
     add_align_options(p, fit=False)
     add_common(p)
 
-    p = sub.add_parser("evaluate", help="image/pixel AUROC on labelled test data",
-                       description="Evaluate a model on an MVTec AD-layout category (test/<type>/..., "
-                                   "ground_truth/<type>/<stem>_mask.png), a VisA object folder (test/Normal, "
-                                   "test/Anomaly, Masks/Anomaly) or a plain folder (good/ + defect folders).")
+    p = sub.add_parser(
+        "evaluate",
+        help="image/pixel AUROC on labelled test data",
+        description="Evaluate a model on an MVTec AD-layout category (test/<type>/..., "
+        "ground_truth/<type>/<stem>_mask.png), a VisA object folder (test/Normal, "
+        "test/Anomaly, Masks/Anomaly) or a plain folder (good/ + defect folders).",
+    )
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("data", type=Path, metavar="DATA")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write all results as one JSON object")
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write heatmap overlays per test image")
-    p.add_argument("--report", type=Path, default=None, metavar="DIR",
-                   help="write a self-contained HTML report (DIR/index.html, figures, overlays)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write a self-contained HTML report (DIR/index.html, figures, overlays)",
+    )
     p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
-    p.add_argument("--protocol", choices=["native", "mvtec"], default="native",
-                   help="native: each map (taken back over its photo through the model's resize protocol, at about "
-                        "the model's input size) and its mask resized to it; mvtec: maps upsampled to each "
-                        "mask's own resolution (the literature's protocol), plus the image AUROC from each map's "
-                        "maximum (default native)")
+    p.add_argument(
+        "--protocol",
+        choices=["native", "mvtec"],
+        default="native",
+        help="native: each map (taken back over its photo through the model's resize protocol, at about "
+        "the model's input size) and its mask resized to it; mvtec: maps upsampled to each "
+        "mask's own resolution (the literature's protocol), plus the image AUROC from each map's "
+        "maximum (default native)",
+    )
     add_align_options(p, fit=False)
     add_common(p)
 
-    p = sub.add_parser("tune", help="choose feature layers (block per stage, stage combination) on validation data",
-                       description="Search which block of each backbone stage, and which combination of stages, gives "
-                                   "the best validation image AUROC. DATA is an MVTec AD category (train/good to fit, "
-                                   "test/ for validation and held-out results). --layers names the stages searched "
-                                   "(default: the method's layers). Prints a ranked Markdown table.")
+    p = sub.add_parser(
+        "tune",
+        help="choose feature layers (block per stage, stage combination) on validation data",
+        description="Search which block of each backbone stage, and which combination of stages, gives "
+        "the best validation image AUROC. DATA is an MVTec AD category (train/good to fit, "
+        "test/ for validation and held-out results). --layers names the stages searched "
+        "(default: the method's layers). Prints a ranked Markdown table.",
+    )
     p.add_argument("data", type=Path, metavar="DATA")
     val = p.add_mutually_exclusive_group()
-    val.add_argument("--val", type=Path, default=None, metavar="DATA",
-                     help="labelled validation images (MVTec AD layout or plain folder); DATA's test set is then "
-                          "entirely held out")
-    val.add_argument("--val-fraction", type=probability_open, default=0.5,
-                     help="share of DATA's test images (per defect type) used for validation when --val is not "
-                          "given (default 0.5); the rest is held out and reported separately")
+    val.add_argument(
+        "--val",
+        type=Path,
+        default=None,
+        metavar="DATA",
+        help="labelled validation images (MVTec AD layout or plain folder); DATA's test set is then entirely held out",
+    )
+    val.add_argument(
+        "--val-fraction",
+        type=probability_open,
+        default=0.5,
+        help="share of DATA's test images (per defect type) used for validation when --val is not "
+        "given (default 0.5); the rest is held out and reported separately",
+    )
     p.add_argument("--max-trials", type=positive_int, default=None, help="candidates to evaluate (default: all)")
-    p.add_argument("--search", choices=["random", "full"], default="random",
-                   help="random: a seeded draw of --max-trials candidates; full: the grid in order (default random)")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/tune.md (the table), DIR/tune.csv (one row per candidate) and DIR/tune.json (everything)")
+    p.add_argument(
+        "--search",
+        choices=["random", "full"],
+        default="random",
+        help="random: a seeded draw of --max-trials candidates; full: the grid in order (default random)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write DIR/tune.md (the table), DIR/tune.csv (one row per candidate) and DIR/tune.json (everything)",
+    )
     p.add_argument("--fit-best", action="store_true", help="fit the winning layers on all of train/ and write -o MODEL")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="MODEL", help="model file for --fit-best")
     add_model_options(p)
     add_common(p)
 
-    p = sub.add_parser("calibrate", help="set the model's threshold from validation images",
-                       description="Score validation images and write a new threshold into the model file (the old "
-                                   "one is kept in its threshold history), or into a new file with -o. DATA is a "
-                                   "plain test folder (good/ + defect folders, labelled) or any folder of good images; "
-                                   "an MVTec AD category or VisA object only with --split test.")
+    p = sub.add_parser(
+        "calibrate",
+        help="set the model's threshold from validation images",
+        description="Score validation images and write a new threshold into the model file (the old "
+        "one is kept in its threshold history), or into a new file with -o. DATA is a "
+        "plain test folder (good/ + defect folders, labelled) or any folder of good images; "
+        "an MVTec AD category or VisA object only with --split test.",
+    )
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("data", type=Path, metavar="DATA")
     rule = p.add_mutually_exclusive_group()
-    rule.add_argument("--target-fpr", type=number(float, 0, 1, hi_open=True), default=None, metavar="RATE",
-                      help="reject at most this share of the good images (default 0.01)")
+    rule.add_argument(
+        "--target-fpr",
+        type=number(float, 0, 1, hi_open=True),
+        default=None,
+        metavar="RATE",
+        help="reject at most this share of the good images (default 0.01)",
+    )
     rule.add_argument("--f1", action="store_true", help="maximise image F1 (needs defective images)")
-    p.add_argument("--split", choices=["test"], default=None,
-                   help="with an MVTec AD category or VisA object as DATA: calibrate on its test split (the one "
-                        "evaluate reports on; refused unless asked for)")
-    p.add_argument("-o", "--output", type=Path, default=None, metavar="NEW_MODEL",
-                   help="write the calibrated model here instead of replacing MODEL")
+    p.add_argument(
+        "--split",
+        choices=["test"],
+        default=None,
+        help="with an MVTec AD category or VisA object as DATA: calibrate on its test split (the one "
+        "evaluate reports on; refused unless asked for)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="NEW_MODEL",
+        help="write the calibrated model here instead of replacing MODEL",
+    )
     add_common(p)
 
-    p = sub.add_parser("demo", help="fit and evaluate PatchCore on real solar-cell images (ELPV)",
-                       description="Fit PatchCore on good monocrystalline ELPV solar cells and evaluate on held-out "
-                                   "good cells and cells labelled defective (pip install elpv-dataset).")
-    p.add_argument("-o", "--output", type=Path, default=Path("defectscope-demo"), metavar="DIR",
-                   help="folder for the model, metrics and heatmaps (default ./defectscope-demo)")
+    p = sub.add_parser(
+        "demo",
+        help="fit and evaluate PatchCore on real solar-cell images (ELPV)",
+        description="Fit PatchCore on good monocrystalline ELPV solar cells and evaluate on held-out "
+        "good cells and cells labelled defective (pip install elpv-dataset).",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("defectscope-demo"),
+        metavar="DIR",
+        help="folder for the model, metrics and heatmaps (default ./defectscope-demo)",
+    )
     p.add_argument("--n-train", type=number(int, 2), default=200, help="good cells to learn from (default 200)")
-    p.add_argument("--coreset-ratio", type=number(float, 0, 1, lo_open=True), default=0.1, help="PatchCore coreset ratio (default 0.1)")
+    p.add_argument(
+        "--coreset-ratio",
+        type=number(float, 0, 1, lo_open=True),
+        default=0.1,
+        help="PatchCore coreset ratio (default 0.1)",
+    )
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the split and the coreset (default 0)")
     add_common(p)
 
     _add_download_command(sub)
     _add_benchmark_command(sub)
-    from .serve.command import add_serve_command  # argparse only: the web stack loads when serve runs
+    from ..serve.command import add_serve_command  # argparse only: the web stack loads when serve runs
 
     add_serve_command(sub)
     _add_export_command(sub)
     _add_batch_command(sub)
     return parser
 
+
 def _add_download_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="download MVTec AD or VisA from the official URLs")
     p.add_argument("dataset", choices=list(DATASETS), help="which dataset")
-    p.add_argument("--category", dest="categories", action="extend", nargs="+", metavar="NAME",
-                   help="categories / objects to fetch (repeatable or comma-separated; default: all)")
+    p.add_argument(
+        "--category",
+        dest="categories",
+        action="extend",
+        nargs="+",
+        metavar="NAME",
+        help="categories / objects to fetch (repeatable or comma-separated; default: all)",
+    )
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--base-url", default=None, help="fetch the archives from this mirror instead")
     p.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives")
     bars = p.add_mutually_exclusive_group()
-    bars.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    bars.add_argument(
+        "--progress", action="store_true", help="show the progress bar even when stderr is not a terminal"
+    )
     bars.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_benchmark_command(sub: argparse._SubParsersAction) -> None:
     """``benchmark``: model options named as in ``fit`` (each method takes the ones that apply to it)."""
     p = sub.add_parser(
-        "benchmark", help="fit + evaluate methods on every category of a dataset; tables of the results",
+        "benchmark",
+        help="fit + evaluate methods on every category of a dataset; tables of the results",
         description="For each method and category: fit on the category's good training images, evaluate on its "
-                    "test images. ROOT is an MVTec AD root or category, a VisA root or object folder, or a plain "
-                    "folder (good/ + defect folders + train/). Finished cells are kept in OUT/cells and skipped "
-                    "when run again with the same settings. Exit code 1 if any cell failed.")
+        "test images. ROOT is an MVTec AD root or category, a VisA root or object folder, or a plain "
+        "folder (good/ + defect folders + train/). Finished cells are kept in OUT/cells and skipped "
+        "when run again with the same settings. Exit code 1 if any cell failed.",
+    )
     p.add_argument("root", type=Path, metavar="ROOT")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES), metavar="METHOD",
-                   help=f"methods to run (default: all: {' '.join(METHOD_NAMES)})")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHOD_NAMES),
+        choices=list(METHOD_NAMES),
+        metavar="METHOD",
+        help=f"methods to run (default: all: {' '.join(METHOD_NAMES)})",
+    )
     p.add_argument("--categories", nargs="+", default=None, metavar="NAME", help="only these categories / objects")
-    p.add_argument("-o", "--output", type=Path, default=Path("benchmark-results"), metavar="DIR",
-                   help="folder for cells, tables and reports (default ./benchmark-results)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("benchmark-results"),
+        metavar="DIR",
+        help="folder for cells, tables and reports (default ./benchmark-results)",
+    )
     p.add_argument("--force", action="store_true", help="recompute cells that are already done")
-    p.add_argument("--report", action="store_true",
-                   help="also write an HTML report per method and category (for the cells computed in this run)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write an HTML report per method and category (for the cells computed in this run)",
+    )
     p.add_argument("--save-models", action="store_true", help="keep each fitted model in DIR/models")
     add_model_options(p, method=False)
     add_common(p)
@@ -193,20 +307,32 @@ def _add_benchmark_command(sub: argparse._SubParsersAction) -> None:
 
 def _add_export_command(sub: argparse._SubParsersAction) -> None:
     """``export``: the model as one ONNX or OpenVINO graph in a new folder (see defectscope.export)."""
-    from .export import FORMATS
+    from ..export import FORMATS
 
     p = sub.add_parser(
-        "export", help="write the model as an ONNX or OpenVINO graph that runs without torch",
+        "export",
+        help="write the model as an ONNX or OpenVINO graph that runs without torch",
         description="Write MODEL's whole scoring path (normalisation, backbone, features, distances, map, image "
-                    "score) as one graph, with the model's metadata, into the new folder DIR. `defectscope predict "
-                    "DIR ...` and defectscope.load(DIR) then run it with onnxruntime or OpenVINO, without torch. The "
-                    "export scores a few images both ways and prints how far they agree. PatchCore and PaDiM only.")
+        "score) as one graph, with the model's metadata, into the new folder DIR. `defectscope predict "
+        "DIR ...` and defectscope.load(DIR) then run it with onnxruntime or OpenVINO, without torch. The "
+        "export scores a few images both ways and prints how far they agree. PatchCore and PaDiM only.",
+    )
     p.add_argument("model", type=Path, metavar="MODEL")
-    p.add_argument("--format", choices=list(FORMATS), default="onnx",
-                   help="onnx (runs on onnxruntime or OpenVINO) or openvino (OpenVINO IR); default onnx")
+    p.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default="onnx",
+        help="onnx (runs on onnxruntime or OpenVINO) or openvino (OpenVINO IR); default onnx",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="new (or empty) folder to write")
-    p.add_argument("--check", nargs="+", type=Path, default=[], metavar="IMAGE",
-                   help="image files to measure the agreement on (default: 4 synthetic images)")
+    p.add_argument(
+        "--check",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="IMAGE",
+        help="image files to measure the agreement on (default: 4 synthetic images)",
+    )
     p.add_argument("--threads", type=number(int, 1, 1024), default=None, help="CPU threads (default: all cores)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
 
@@ -214,38 +340,80 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
 def _add_batch_command(sub: argparse._SubParsersAction) -> None:
     """``batch``: score an archive into Parquet or CSV, locally or on a Ray cluster (defectscope.batch)."""
     p = sub.add_parser(
-        "batch", help="score many images into a Parquet or CSV table, locally or on a Ray cluster; resumable",
+        "batch",
+        help="score many images into a Parquet or CSV table, locally or on a Ray cluster; resumable",
         description="Score every image of INPUT into OUT, one row per image: path, score, judgement, threshold, "
-                    "normalized_score, error, heatmap, model_checksum. Unreadable images become rows with an error. "
-                    "Exit code 1 if any row has an error. --threads is this process's torch threads with the local "
-                    "engine (default: all cores) and each actor's CPUs with Ray (default 1).")
+        "normalized_score, error, heatmap, model_checksum. Unreadable images become rows with an error. "
+        "Exit code 1 if any row has an error. --threads is this process's torch threads with the local "
+        "engine (default: all cores) and each actor's CPUs with Ray (default 1).",
+    )
     p.add_argument("model", type=Path, metavar="MODEL")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files, folders (recursive), globs, or list files (.txt, .lst, .list: one path per line)")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
-                   help="OUT.parquet (or no ending): a folder of Parquet parts and _manifest.json; OUT.csv: one CSV file")
-    p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: score in this process, rows streamed to OUT as scored (default); ray: Ray Data with "
-                        "an actor pool, one model per actor (pip install 'defectscope[ray]')")
-    p.add_argument("--address", default=None, metavar="auto|HOST:PORT",
-                   help="with --engine ray: the cluster to join (default: one started on this machine by `ray start`, "
-                        "else a private one for this run)")
-    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                   help="with --engine ray: actors in the pool (default: the cluster's CPUs / --threads)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders (recursive), globs, or list files (.txt, .lst, .list: one path per line)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT",
+        help="OUT.parquet (or no ending): a folder of Parquet parts and _manifest.json; OUT.csv: one CSV file",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: score in this process, rows streamed to OUT as scored (default); ray: Ray Data with "
+        "an actor pool, one model per actor (pip install 'defectscope[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="with --engine ray: the cluster to join (default: one started on this machine by `ray start`, "
+        "else a private one for this run)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="with --engine ray: actors in the pool (default: the cluster's CPUs / --threads)",
+    )
     again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="OUT exists: score only the paths not in it yet (rows are keyed by path; every path ends "
-                            "up in OUT exactly once); without OUT, start it")
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="OUT exists: score only the paths not in it yet (rows are keyed by path; every path ends "
+        "up in OUT exactly once); without OUT, start it",
+    )
     again.add_argument("--force", action="store_true", help="OUT exists: replace it (its rows are discarded)")
-    p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
-                   help="write an overlay PNG per image into DIR (named after the path) and its path into the row")
+    p.add_argument(
+        "--heatmaps",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write an overlay PNG per image into DIR (named after the path) and its path into the row",
+    )
     p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
-    p.add_argument("--runtime", choices=list(RUNTIME_CHOICES), default="auto",
-                   help="what scores: auto (default: the model's export on onnxruntime, measured 1.2x faster than "
-                        "torch at equal results, when the export extra is installed and the model can be exported, "
-                        "else torch; the choice is said and recorded in the manifest), torch, onnxruntime or openvino")
-    p.add_argument("--part-rows", type=positive_int, default=10_000, metavar="N",
-                   help="Parquet: rows per part file (a part is also committed every 30 s; default 10000)")
+    p.add_argument(
+        "--runtime",
+        choices=list(RUNTIME_CHOICES),
+        default="auto",
+        help="what scores: auto (default: the model's export on onnxruntime, measured 1.2x faster than "
+        "torch at equal results, when the export extra is installed and the model can be exported, "
+        "else torch; the choice is said and recorded in the manifest), torch, onnxruntime or openvino",
+    )
+    p.add_argument(
+        "--part-rows",
+        type=positive_int,
+        default=10_000,
+        metavar="N",
+        help="Parquet: rows per part file (a part is also committed every 30 s; default 10000)",
+    )
     add_common(p)
 
 
@@ -256,13 +424,12 @@ def _setup(args: argparse.Namespace) -> None:
         sys.stdout.reconfigure(errors="surrogateescape")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LowerLevelFormatter("defectscope: %(levelname)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        handlers=[handler])
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, handlers=[handler])
     # libraries' own chatter (faiss: "Could not load library with AVX512 support") is not ours to show at -v
     for noisy in ("faiss", "faiss.loader", "numba", "PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     threads = max(1, getattr(args, "threads", None) or available_cores())
-    from .export import is_exported, set_threads
+    from ..export import is_exported, set_threads
 
     set_threads(threads)
     if is_exported(getattr(args, "model", None)) and args.command != "export":  # runs without torch
@@ -288,26 +455,41 @@ def available_cores() -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .api import fit
-    from .files import check_output_file
+    from ..api import check_model_output, fit
 
-    check_output_file(args.output, "model file", replaces="model")
-    model = fit(args.data, method=args.method, align=args.align, align_ref=args.align_ref,
-                threshold_quantile=args.threshold_quantile, exclude_outliers=args.exclude_outliers,
-                batch_size=args.batch_size, progress=show_progress(args), **model_params(args))
+    check_model_output(args.output)
+    model = fit(
+        args.data,
+        method=args.method,
+        align=args.align,
+        align_ref=args.align_ref,
+        threshold_quantile=args.threshold_quantile,
+        exclude_outliers=args.exclude_outliers,
+        batch_size=args.batch_size,
+        progress=show_progress(args),
+        **model_params(args),
+    )
     detector, meta = model.detector, model.meta
     auto = (meta.get("align") or {}).get("auto")
     if auto is not None:
-        scores = ", ".join(f"{m} {c['ncc']} ({c['unaligned']} not aligned)" if "ncc" in c else f"{m} failed"
-                           for m, c in auto["candidates"].items())
-        print(f"--align auto: chose {auto['chosen']} (mean correlation with the reference after alignment on "
-              f"{auto['n_images']} training images: {scores})", file=sys.stderr)
+        scores = ", ".join(
+            f"{m} {c['ncc']} ({c['unaligned']} not aligned)" if "ncc" in c else f"{m} failed"
+            for m, c in auto["candidates"].items()
+        )
+        print(
+            f"--align auto: chose {auto['chosen']} (mean correlation with the reference after alignment on "
+            f"{auto['n_images']} training images: {scores})",
+            file=sys.stderr,
+        )
     alignment = meta["training"].get("alignment", {})
     for path in alignment.get("unaligned", []):
         print(f"defectscope: warning: {path}: could not be aligned, used unaligned", file=sys.stderr)
     if alignment.get("n_unrefined"):
-        print(f"defectscope: note: ECC kept the {model.aligner.base_mode} pose of {alignment['n_unrefined']} "
-              "training image(s) (listed in the model's training.alignment.unrefined)", file=sys.stderr)
+        print(
+            f"defectscope: note: ECC kept the {model.aligner.base_mode} pose of {alignment['n_unrefined']} "
+            "training image(s) (listed in the model's training.alignment.unrefined)",
+            file=sys.stderr,
+        )
     model.save(args.output)
     skipped = meta["training"]["skipped"]
     print(
@@ -328,19 +510,25 @@ def _print_suspects(training: dict[str, Any]) -> None:
     for item in excluded:
         print(f"defectscope: warning: left out of the fit: {item['path']}: {item['reason']}", file=sys.stderr)
     for item in suspects:
-        print(f"defectscope: warning: training image unlike the rest: {item['path']}: {item['reason']}",
-              file=sys.stderr)
+        print(
+            f"defectscope: warning: training image unlike the rest: {item['path']}: {item['reason']}", file=sys.stderr
+        )
     if suspects:
-        remedy = ("check --image-size against the photos, or the folder's content" if training.get("exclusion_declined")
-                  else "look at them, remove them, or refit with --exclude-outliers")
-        print(f"defectscope: warning: {len(suspects)} training image(s) may be defective or wrong, and they raise the "
-              f"threshold for every part judged later: {remedy} (rule: {training.get('outlier_rule')})",
-              file=sys.stderr)
+        remedy = (
+            "check --image-size against the photos, or the folder's content"
+            if training.get("exclusion_declined")
+            else "look at them, remove them, or refit with --exclude-outliers"
+        )
+        print(
+            f"defectscope: warning: {len(suspects)} training image(s) may be defective or wrong, and they raise the "
+            f"threshold for every part judged later: {remedy} (rule: {training.get('outlier_rule')})",
+            file=sys.stderr,
+        )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .api import load
-    from .files import check_output_dir
+    from ..api import load
+    from ..common.files import check_output_dir
 
     if args.heatmaps is not None:
         check_output_dir(args.heatmaps, "heatmap folder")
@@ -357,8 +545,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if stdin:
         from .stdin_paths import available_batches, read_paths
 
-        batches = available_batches(read_paths(sys.stdin.buffer, sep=b"\0" if args.null else b"\n"),
-                                    args.batch_size)
+        batches = available_batches(read_paths(sys.stdin.buffer, sep=b"\0" if args.null else b"\n"), args.batch_size)
         scored = any_input = False
         for batch in batches:
             any_input = True
@@ -377,7 +564,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _argument_entries(args: argparse.Namespace) -> list[Path | tuple[str, str]]:
     """The PATH arguments expanded in order (files, folders, globs), without earlier heatmaps; an argument
     that gave no image stays in its place as (argument, message)."""
-    from .data.layouts import expand_in_order
+    from ..data.layouts import expand_in_order
 
     output = args.heatmaps.resolve() if args.heatmaps is not None else None
     entries: list[Path | tuple[str, str]] = []
@@ -388,8 +575,11 @@ def _argument_entries(args: argparse.Namespace) -> list[Path | tuple[str, str]]:
             continue
         entries.append(entry)
     if earlier:
-        print(f"defectscope: warning: {earlier} image(s) under the --heatmaps folder {args.heatmaps} were not scored "
-              "(output of an earlier run)", file=sys.stderr)
+        print(
+            f"defectscope: warning: {earlier} image(s) under the --heatmaps folder {args.heatmaps} were not scored "
+            "(output of an earlier run)",
+            file=sys.stderr,
+        )
     return entries
 
 
@@ -406,8 +596,15 @@ class _PredictPrinter:
     def score(self, model: Any, entries: list[Path | tuple[str, str]], progress: bool = False) -> bool:
         """Score the paths among ``entries`` and print every entry's line; True if any entry was there."""
         paths = [e for e in entries if isinstance(e, Path)]
-        results = iter(model.iter_predict(paths, maps=self.args.heatmaps is not None, threshold=self.threshold,
-                                          batch_size=self.args.batch_size, progress=progress))
+        results = iter(
+            model.iter_predict(
+                paths,
+                maps=self.args.heatmaps is not None,
+                threshold=self.threshold,
+                batch_size=self.args.batch_size,
+                progress=progress,
+            )
+        )
         for entry in entries:
             if isinstance(entry, Path):
                 self._print(next(results))
@@ -417,7 +614,7 @@ class _PredictPrinter:
         return bool(entries)
 
     def _print(self, result: Any) -> None:
-        from .report.heatmaps import heatmap_name, save_png
+        from ..report.heatmaps import heatmap_name, save_png
 
         args, threshold = self.args, self.threshold
         index, self.index = self.index, self.index + 1
@@ -430,19 +627,27 @@ class _PredictPrinter:
             try:
                 heatmap = args.heatmaps / heatmap_name(Path(result.name), index)
                 save_png(heatmap, result.overlay(side_by_side=True))
-            except Exception as exc:  # noqa: BLE001 - a picture that fails never costs the other results
+            except Exception as exc:
                 print(f"defectscope: error: heatmap for {result.name}: {exc}", file=sys.stderr)
                 heatmap = None
                 self.failures += 1
         for note in result.notes:
             print(f"defectscope: warning: {result.name}: {note}", file=sys.stderr)
         if result.alignment is not None and not result.alignment["aligned"]:
-            print(f"defectscope: warning: {result.name}: could not be aligned "
-                  f"({result.alignment['inliers']} matching keypoints), scored unaligned", file=sys.stderr)
+            print(
+                f"defectscope: warning: {result.name}: could not be aligned "
+                f"({result.alignment['inliers']} matching keypoints), scored unaligned",
+                file=sys.stderr,
+            )
         shown = result.score / threshold if args.normalized else result.score
         if args.json:
-            obj = {"path": result.name, "score": shown, "judgement": result.judgement,
-                   "threshold": threshold, "error": None}
+            obj = {
+                "path": result.name,
+                "score": shown,
+                "judgement": result.judgement,
+                "threshold": threshold,
+                "error": None,
+            }
             if args.normalized:
                 obj["raw_score"] = result.score
             if result.notes:
@@ -466,17 +671,18 @@ def _report_failure(args: argparse.Namespace, path: str, message: str, threshold
     text = message if message.startswith(path) else f"{path}: {message}"
     print(f"defectscope: error: {text}", file=sys.stderr)
     if args.json:
-        print(dumps({"path": path, "score": None, "judgement": None, "threshold": threshold, "error": text}),
-              flush=True)
+        print(
+            dumps({"path": path, "score": None, "judgement": None, "threshold": threshold, "error": text}), flush=True
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .api import load
-    from .evaluation import format_summary
-    from .files import check_output_dir, check_output_file
+    from ..api import load
+    from ..common.files import JSON_FILE, check_output_dir, check_output_file
+    from ..evaluation.evaluate import format_summary
 
     if args.json is not None:
-        check_output_file(args.json, "JSON results file", replaces="json", inputs=(args.model,))
+        check_output_file(args.json, "JSON results file", replaces=JSON_FILE, inputs=(args.model,))
     for folder, what in ((args.heatmaps, "heatmap folder"), (args.report, "report folder")):
         if folder is not None:
             check_output_dir(folder, what)
@@ -484,41 +690,64 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     meta = model.meta
     threshold = args.threshold if args.threshold is not None else model.threshold
     drawn = args.heatmaps is not None or args.report is not None
-    result = model.evaluate(args.data, threshold=threshold, batch_size=args.batch_size,
-                            progress=show_progress(args), heatmap_dir=args.heatmaps,
-                            overlay_dir=args.report / "overlays" if args.report is not None else None,
-                            pixel_threshold=model.pixel_threshold if drawn else None, protocol=args.protocol)
+    result = model.evaluate(
+        args.data,
+        threshold=threshold,
+        batch_size=args.batch_size,
+        progress=show_progress(args),
+        heatmap_dir=args.heatmaps,
+        overlay_dir=args.report / "overlays" if args.report is not None else None,
+        pixel_threshold=model.pixel_threshold if drawn else None,
+        protocol=args.protocol,
+    )
     result["model"] = str(args.model)
     result["data"] = str(args.data)
     if args.report is not None:
-        from .report.html import write_report
+        from ..report.html import write_report
 
         print(f"wrote report {write_report(result, args.report, meta=meta)}")
     print(format_summary(result))
     if args.json is not None:
-        from .files import replacing
+        from ..common.files import replacing
 
         with replacing(args.json) as tmp:
             tmp.write_text(dumps(result, indent=2))
     for item in result["failed"]:
         print(f"defectscope: error: {item['error']}", file=sys.stderr)
     for item in result["mask_errors"]:
-        print(f"defectscope: error: {item['error']} (image kept in the image-level results, left out of the pixel "
-              "metrics)", file=sys.stderr)
+        print(
+            f"defectscope: error: {item['error']} (image kept in the image-level results, left out of the pixel "
+            "metrics)",
+            file=sys.stderr,
+        )
     return EXIT_SOME_FAILED if result["failed"] or result["mask_errors"] else EXIT_OK
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import calibrate_model
+    from ..evaluation.calibration import calibrate_model
 
-    info = calibrate_model(args.model, args.data, target_fpr=args.target_fpr, f1=args.f1,
-                           batch_size=args.batch_size, progress=show_progress(args), split=args.split,
-                           output=args.output)
-    rate = "" if info["false_reject_rate"] is None else (
-        f", false-reject rate {info['false_reject_rate']:.2%} here (95% upper bound {info['false_reject_upper95']:.2%})")
-    print(f"wrote {info['written']}: threshold {info['threshold']:.6g} (was {info['previous_threshold']:.6g}); "
-          f"{info['rule']}; rests on {info['n_good']} good and {info['n_defective']} defective images from "
-          f"{info['source']}{rate}")
+    info = calibrate_model(
+        args.model,
+        args.data,
+        target_fpr=args.target_fpr,
+        f1=args.f1,
+        batch_size=args.batch_size,
+        progress=show_progress(args),
+        split=args.split,
+        output=args.output,
+    )
+    rate = (
+        ""
+        if info["false_reject_rate"] is None
+        else (
+            f", false-reject rate {info['false_reject_rate']:.2%} here (95% upper bound {info['false_reject_upper95']:.2%})"
+        )
+    )
+    print(
+        f"wrote {info['written']}: threshold {info['threshold']:.6g} (was {info['previous_threshold']:.6g}); "
+        f"{info['rule']}; rests on {info['n_good']} good and {info['n_defective']} defective images from "
+        f"{info['source']}{rate}"
+    )
     if "warning" in info:
         print(f"defectscope: warning: {info['warning']}", file=sys.stderr)
     for item in info["failed"]:
@@ -527,25 +756,31 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    from .files import check_output_dir
+    from ..common.files import check_output_dir
+    from ..demo import run_demo
 
     check_output_dir(args.output, "demo folder")
-    run_demo(args.output, n_train=args.n_train, coreset_ratio=args.coreset_ratio, seed=args.seed,
-             batch_size=args.batch_size, progress=show_progress(args))
+    run_demo(
+        args.output,
+        n_train=args.n_train,
+        coreset_ratio=args.coreset_ratio,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=show_progress(args),
+    )
     return EXIT_OK
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .data.layouts import good_images, load_category
-    from .tune import markdown_table, split_validation, tune_layers, write_csv
-
-    from .files import check_output_dir, check_output_file
+    from ..api import check_model_output
+    from ..common.files import check_output_dir
+    from ..data.layouts import good_images, load_category
+    from ..evaluation.tune import markdown_table, split_validation, tune_layers, write_csv
 
     if args.fit_best and args.output is None:
         raise DefectscopeError("--fit-best needs -o MODEL, the model file to write")
     if args.fit_best:
-        check_output_file(args.output, "model file", replaces="model")
+        check_model_output(args.output)
     if args.out is not None:
         check_output_dir(args.out, "--out folder")
     params = model_params(args)
@@ -558,9 +793,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         validation, held_out = split_validation(split.test, args.val_fraction, seed=params.get("seed", 0))
         source = f"{args.val_fraction:.0%} of {args.data}'s test images held out for validation (per defect type)"
-    result = tune_layers(args.method, train, validation, held_out, params=params, stages=stages,
-                         max_trials=args.max_trials, search=args.search, validation_source=source,
-                         batch_size=args.batch_size, announce=lambda text: print(text, file=sys.stderr, flush=True))
+    result = tune_layers(
+        args.method,
+        train,
+        validation,
+        held_out,
+        params=params,
+        stages=stages,
+        max_trials=args.max_trials,
+        search=args.search,
+        validation_source=source,
+        batch_size=args.batch_size,
+        announce=lambda text: print(text, file=sys.stderr, flush=True),
+    )
     table = markdown_table(result)
     print(table)
     if args.out is not None:
@@ -569,10 +814,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
         write_csv(result, args.out / "tune.csv")
         (args.out / "tune.json").write_text(dumps(result.as_dict(), indent=2))
     if args.fit_best:
-        from .api import fit
+        from ..api import fit
 
-        model = fit(train, method=args.method, threshold_quantile=args.threshold_quantile, batch_size=args.batch_size,
-                    progress=show_progress(args), data_name=str(args.data), **dict(params, layers=result.best))
+        model = fit(
+            train,
+            method=args.method,
+            threshold_quantile=args.threshold_quantile,
+            batch_size=args.batch_size,
+            progress=show_progress(args),
+            data_name=str(args.data),
+            **dict(params, layers=result.best),
+        )
         model.meta["tune"] = {"best": result.best, "validation": result.validation, "held_out": result.held_out}
         model.save(args.output)
         print(f"wrote {args.output}: {args.method} with layers {','.join(result.best)}")
@@ -581,45 +833,65 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     """Fetch the archives; print the folders it produced."""
-    from .data.download import download_dataset
+    from ..data.download import download_dataset
 
     cats = None
     if args.categories:
         cats = [c.strip() for item in args.categories for c in item.split(",") if c.strip()]
-    folders = download_dataset(args.dataset, args.out, cats, progress=show_progress(args), base_url=args.base_url,
-                               keep_archives=args.keep_archives)
+    folders = download_dataset(
+        args.dataset,
+        args.out,
+        cats,
+        progress=show_progress(args),
+        base_url=args.base_url,
+        keep_archives=args.keep_archives,
+    )
     for folder in folders:
         print(folder)
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export.exporter import export_model
+    from ..export.exporter import export_model
 
     meta = export_model(args.model, args.output, args.format, check_images=args.check)
     agreement = meta["export"]["agreement"]
-    print(f"wrote {args.output}: {meta['method']} as {args.format} ({meta['export']['graph']}); on "
-          f"{agreement['images']}, {agreement['runtime']} and torch agree to {agreement['max_score_rel']:.1e} relative "
-          f"(scores) and {agreement['max_map_diff']:.1e} of the map's range, judgements "
-          f"{'equal' if agreement['judgements_equal'] else 'DIFFERENT'}")
+    print(
+        f"wrote {args.output}: {meta['method']} as {args.format} ({meta['export']['graph']}); on "
+        f"{agreement['images']}, {agreement['runtime']} and torch agree to {agreement['max_score_rel']:.1e} relative "
+        f"(scores) and {agreement['max_map_diff']:.1e} of the map's range, judgements "
+        f"{'equal' if agreement['judgements_equal'] else 'DIFFERENT'}"
+    )
     if not agreement["within"]:
-        print("defectscope: warning: outside the tolerance (scores 1e-4 relative, maps 1e-3 of their range, equal "
-              "judgements): check the export before using it", file=sys.stderr)
+        print(
+            "defectscope: warning: outside the tolerance (scores 1e-4 relative, maps 1e-3 of their range, equal "
+            "judgements): check the export before using it",
+            file=sys.stderr,
+        )
         return EXIT_SOME_FAILED
     return EXIT_OK
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Progress on stderr, the Markdown table on stdout; exit code 1 if any cell failed."""
-    from .benchmark import format_markdown, run_benchmark
+    from ..benchmark import format_markdown, run_benchmark
 
     def notify(message: str) -> None:
         print(f"defectscope: {message}", file=sys.stderr, flush=True)
 
     cells = run_benchmark(
-        args.root, args.methods, categories=args.categories, params=model_params(args), out_dir=args.output,
-        batch_size=args.batch_size, threshold_quantile=args.threshold_quantile, force=args.force,
-        report=args.report, save_models=args.save_models, progress=show_progress(args), notify=notify,
+        args.root,
+        args.methods,
+        categories=args.categories,
+        params=model_params(args),
+        out_dir=args.output,
+        batch_size=args.batch_size,
+        threshold_quantile=args.threshold_quantile,
+        force=args.force,
+        report=args.report,
+        save_models=args.save_models,
+        progress=show_progress(args),
+        notify=notify,
     )
     print(format_markdown(cells), end="")
     print(f"wrote {args.output / 'benchmark.md'}, benchmark.csv, benchmark.json, index.html")
@@ -630,31 +902,57 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve.command import run
+    from ..serve.command import run
 
     return run(args)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Progress on stderr, the summary on stdout; exit code 1 if any row has an error."""
-    from .batch import run_batch
+    from ..batch import run_batch
 
     def notify(message: str) -> None:
         print(f"defectscope: batch: {message}", file=sys.stderr, flush=True)
 
-    summary = run_batch(args.model, args.inputs, args.output, engine=args.engine, address=args.address,
-                        workers=args.workers, threads=args.threads, batch_size=args.batch_size,
-                        threshold=args.threshold, heatmaps=args.heatmaps, resume=args.resume, force=args.force,
-                        part_rows=args.part_rows, runtime=args.runtime, progress=show_progress(args), notify=notify)
+    summary = run_batch(
+        args.model,
+        args.inputs,
+        args.output,
+        engine=args.engine,
+        address=args.address,
+        workers=args.workers,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        heatmaps=args.heatmaps,
+        resume=args.resume,
+        force=args.force,
+        part_rows=args.part_rows,
+        runtime=args.runtime,
+        progress=show_progress(args),
+        notify=notify,
+    )
     skipped = f", {summary.skipped} skipped (already there)" if summary.skipped else ""
-    print(f"wrote {summary.out}: {summary.scored} row(s), {summary.errors} with an error, in {summary.seconds:.1f} s "
-          f"({summary.images_per_second:.1f} images/s){skipped}; {summary.total_rows} row(s) in all")
+    print(
+        f"wrote {summary.out}: {summary.scored} row(s), {summary.errors} with an error, in {summary.seconds:.1f} s "
+        f"({summary.images_per_second:.1f} images/s){skipped}; {summary.total_rows} row(s) in all"
+    )
     return EXIT_SOME_FAILED if summary.errors else EXIT_OK
 
 
-COMMANDS = {"fit": cmd_fit, "predict": cmd_predict, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "demo": cmd_demo,
-            "download": cmd_download, "benchmark": cmd_benchmark, "tune": cmd_tune,
-            "serve": cmd_serve, "export": cmd_export, "batch": cmd_batch}
+COMMANDS = {
+    "fit": cmd_fit,
+    "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
+    "calibrate": cmd_calibrate,
+    "demo": cmd_demo,
+    "download": cmd_download,
+    "benchmark": cmd_benchmark,
+    "tune": cmd_tune,
+    "serve": cmd_serve,
+    "export": cmd_export,
+    "batch": cmd_batch,
+}
 
 
 #: exit status after the reader of standard output went away (128 + SIGPIPE, what a shell reports for `yes | head`)
@@ -682,14 +980,10 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except OSError as exc:  # disk full, permissions, a folder vanished: one line naming the path, never a traceback
-        from .files import os_error_message
+        from ..common.files import os_error_message
 
         print(f"defectscope: error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("defectscope: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

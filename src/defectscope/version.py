@@ -1,0 +1,11 @@
+"""The package version and the model-file format version (no imports: read by ``--version`` and
+every layer).
+
+The package follows semantic versioning (``CHANGELOG.md``). :data:`MODEL_FORMAT_VERSION` rises
+when a model file written by this version cannot be read correctly by an older one; a reader
+refuses files of a newer format with the version that wrote them (:mod:`defectscope.io`).
+"""
+
+__version__ = "0.2.0"
+#: the model file's format version (``format_version`` in its metadata)
+MODEL_FORMAT_VERSION = 1
