@@ -4,6 +4,8 @@
 #   ./dev.sh test [pytest args] run the test suite
 #   ./dev.sh setup             only create/update the virtual environment
 #   ./dev.sh run ARGS...       run `defectscope ARGS...` inside the environment
+#   ./dev.sh check             lint (ruff), format check, types (mypy) and the docs site (mkdocs --strict)
+#   ./dev.sh docs [serve]      build the docs site into ./site (or serve it on http://127.0.0.1:8000)
 # Environment: DEFECTSCOPE_VENV (default .venv), DEFECTSCOPE_TORCH (default "torch==2.14.1 torchvision==0.29.1").
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,7 +24,7 @@ setup() {
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
         # shellcheck disable=SC2086
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check $TORCH
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,lite,demo,serve,export,ray]"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,lite,demo,serve,export,ray,docs,dev]"
         touch "$stamp"
     fi
 }
@@ -34,5 +36,16 @@ case "$cmd" in
     demo) setup; exec "$VENV/bin/defectscope" demo "$@" ;;
     test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     run) setup; exec "$VENV/bin/defectscope" "$@" ;;
-    *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    check)
+        setup
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
+        "$VENV/bin/mypy"
+        "$VENV/bin/mkdocs" build --strict --quiet --site-dir "$(mktemp -d)"
+        echo "dev.sh check: ruff, ruff format, mypy and mkdocs --strict are clean" ;;
+    docs)
+        setup
+        if [ "${1:-}" = serve ]; then exec "$VENV/bin/mkdocs" serve; fi
+        exec "$VENV/bin/mkdocs" build --strict ;;
+    *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
