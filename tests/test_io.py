@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from defectscope.detectors.patchcore import PatchCore
-from defectscope.errors import ModelFileError
+from defectscope.errors import DefectscopeError, ModelFileError
 from defectscope.io import load_model, read_metadata, save_model, update_metadata
+from defectscope.version import MODEL_FORMAT_VERSION, __version__
 
 SIZE = 64
 
@@ -86,9 +88,35 @@ def test_newer_format_version_is_refused(small_model, tmp_path):
     _, path, _ = small_model
     copy = tmp_path / "future.dsmodel"
     copy.write_bytes(path.read_bytes())
-    update_metadata(copy, {"format_version": 99})
-    with pytest.raises(ModelFileError, match="newer"):
+    update_metadata(copy, {"format_version": 99, "package_version": "9.1.0"})
+    expected = f"made by defectscope 9.1.0 (format 99); this is {__version__} (format {MODEL_FORMAT_VERSION}): upgrade"
+    with pytest.raises(ModelFileError, match=re.escape(expected)):
         read_metadata(copy)
+    with pytest.raises(ModelFileError, match="upgrade"):
+        load_model(copy)
+
+
+def test_a_parameter_only_a_newer_version_knows_asks_for_an_upgrade(small_model, tmp_path):
+    _, path, _ = small_model
+    meta = read_metadata(path)
+    copy = tmp_path / "future.dsmodel"
+    copy.write_bytes(path.read_bytes())
+    update_metadata(copy, {"package_version": "9.0.0", "params": {**meta["params"], "future_option": 1}})
+    with pytest.raises(ModelFileError, match=re.escape("made by defectscope 9.0.0 (format 1); this is")):
+        load_model(copy)
+    # the same file from this version or an older one is a damaged file, reported as what it is
+    update_metadata(copy, {"package_version": "0.1.0"})
+    with pytest.raises(DefectscopeError, match="does not take parameter"):
+        load_model(copy)
+
+
+def test_version_names_the_model_format(capsys):
+    from defectscope.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"defectscope {__version__} (model format {MODEL_FORMAT_VERSION})"
 
 
 def test_missing_model_file(tmp_path):
