@@ -13,6 +13,10 @@ VENV="${DEFECTSCOPE_VENV:-.venv}"
 TORCH="${DEFECTSCOPE_TORCH:-torch==2.14.1 torchvision==0.29.1}"
 
 setup() {
+    if [ -f "$VENV/pyvenv.cfg" ] && ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        echo "dev.sh: $VENV is incomplete (no working pip: an earlier setup was interrupted); making it again" >&2
+        rm -rf "$VENV"
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
             || { echo "defectscope needs Python >= 3.10 (found $(python3 --version))" >&2; exit 2; }

@@ -105,6 +105,8 @@ def test_export_records_metadata_and_its_agreement(models, exported):
     assert sorted(p.name for p in exported["padim", "openvino"].iterdir()) == [EXPORT_FILE, "model.bin", "model.xml"]
     info = defectscope.load(exported["patchcore", "onnx"]).info()
     assert info["checksum"] == source.checksum and info["image_size"] == 64 and info["method"] == "patchcore"
+    assert info["layer_weighting"] == "equal"  # read from the file's parameters: the runtime has no detector
+    assert defectscope.load(exported["padim", "openvino"]).info()["layer_weighting"] is None
 
 
 def test_resize_outside_the_graph_matches_torch():

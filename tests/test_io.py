@@ -96,6 +96,18 @@ def test_newer_format_version_is_refused(small_model, tmp_path):
         load_model(copy)
 
 
+def test_a_newer_model_file_counts_as_a_model_file_for_overwriting(small_model, tmp_path):
+    from defectscope.io import is_model_file
+
+    _, path, _ = small_model
+    copy = tmp_path / "future.dsmodel"
+    copy.write_bytes(path.read_bytes())
+    update_metadata(copy, {"format_version": 99, "package_version": "9.1.0"})
+    assert is_model_file(copy) and is_model_file(path)
+    (tmp_path / "photo.png").write_bytes(b"not a model")
+    assert not is_model_file(tmp_path / "photo.png") and not is_model_file(tmp_path / "absent.dsmodel")
+
+
 def test_a_parameter_only_a_newer_version_knows_asks_for_an_upgrade(small_model, tmp_path):
     _, path, _ = small_model
     meta = read_metadata(path)

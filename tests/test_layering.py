@@ -133,6 +133,12 @@ def test_the_layout_is_what_this_test_assumes():
     assert {_room(m) for m in modules} >= FRONT_ENDS - {"watch"}
 
 
+@pytest.mark.parametrize(("room", "allowed"), [("errors", set()), ("version", set()), ("common", {"errors"})])
+def test_the_bottom_layers_import_almost_nothing(room, allowed):
+    graph = _room_graph()
+    assert graph[room] <= allowed, f"{room} imports {graph[room] - allowed}"
+
+
 def test_no_module_import_cycle():
     assert _cycles(_module_graph()) == []
 

@@ -187,6 +187,7 @@ class Model:
         """What a user asks of a model first: method, backbone, layers, image size, thresholds, the
         training data and date, the checksum and the file (``layer_weighting``: PatchCore's, else None)."""
         training = self.meta.get("training", {})
+        params = self.meta.get("params") or {}
         return {
             "method": self.method,
             "backbone": self.detector.backbone,
@@ -202,9 +203,10 @@ class Model:
             "path": str(self.path) if self.path is not None else None,
             "runtime": self.runtime or "torch",
             "runtime_reason": self.runtime_reason,
-            "tiles": getattr(self.detector, "tiles", 1),
-            "tile_overlap": getattr(self.detector, "tile_overlap", None),
-            "layer_weighting": getattr(self.detector, "layer_weighting", None),
+            # from the file's parameters: an exported model's runtime has no detector attributes
+            "tiles": params.get("tiles", getattr(self.detector, "tiles", 1)),
+            "tile_overlap": params.get("tile_overlap", getattr(self.detector, "tile_overlap", None)),
+            "layer_weighting": params.get("layer_weighting", getattr(self.detector, "layer_weighting", None)),
         }
 
     def __repr__(self) -> str:

@@ -187,17 +187,18 @@ def _upgrade_message(path: str | Path, meta: dict[str, Any]) -> str:
     made_by = meta.get("package_version") or "an unknown version"
     return (
         f"{path}: made by defectscope {made_by} (format {meta.get('format_version')}); this is "
-        f"{__version__} (format {FORMAT_VERSION}): upgrade defectscope (pip install -U defectscope) to read it"
+        f"{__version__} (format {FORMAT_VERSION}): upgrade: install defectscope {made_by} or later to read it"
     )
 
 
 def is_model_file(path: str | Path) -> bool:
-    """Whether ``path`` is a defectscope model file this version can read (never raises)."""
+    """Whether ``path`` is a defectscope model file, of any format version (never raises)."""
     try:
-        read_metadata(path)
-    except (DefectscopeError, OSError):
+        raw = _header_metadata(Path(path))
+        meta = json.loads(raw[_META_KEY]) if raw is not None and _META_KEY in raw else None
+    except (DefectscopeError, OSError, ValueError):
         return False
-    return True
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
 
 
 #: the model file as an output kind (:func:`defectscope.common.files.check_output_file`)

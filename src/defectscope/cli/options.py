@@ -1,6 +1,6 @@
 """The command line's shared option groups: model parameters, alignment, batch/threads/progress.
 
-Building blocks for the argparse front end (``cli.py``): nothing heavy is imported here, so
+Building blocks for the argparse front end (:mod:`.commands`): nothing heavy is imported here, so
 building the parser and printing ``--help`` stays instant.
 """
 
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ..common.argtypes import number, positive_int, probability_open, seed_int
-from ..data.geometry import MAX_SIDE, MIN_SIDE
 from ..features.normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
 
 #: --align's modes: align.ALIGN_MODES, listed here so that parsing the command line imports neither torch nor OpenCV
@@ -324,6 +323,8 @@ def model_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def image_size(text: str) -> int | tuple[int, int]:
     """A ``type=`` for ``--image-size``: ``N`` (an N x N input) or ``H,W``, each side in [32, 2048]."""
+    from ..data.geometry import MAX_SIDE, MIN_SIDE  # here: --help imports no numpy
+
     allowed = f"give N or H,W (height, width), each a whole number in [{MIN_SIDE}, {MAX_SIDE}]"
     parts = [part.strip() for part in text.split(",")]
     if len(parts) not in (1, 2):
