@@ -100,6 +100,8 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
                 "image_size": 64,
                 "layer_weighting": "equal",
                 "threshold": model.threshold,
+                "threshold_name": "fit",
+                "thresholds": {"fit": model.threshold},
                 "fitted": info["fitted"],
                 "checksum": model.checksum,
                 "runtime": "torch",
@@ -110,7 +112,17 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
         raw = client.post(PREDICT.format(name="tiny"), content=images[1].read_bytes())
         assert raw.status_code == 200, raw.text
         body = raw.json()
-        assert set(body) == {"model", "score", "judgement", "threshold", "normalized_score", "notes", "latency_ms"}
+        assert set(body) == {
+            "model",
+            "score",
+            "judgement",
+            "threshold",
+            "threshold_name",
+            "normalized_score",
+            "notes",
+            "latency_ms",
+        }
+        assert body["threshold_name"] == "fit"
         assert body["notes"] == []
         assert body["model"] == "tiny" and body["latency_ms"] > 0
         assert body["score"] == pytest.approx(alone[images[1]], rel=1e-5)
@@ -162,6 +174,43 @@ def test_routes_answer_as_the_api_does(model, model_file, images, alone, tmp_pat
         assert "http://" not in page.text and "https://" not in page.text  # no network assets
         missing = client.get("/v2/nothing")
         assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_a_request_picks_a_named_threshold(model_file, images, alone, synthetic_category, tmp_path):
+    """?threshold_name=NAME judges at the model's threshold of that name; requests with different names
+    scored in one batch are each judged at their own; /v1/models lists the names."""
+    from defectscope.evaluation.calibration import calibrate_model
+
+    served = Path(shutil.copy(model_file, tmp_path / "named.dsmodel"))
+    calibrate_model(served, synthetic_category / "test", catch=0.5, name="lenient", activate=False)
+    model = defectscope.load(served)
+    lenient, fit = model.thresholds["lenient"], model.thresholds["fit"]
+    assert lenient > fit  # catching half the defects: fewer parts judged defective than at the fit threshold
+    between = [p for p in images if fit <= alone[p] < lenient]
+    assert between, "no image tells the two thresholds apart"
+    predict = PREDICT.format(name="line")
+    app = create_app({"line": model}, Settings(max_batch=8, max_wait_ms=200))
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        listed = client.get("/v1/models").json()["models"][0]
+        assert listed["thresholds"] == {"fit": fit, "lenient": lenient} and listed["threshold_name"] == "fit"
+
+        async def both(image: Path) -> list[dict]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as aclient:
+                sent = [
+                    aclient.post(predict + suffix, content=image.read_bytes())
+                    for suffix in ("", "?threshold_name=lenient", "?threshold_name=fit")
+                ]
+                return [r.json() for r in await asyncio.gather(*sent)]
+
+        default, named, fitted = asyncio.run(both(between[0]))
+        assert default["threshold_name"] == "fit" and default["judgement"] == 1 and default["threshold"] == fit
+        assert named["threshold_name"] == "lenient" and named["judgement"] == 0 and named["threshold"] == lenient
+        assert named["normalized_score"] == pytest.approx(named["score"] / lenient)
+        assert fitted["judgement"] == 1 and named["score"] == default["score"]
+
+        unknown = client.post(predict + "?threshold_name=strict", content=images[0].read_bytes())
+        assert unknown.status_code == 404
+        assert "no threshold named 'strict'" in unknown.json()["error"] and "lenient (" in unknown.json()["error"]
 
 
 # --------------------------------------------------------------------------- limits

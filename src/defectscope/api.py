@@ -8,6 +8,8 @@ this module, so a program that embeds defectscope gets exactly what the command 
     model = defectscope.load("bottle.dsmodel")
     result = model.predict("photo.png")            # a path, a PIL image or a numpy array
     result.score, result.judgement                  # float, 0 good / 1 defective
+    model.thresholds                                # {"fit": 10.2, "strict": 8.5}: named thresholds
+    model.predict("photo.png", threshold_name="strict")   # judged at a named threshold
     result.anomaly_map                              # (H, W) float32 over the photo as given
     picture = result.overlay()                      # (H', W', 3) uint8 RGB heatmap with legend
 
@@ -119,6 +121,23 @@ class Result:
         pix = self.pixel_threshold if self.pixel_threshold is not None else self.threshold
         return overlay(image, self._map, pix, verdict=verdict, side_by_side=side_by_side, legend=legend)
 
+    def at_threshold(self, threshold: float) -> Result:
+        """This result judged at another image threshold (same score, map and notes); a failed image
+        stays failed. Raises DefectscopeError for a threshold that is not a finite number."""
+        from dataclasses import replace
+
+        from .scoring import judge, normalized_score
+
+        threshold = _finite(threshold, "threshold")
+        if not self.ok or self.score is None:
+            return replace(self, threshold=threshold)
+        return replace(
+            self,
+            threshold=threshold,
+            judgement=judge(self.score, threshold),
+            normalized_score=normalized_score(self.score, threshold),
+        )
+
     def as_dict(self) -> dict[str, Any]:
         """The JSON-ready fields (no arrays): name, score, judgement, threshold, normalized_score, error,
         plus notes and alignment when present."""
@@ -167,8 +186,50 @@ class Model:
 
     @property
     def threshold(self) -> float:
-        """The image threshold: a score at or above it is judged defective."""
+        """The active image threshold: a score at or above it is judged defective."""
         return float(self.meta["threshold"])
+
+    @property
+    def threshold_name(self) -> str | None:
+        """The active threshold's name (``"fit"`` until ``calibrate`` activates another; None for a
+        threshold set some other way)."""
+        from .thresholds import active_name
+
+        return active_name(self.meta)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Every named threshold of the model, ``{name: value}`` (the active one included; the fit-time
+        one is ``"fit"``). The evidence of each (rule, counts, rates with intervals, data, date) is in
+        :meth:`threshold_entries`; see :mod:`defectscope.thresholds`."""
+        return {name: float(entry["value"]) for name, entry in self.threshold_entries().items()}
+
+    def threshold_entries(self) -> dict[str, dict[str, Any]]:
+        """The named thresholds with their evidence, ``{name: entry}`` (a copy; see :mod:`defectscope.thresholds`)."""
+        import copy
+
+        from .thresholds import named_thresholds
+
+        return copy.deepcopy(named_thresholds(self.meta))
+
+    def named_threshold(self, name: str) -> float:
+        """The value of the threshold called ``name``. Raises DefectscopeError
+        (:class:`~defectscope.thresholds.UnknownThresholdError`) listing the names the model has."""
+        from .thresholds import resolve
+
+        where = str(self.path) if self.path is not None else "the model"
+        return resolve(self.meta, name, where)
+
+    def _judging(self, threshold: float | None, threshold_name: str | None) -> float:
+        """The threshold a call judges with: ``threshold``, the one named ``threshold_name``, or the active one."""
+        if threshold is not None and threshold_name is not None:
+            raise DefectscopeError(
+                f"give threshold ({threshold!r}) or threshold_name ({threshold_name!r}), not both: "
+                "a number overrides the model's thresholds, a name picks one of them"
+            )
+        if threshold_name is not None:
+            return self.named_threshold(threshold_name)
+        return self.threshold if threshold is None else _finite(threshold, "threshold")
 
     @property
     def pixel_threshold(self) -> float:
@@ -184,8 +245,9 @@ class Model:
         return self.meta.get("sha256")
 
     def info(self) -> dict[str, Any]:
-        """What a user asks of a model first: method, backbone, layers, image size, thresholds, the
-        training data and date, the checksum and the file (``layer_weighting``: PatchCore's, else None)."""
+        """What a user asks of a model first: method, backbone, layers, image size, thresholds (the active
+        ``threshold`` and its ``threshold_name``, every named one in ``thresholds``), the training data and
+        date, the checksum and the file (``layer_weighting``: PatchCore's, else None)."""
         training = self.meta.get("training", {})
         params = self.meta.get("params") or {}
         return {
@@ -195,6 +257,8 @@ class Model:
             "image_size": self.detector.image_size,
             "resize": self.detector.resize,
             "threshold": self.threshold,
+            "threshold_name": self.threshold_name,
+            "thresholds": self.thresholds,
             "pixel_threshold": self.meta.get("pixel_threshold"),
             "fitted": training.get("created"),
             "n_train": training.get("n_images"),
@@ -216,16 +280,34 @@ class Model:
     # ----------------------------------------------------------------- scoring
     @overload
     def predict(
-        self, images: Sequence[Any], *, maps: bool = ..., threshold: float | None = ..., batch_size: int = ...
+        self,
+        images: Sequence[Any],
+        *,
+        maps: bool = ...,
+        threshold: float | None = ...,
+        threshold_name: str | None = ...,
+        batch_size: int = ...,
     ) -> list[Result]: ...
 
     @overload
     def predict(
-        self, images: Any, *, maps: bool = ..., threshold: float | None = ..., batch_size: int = ...
+        self,
+        images: Any,
+        *,
+        maps: bool = ...,
+        threshold: float | None = ...,
+        threshold_name: str | None = ...,
+        batch_size: int = ...,
     ) -> Result: ...
 
     def predict(
-        self, images: Any, *, maps: bool = True, threshold: float | None = None, batch_size: int = 16
+        self,
+        images: Any,
+        *,
+        maps: bool = True,
+        threshold: float | None = None,
+        threshold_name: str | None = None,
+        batch_size: int = 16,
     ) -> Result | list[Result]:
         """Score one image or a list of them.
 
@@ -234,14 +316,23 @@ class Model:
             scaled by 255, any other range stretched) — or a list/tuple of these.
         maps: keep each image's anomaly map (for :attr:`Result.anomaly_map`, :attr:`Result.region`
             and :meth:`Result.overlay`); False saves memory on long lists.
-        threshold: judge against this instead of the model's threshold.
+        threshold: judge against this number instead of the model's active threshold.
+        threshold_name: judge against the model's threshold of that name (see :attr:`thresholds`);
+            an unknown name raises DefectscopeError listing the names, before any image is scored.
+            Not together with ``threshold``.
         Returns one :class:`Result` for one image, a list (same order) for a list. A file that
         cannot be read or an array of the wrong shape gives a result with ``error`` set; it
         never raises for one bad image.
         """
+        options: dict[str, Any] = {
+            "maps": maps,
+            "threshold": threshold,
+            "threshold_name": threshold_name,
+            "batch_size": batch_size,
+        }
         if isinstance(images, (list, tuple)):
-            return list(self.iter_predict(images, maps=maps, threshold=threshold, batch_size=batch_size))
-        return next(self.iter_predict([images], maps=maps, threshold=threshold, batch_size=batch_size))
+            return list(self.iter_predict(images, **options))
+        return next(self.iter_predict([images], **options))
 
     def iter_predict(
         self,
@@ -249,15 +340,22 @@ class Model:
         *,
         maps: bool = False,
         threshold: float | None = None,
+        threshold_name: str | None = None,
         batch_size: int = 16,
         progress: bool = False,
     ) -> Iterator[Result]:
         """Yield one :class:`Result` per image, in input order, as soon as its batch is scored
-        (images are decoded in a background thread meanwhile). Inputs as :meth:`predict`."""
+        (images are decoded in a background thread meanwhile). Inputs as :meth:`predict`; the
+        threshold and its name are checked when this is called, before any image is read."""
+        threshold = self._judging(threshold, threshold_name)
+        batch_size = _positive_int(batch_size, "batch_size")
+        return self._iter_predict(images, maps, threshold, batch_size, progress)
+
+    def _iter_predict(
+        self, images: Iterable[Any], maps: bool, threshold: float, batch_size: int, progress: bool
+    ) -> Iterator[Result]:
         from .scoring import normalized_score, score_paths
 
-        threshold = self.threshold if threshold is None else _finite(threshold, "threshold")
-        batch_size = _positive_int(batch_size, "batch_size")
         sources, arrays = _sources(images)
         pix = self.pixel_threshold if maps else None
         for result in score_paths(
@@ -285,16 +383,24 @@ class Model:
                 _image=arrays.get(name) if maps else None,
             )
 
-    def evaluate(self, data: str | Path | Any, **options: Any) -> dict[str, Any]:
+    def evaluate(
+        self,
+        data: str | Path | Any,
+        *,
+        threshold: float | None = None,
+        threshold_name: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
         """Image and pixel metrics on a labelled test set (an MVTec AD / VisA / plain folder, or a
-        :class:`defectscope.data.datasets.Split`); options as
+        :class:`defectscope.data.datasets.Split`); the confusion matrix at ``threshold``, the threshold
+        named ``threshold_name``, or the active one; options as
         :func:`defectscope.evaluation.evaluate.evaluate_detector` (heatmap_dir, protocol, ...)."""
         from .data.layouts import load_category
         from .evaluation.evaluate import evaluate_detector
 
+        threshold = self._judging(threshold, threshold_name)  # an unknown name: refused before the data is read
         split = load_category(Path(data)) if isinstance(data, (str, Path)) else data
         options.setdefault("pixel_threshold", self.meta.get("pixel_threshold"))
-        threshold = _finite(options.pop("threshold", self.threshold), "threshold")
         return evaluate_detector(self.detector, split, threshold, aligner=self.aligner, **options)
 
     # ----------------------------------------------------------------- persistence

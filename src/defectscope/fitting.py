@@ -17,6 +17,7 @@ from .data.geometry import size_text
 from .data.loader import iter_batches
 from .detectors.base import Detector
 from .errors import DataLayoutError, DefectscopeError
+from .thresholds import FIT_NAME, fit_entry
 
 log = logging.getLogger(__name__)
 
@@ -258,20 +259,24 @@ def fit_detector(
             training["alignment"] |= {"n_unrefined": len(unrefined), "unrefined": unrefined}
         if unaligned:
             log.warning("%d of %d training images could not be aligned and were used unaligned", len(unaligned), loaded)
+    training_summary = {
+        "data": data_name,
+        "n_images": loaded,
+        "skipped": [{"path": str(p), "error": m} for p, m in failures],
+        "fit_seconds": round(fit_seconds, 3),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_threads": torch.get_num_threads(),
+        "details": {**getattr(detector, "fit_details_", {}), **getattr(detector, "fit_timings_", {})},
+        **training,
+    }
     return {
         "threshold": threshold["threshold"],
         "threshold_info": threshold,
         "threshold_history": [],
+        # the fit-time threshold is the first named one; calibrate adds others (defectscope.thresholds)
+        "thresholds": {FIT_NAME: fit_entry(threshold, threshold["threshold"], training_summary)},
+        "active_threshold": FIT_NAME,
         "pixel_threshold": pixel["threshold"],
         "pixel_threshold_info": pixel,
-        "training": {
-            "data": data_name,
-            "n_images": loaded,
-            "skipped": [{"path": str(p), "error": m} for p, m in failures],
-            "fit_seconds": round(fit_seconds, 3),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch_threads": torch.get_num_threads(),
-            "details": {**getattr(detector, "fit_details_", {}), **getattr(detector, "fit_timings_", {})},
-            **training,
-        },
+        "training": training_summary,
     }

@@ -56,6 +56,7 @@ def run_batch(
     threads: int | None = None,
     batch_size: int = 16,
     threshold: float | None = None,
+    threshold_name: str | None = None,
     heatmaps: str | Path | None = None,
     resume: bool = False,
     force: bool = False,
@@ -73,6 +74,10 @@ def run_batch(
     ``notify`` gets one line before the scoring starts; ``on_rows`` the number of rows written in
     this run so far, after each write (a progress hook).
 
+    ``threshold`` (a number) or ``threshold_name`` (one of the model's named thresholds,
+    :attr:`defectscope.Model.thresholds`) judges instead of the model's active threshold; the value
+    used (and its name) is recorded with the run, and a resumed OUT must have been judged at it.
+
     ``runtime``: see :func:`defectscope.api.choose_runtime`; "auto" (default) scores an exportable
     model with its onnxruntime export, made once into the cache here before any worker starts, and
     every Ray worker then loads that same runtime. The runtime used is recorded in the run's entry
@@ -83,6 +88,8 @@ def run_batch(
         raise DefectscopeError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
     if resume and force:
         raise DefectscopeError("--resume and --force exclude each other: continue OUT, or replace it")
+    if threshold is not None and threshold_name is not None:
+        raise DefectscopeError("--threshold and --threshold-name exclude each other: give a number or a name")
     if engine == "local" and (workers is not None or address is not None):
         raise DefectscopeError(
             "--workers and --address are for --engine ray; the local engine uses this process "
@@ -101,11 +108,17 @@ def run_batch(
 
     model = defectscope.load(model_path, runtime=runtime)  # "auto": the export is made here, once
     used_runtime = model.runtime or "torch"
-    threshold = model.threshold if threshold is None else float(threshold)
+    if threshold_name is not None:
+        threshold = model.named_threshold(threshold_name)  # an unknown name lists the model's names
+    elif threshold is None:  # the active threshold, recorded with its name
+        threshold, threshold_name = model.threshold, model.threshold_name
+    threshold = float(threshold)
     entries = list(expand_inputs(inputs, exclude=heatmaps))
     if not entries:
         raise DefectscopeError("no images to score (INPUT named nothing)")
     described = {"path": str(model_path), "checksum": model.checksum, "method": model.method, "threshold": threshold}
+    if threshold_name is not None:
+        described["threshold_name"] = threshold_name
     with ExitStack() as stack:
         if engine == "ray":  # joined before OUT is touched: a cluster that cannot be reached is an error first
             from .ray_engine import ray_session

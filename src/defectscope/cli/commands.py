@@ -14,12 +14,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..common.argtypes import finite_float, number, positive_int, probability_open, seed_int
+from ..common.argtypes import number, positive_int, probability_open, seed_int
 from ..common.jsonout import dumps
 from ..errors import DefectscopeError
 from ..export import RUNTIME_CHOICES
 from ..version import MODEL_FORMAT_VERSION, __version__
-from .options import add_align_options, add_common, add_model_options, model_params, show_progress
+from .options import (
+    add_align_options,
+    add_common,
+    add_model_options,
+    add_threshold_options,
+    model_params,
+    show_progress,
+)
 
 log = logging.getLogger("defectscope")
 
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with -: paths on standard input are separated by NUL characters (find -print0)",
     )
-    p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
+    add_threshold_options(p)
     p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR", help="write a heatmap overlay PNG per image")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object per line: path, score, judgement, threshold, error"
@@ -119,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write a self-contained HTML report (DIR/index.html, figures, overlays)",
     )
-    p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
+    add_threshold_options(p)
     p.add_argument(
         "--protocol",
         choices=["native", "mvtec"],
@@ -177,23 +184,70 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "calibrate",
-        help="set the model's threshold from validation images",
-        description="Score validation images and write a new threshold into the model file (the old "
-        "one is kept in its threshold history), or into a new file with -o. DATA is a "
-        "plain test folder (good/ + defect folders, labelled) or any folder of good images; "
-        "an MVTec AD category or VisA object only with --split test.",
+        help="aim the model's threshold at a catch rate, a false-reject rate or a cost, from validation images",
+        description="Score validation images, choose a threshold by one rule and store it in the model file "
+        "under a name, with its evidence (rule, counts, both rates with 95 % Clopper-Pearson intervals, data, "
+        "date); by default it becomes the active threshold (the old one stays as a named entry and in the "
+        "threshold history). Prints the catch rate and false-reject rate it reaches, and warns when the images "
+        "are too few for the target. DATA is a plain test folder (good/ + defect folders, labelled) or any "
+        "folder of good images; an MVTec AD category or VisA object only with --split test.",
     )
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("data", type=Path, metavar="DATA")
     rule = p.add_mutually_exclusive_group()
     rule.add_argument(
+        "--catch",
+        type=number(float, 0, 1, lo_open=True),
+        default=None,
+        metavar="RATE",
+        help="the highest threshold that still catches at least this share of the labelled defective images "
+        "(e.g. 0.95), so the fewest good parts are rejected; needs defective images",
+    )
+    rule.add_argument(
+        "--false-reject",
+        type=number(float, 0, 1, hi_open=True),
+        default=None,
+        metavar="RATE",
+        help="the lowest threshold that rejects at most this share of the good images (default: 0.01); "
+        "good images suffice",
+    )
+    rule.add_argument(
         "--target-fpr",
         type=number(float, 0, 1, hi_open=True),
         default=None,
         metavar="RATE",
-        help="reject at most this share of the good images (default 0.01)",
+        help="another name for --false-reject",
     )
-    rule.add_argument("--f1", action="store_true", help="maximise image F1 (needs defective images)")
+    rule.add_argument(
+        "--cost-miss",
+        type=number(float, 0, lo_open=True),
+        default=None,
+        metavar="C",
+        help="the threshold of least expected cost on the labelled images: C per missed defect plus "
+        "--cost-reject per good part rejected (ties go to the lower threshold, which catches more); "
+        "needs good and defective images",
+    )
+    rule.add_argument("--f1", action="store_true", help="maximise image F1 (needs good and defective images)")
+    p.add_argument(
+        "--cost-reject",
+        type=number(float, 0, lo_open=True),
+        default=None,
+        metavar="C",
+        help="with --cost-miss: the cost of rejecting a good part (default 1)",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        metavar="NAME",
+        help="store the threshold under this name (default: the rule's, e.g. catch-0.95, false-reject-0.01, "
+        "cost-20, f1); an existing entry of that name is replaced; 'fit' is the fit-time threshold's",
+    )
+    p.add_argument(
+        "--no-activate",
+        dest="activate",
+        action="store_false",
+        help="store it as a named alternative only (predict --threshold-name NAME); the active threshold stays",
+    )
     p.add_argument(
         "--split",
         choices=["test"],
@@ -398,7 +452,7 @@ def _add_batch_command(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="write an overlay PNG per image into DIR (named after the path) and its path into the row",
     )
-    p.add_argument("--threshold", type=finite_float, default=None, help="override the model's threshold")
+    add_threshold_options(p)
     p.add_argument(
         "--runtime",
         choices=list(RUNTIME_CHOICES),
@@ -538,7 +592,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if stdin and len(args.paths) > 1:
         raise DefectscopeError("- (paths from standard input) cannot be mixed with other PATH arguments")
     model = load(args.model, align=args.align)
-    threshold = args.threshold if args.threshold is not None else model.threshold
+    threshold = _threshold_of(model, args)
     if args.normalized and not threshold > 0:
         raise DefectscopeError(f"--normalized needs a positive threshold, got {threshold}; run `defectscope calibrate`")
     printer = _PredictPrinter(args, threshold)
@@ -559,6 +613,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print("defectscope: error: no images to score", file=sys.stderr)
             return EXIT_ERROR
     return EXIT_SOME_FAILED if printer.failures else EXIT_OK
+
+
+def _threshold_of(model: Any, args: argparse.Namespace) -> float:
+    """The threshold a command judges with: --threshold, the model's threshold named --threshold-name, or
+    the active one (an unknown name: DefectscopeError listing the names, before any image is read)."""
+    if args.threshold_name is not None:
+        return float(model.named_threshold(args.threshold_name))
+    return float(args.threshold) if args.threshold is not None else float(model.threshold)
 
 
 def _argument_entries(args: argparse.Namespace) -> list[Path | tuple[str, str]]:
@@ -688,7 +750,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             check_output_dir(folder, what)
     model = load(args.model, align=args.align)
     meta = model.meta
-    threshold = args.threshold if args.threshold is not None else model.threshold
+    threshold = _threshold_of(model, args)
     drawn = args.heatmaps is not None or args.report is not None
     result = model.evaluate(
         args.data,
@@ -724,30 +786,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..evaluation.calibration import calibrate_model
+    from ..evaluation.calibration import calibrate_model, format_rate
 
     info = calibrate_model(
         args.model,
         args.data,
+        catch=args.catch,
+        false_reject=args.false_reject,
         target_fpr=args.target_fpr,
+        cost_miss=args.cost_miss,
+        cost_reject=args.cost_reject,
         f1=args.f1,
+        name=args.name,
+        activate=args.activate,
         batch_size=args.batch_size,
         progress=show_progress(args),
         split=args.split,
         output=args.output,
     )
-    rate = (
-        ""
-        if info["false_reject_rate"] is None
-        else (
-            f", false-reject rate {info['false_reject_rate']:.2%} here (95% upper bound {info['false_reject_upper95']:.2%})"
+    was = f'"{info["previous_name"]}" = ' if info["previous_name"] else ""
+    if info["active"]:
+        state = f"now the active threshold (was {was}{info['previous_threshold']:.6g})"
+    else:
+        state = f"a named alternative (the active threshold stays {was}{info['previous_threshold']:.6g})"
+    replaced = info["replaced"]
+    if replaced is not None:
+        state += f'; replaces the earlier "{info["name"]}" = {float(replaced["value"]):.6g}'
+    print(f'wrote {info["written"]}: threshold "{info["name"]}" = {info["threshold"]:.6g}, {state}')
+    print(f"  rule:              {info['rule_short']} ({info['rule']})")
+    print(f"  images:            {info['n_good']} good and {info['n_defective']} defective, {info['source']}")
+    print(f"  catch rate:        {format_rate(info['rates']['catch'])}")
+    print(f"  false-reject rate: {format_rate(info['rates']['false_reject'])}")
+    if "expected_cost" in info:
+        misses = info["n_defective"] - info["rates"]["catch"]["count"]
+        share = info["n_defective"] / info["n_images"]
+        print(
+            f"  expected cost:     {info['expected_cost']:.6g} = {info['cost_miss']:g} x {misses} missed + "
+            f"{info['cost_reject']:g} x {info['rates']['false_reject']['count']} rejected, over these "
+            f"{info['n_images']} images ({100 * share:.1f} % of them defective)"
         )
-    )
-    print(
-        f"wrote {info['written']}: threshold {info['threshold']:.6g} (was {info['previous_threshold']:.6g}); "
-        f"{info['rule']}; rests on {info['n_good']} good and {info['n_defective']} defective images from "
-        f"{info['source']}{rate}"
-    )
     if "warning" in info:
         print(f"defectscope: warning: {info['warning']}", file=sys.stderr)
     for item in info["failed"]:
@@ -924,6 +1001,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         threads=args.threads,
         batch_size=args.batch_size,
         threshold=args.threshold,
+        threshold_name=args.threshold_name,
         heatmaps=args.heatmaps,
         resume=args.resume,
         force=args.force,

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..common.argtypes import number, positive_int, probability_open, seed_int
+from ..common.argtypes import finite_float, number, positive_int, probability_open, seed_int
 from ..features.normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
 
 #: --align's modes: align.ALIGN_MODES, listed here so that parsing the command line imports neither torch nor OpenCV
@@ -39,6 +39,22 @@ def add_common(p: argparse.ArgumentParser) -> None:
     )
     bars.add_argument("--no-progress", action="store_true", help="never show progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log details (INFO level)")
+
+
+def add_threshold_options(p: argparse.ArgumentParser) -> None:
+    """--threshold NUMBER or --threshold-name NAME: what a scoring command judges with (default: the
+    model's active threshold)."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--threshold", type=finite_float, default=None, help="judge at this number instead of the model's threshold"
+    )
+    which.add_argument(
+        "--threshold-name",
+        default=None,
+        metavar="NAME",
+        help="judge at the model's threshold of this name (one stored by calibrate --name, or 'fit'); "
+        "default: the active one",
+    )
 
 
 def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:

@@ -6,8 +6,10 @@ Routes (all but the first three need ``Authorization: Bearer <key>`` when an API
     GET  /healthz                       the process is up
     GET  /readyz                        the models are loaded and their batchers run (503 otherwise)
     GET  /metrics                       Prometheus text format
-    GET  /v1/models                     name, method, backbone, image size, threshold, fitted, checksum, runtime
-    POST /v1/models/{name}/predict      the image as the raw body or a multipart file; ?heatmap=1
+    GET  /v1/models                     name, method, backbone, image size, threshold (active, its name, all
+                                        named ones), fitted, checksum, runtime
+    POST /v1/models/{name}/predict      the image as the raw body or a multipart file; ?heatmap=1;
+                                        ?threshold_name=NAME judges at the model's threshold of that name
     POST /v1/models/{name}/reload       load the model file again and swap it in
 
 No route reads a server path the client names: models are the ones given at start, by name.
@@ -185,17 +187,26 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
         return {"models": [_describe(name, slot.model) for name, slot in slots.items()]}
 
     @api.post("/v1/models/{name}/predict")
-    async def predict(name: str, request: Request, heatmap: bool = False) -> JSONResponse:
+    async def predict(
+        name: str, request: Request, heatmap: bool = False, threshold_name: str | None = None
+    ) -> JSONResponse:
         start = time.perf_counter()
         slot = slot_of(request, name)
+        if threshold_name is not None:  # before the upload is read: an unknown name lists the model's names
+            try:
+                slot.model.named_threshold(threshold_name)
+            except DefectscopeError as exc:
+                raise ServeError(404, f"model {name!r}: {exc}") from None
         body = await read_body(request, settings.max_body_bytes)
         data, filename = await image_bytes(request, body)
         image = await run_in_threadpool(decode_image, data, filename, settings.max_pixels)
         del body, data
         try:
-            future = slot.submit(image, maps=heatmap)
+            future = slot.submit(image, maps=heatmap, threshold_name=threshold_name)
         except QueueFull as exc:
             raise ServeError(503, str(exc), {"Retry-After": str(RETRY_AFTER_S)}) from None
+        except DefectscopeError as exc:  # a reload since the check above dropped the name
+            raise ServeError(404, f"model {name!r}: {exc}") from None
         remaining = settings.timeout_s - (time.perf_counter() - start)
         try:
             result, batch = await asyncio.wait_for(future, max(remaining, 0.0))
@@ -203,6 +214,8 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
             raise ServeError(
                 504, f"no answer within {settings.timeout_s:g} s, the server's limit (--timeout-s)"
             ) from None
+        except DefectscopeError as exc:  # a reload while it waited dropped the threshold name
+            raise ServeError(404, f"model {name!r}: {exc}") from None
         request.scope["defectscope"]["batch"] = batch
         if not result.ok:  # the API's message names the image by its place in the batch: name it as sent
             raise ServeError(400, _renamed(result.error, result.name, filename))
@@ -211,6 +224,7 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
             "score": float(result.score),
             "judgement": int(result.judgement),
             "threshold": float(result.threshold),
+            "threshold_name": threshold_name if threshold_name is not None else slot.model.threshold_name,
             "normalized_score": _float_or_none(result.normalized_score),
             "notes": list(result.notes),  # what the loader noticed: extra frames, transparency, odd ranges
         }
@@ -242,6 +256,8 @@ def _describe(name: str, model: defectscope.Model) -> dict[str, Any]:
         "image_size": info["image_size"],
         "layer_weighting": info["layer_weighting"],
         "threshold": info["threshold"],
+        "threshold_name": info["threshold_name"],
+        "thresholds": info["thresholds"],
         "fitted": info["fitted"],
         "checksum": info["checksum"],
         "runtime": info["runtime"],

@@ -51,11 +51,13 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request's image waiting to be scored; ``future`` gets (Result, batch size)."""
+    """One request's image waiting to be scored; ``future`` gets (Result, batch size). ``threshold_name``:
+    judge at the model's threshold of that name (None: the active one)."""
 
     image: Any
     maps: bool
     future: asyncio.Future = field(repr=False)
+    threshold_name: str | None = None
 
 
 class ModelSlot:
@@ -108,14 +110,18 @@ class ModelSlot:
         return self._task is not None and not self._task.done()
 
     # ------------------------------------------------------------------ scoring
-    def submit(self, image: Any, maps: bool) -> asyncio.Future:
-        """Queue one decoded image; the future resolves to (Result, batch size). Raises QueueFull."""
+    def submit(self, image: Any, maps: bool, threshold_name: str | None = None) -> asyncio.Future:
+        """Queue one decoded image; the future resolves to (Result, batch size), judged at the model's
+        threshold named ``threshold_name`` (None: the active one). Raises QueueFull, and DefectscopeError
+        for a name the model does not have (listing the names it has)."""
+        if threshold_name is not None:
+            self.model.named_threshold(threshold_name)
         if len(self._pending) >= self.max_queue:
             raise QueueFull(
                 f"model {self.name!r} has {len(self._pending)} requests waiting, the server's limit "
                 "(--max-queue); retry shortly"
             )
-        job = Job(image, maps, asyncio.get_running_loop().create_future())
+        job = Job(image, maps, asyncio.get_running_loop().create_future(), threshold_name)
         self._pending.append(job)
         self.metrics.queue_depth.labels(self.name).set(len(self._pending))
         assert self._wakeup is not None, "ModelSlot.start() was not called"
@@ -166,8 +172,15 @@ class ModelSlot:
                     job.future.set_exception(exc)
             return
         for job, result in zip(jobs, results):
-            if not job.future.done():
+            if job.future.done():
+                continue
+            if job.threshold_name is None:
                 job.future.set_result((result, len(jobs)))
+                continue
+            try:  # the batch is scored once; each request is judged at its own named threshold of this model
+                job.future.set_result((result.at_threshold(model.named_threshold(job.threshold_name)), len(jobs)))
+            except DefectscopeError as exc:  # a reload between submit and scoring dropped the name
+                job.future.set_exception(exc)
 
     # ------------------------------------------------------------------ reload
     async def reload(self) -> defectscope.Model:
