@@ -349,3 +349,42 @@ def test_a_rule_in_the_metadata_this_version_cannot_read_is_refused():
     with pytest.raises(DefectscopeError, match="not readable"):
         JudgeRule.from_meta({"judge": {"rule": "region", "min_region": "many"}})
     assert JudgeRule.from_meta({}) is None and JudgeRule.from_meta({"judge": {"rule": "max"}}) is None
+
+
+def test_an_exported_model_is_judged_by_its_rule_without_torch(fitted, synthetic_category, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from defectscope.export.exporter import MAP_TOL, export_model
+
+    model = fitted["region"]
+    meta = export_model(model.path, tmp_path / "exported")
+    assert meta["export_format_version"] == 2 and meta["judge"] == model.meta["judge"]
+    exported = defectscope.load(tmp_path / "exported")
+    assert exported.runtime == "onnxruntime" and exported.judge == model.judge
+    paths = sorted((synthetic_category / "test").rglob("*.png"))[::4]
+    for a, b in zip(model.predict(paths), exported.predict(paths)):
+        # the export's map is within MAP_TOL of the map's range of torch's; a region level moves no more
+        # than the map does (a shift of every pixel by at most e shifts every level set's level by at most e)
+        tol = 2 * MAP_TOL * float(np.ptp(a.anomaly_map))
+        assert abs(b.score - a.score) <= tol, a.name
+        assert b.regions is not None and b.regions["level"] == exported.threshold
+        if abs(a.score - model.threshold) > tol:
+            assert a.judgement == b.judgement, a.name
+    plain = export_model(fitted["max"].path, tmp_path / "plain")
+    assert plain["export_format_version"] == 1 and "judge" not in plain
+
+
+def test_the_integrated_rule_takes_its_level_from_the_held_out_maxima(fitted, synthetic_category):
+    from defectscope.fitting import judge_threshold
+
+    detector = fitted["max"].detector  # fitted in this process: its held-out maps are there
+    sizes = [(128, 128)] * detector.n_train_
+    rule, info = judge_threshold(detector, JudgeRule.make("integrated", level_quantile=0.5), sizes, 0.99)
+    maxima = detector.training_map_maxima()
+    assert rule.level == pytest.approx(float(np.quantile(maxima, 0.5)), rel=1e-6)
+    values = [rule.score(m, (128, 128)) for m in detector.training_maps()]
+    assert info["threshold"] == pytest.approx(float(np.quantile(values, 0.99))) and info["threshold"] > 0
+    with pytest.raises(DefectscopeError, match="must be below the threshold quantile 0.99"):
+        defectscope.fit(synthetic_category, judge="integrated", level_quantile=0.995)
+    with pytest.raises(NotImplementedError, match="only in the process that fitted"):
+        defectscope.load(fitted["max"].path).detector.training_maps()

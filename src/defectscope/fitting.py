@@ -256,6 +256,12 @@ def fit_detector(
     detector._validate_params()  # a bad parameter fails now, not after the features are extracted
     if judge is not None:
         check_judge(detector, judge, paths)
+        if judge.level_quantile is not None and judge.level_quantile >= threshold_quantile:
+            raise DefectscopeError(
+                f"level_quantile {judge.level_quantile:g} must be below the threshold quantile {threshold_quantile:g}: "
+                f"above the level, only about {1 - judge.level_quantile:.1%} of good images have a region at all, "
+                "so the threshold would be 0 and every image judged defective; give a lower level quantile"
+            )
     need = detector.min_train_images
     if len(paths) < need:
         raise DataLayoutError(
