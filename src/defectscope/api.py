@@ -35,6 +35,7 @@ from .export import RUNTIME_CHOICES
 
 if TYPE_CHECKING:  # the heavy modules load on first use, not at import
     from .detectors.base import Detector
+    from .judging import JudgeRule
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class Result:
         None when the image could not be scored.
     judgement: 1 (defective: score >= threshold), 0 (good), or None with ``error``.
     threshold: the image threshold the judgement used.
+    regions: for a model judged by region (:mod:`defectscope.judging`), what the judgement rests on:
+        {"level", "unit", "count", "largest_area", and "rejecting" (region rule) or "integrated"};
+        None for a model judged by its score (max).
     normalized_score: score / threshold (1.0 is the decision boundary), None when undefined.
     error: None, or a one-line message naming the image and the problem.
     name: the path as given, or ``"<array 0>"``-style names for in-memory images.
@@ -71,6 +75,7 @@ class Result:
     image_shape: tuple[int, int] | None = None
     alignment: dict[str, Any] | None = None
     pixel_threshold: float | None = None
+    regions: dict[str, Any] | None = None
     _map: np.ndarray | None = field(default=None, repr=False)
     _image: np.ndarray | None = field(default=None, repr=False)
     _full_map: np.ndarray | None = field(default=None, repr=False)
@@ -140,7 +145,7 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-ready fields (no arrays): name, score, judgement, threshold, normalized_score, error,
-        plus notes and alignment when present."""
+        plus notes, alignment and regions when present."""
         out: dict[str, Any] = {
             "name": self.name,
             "score": self.score,
@@ -153,6 +158,8 @@ class Result:
             out["notes"] = list(self.notes)
         if self.alignment is not None:
             out["alignment"] = dict(self.alignment)
+        if self.regions is not None:
+            out["regions"] = dict(self.regions)
         return out
 
 
@@ -234,10 +241,19 @@ class Model:
     @property
     def pixel_threshold(self) -> float:
         """The anomaly map's threshold (overlays and :attr:`Result.region`); models fitted before it
-        existed fall back to the image threshold, with a warning."""
+        existed fall back to the image threshold, with a warning. A model judged by region outlines
+        the regions its judgement rests on instead (see :meth:`Model.iter_predict`)."""
         from .scoring import pixel_threshold
 
         return pixel_threshold(self.meta)
+
+    @property
+    def judge(self) -> JudgeRule | None:
+        """The rule images are judged by (:class:`defectscope.judging.JudgeRule`), or None: by the
+        detector's score (max), as every model fitted without ``judge``."""
+        from .judging import JudgeRule
+
+        return JudgeRule.from_meta(self.meta)
 
     @property
     def checksum(self) -> str | None:
@@ -271,6 +287,7 @@ class Model:
             "tiles": params.get("tiles", getattr(self.detector, "tiles", 1)),
             "tile_overlap": params.get("tile_overlap", getattr(self.detector, "tile_overlap", None)),
             "layer_weighting": params.get("layer_weighting", getattr(self.detector, "layer_weighting", None)),
+            "judge": dict(self.meta.get("judge") or {"rule": "max"}),
         }
 
     def __repr__(self) -> str:
@@ -357,7 +374,8 @@ class Model:
         from .scoring import normalized_score, score_paths
 
         sources, arrays = _sources(images)
-        pix = self.pixel_threshold if maps else None
+        judge = self.judge
+        pix = (judge.outline_level(threshold) if judge is not None else self.pixel_threshold) if maps else None
         for result in score_paths(
             self.detector,
             sources,
@@ -366,6 +384,7 @@ class Model:
             keep_maps=maps,
             progress=progress,
             aligner=self.aligner,
+            rule=judge,
         ):
             name = _name(result.path)
             yield Result(
@@ -379,6 +398,7 @@ class Model:
                 image_shape=result.size,
                 alignment=result.alignment,
                 pixel_threshold=pix,
+                regions=result.regions,
                 _map=result.map,
                 _image=arrays.get(name) if maps else None,
             )
@@ -400,6 +420,10 @@ class Model:
 
         threshold = self._judging(threshold, threshold_name)  # an unknown name: refused before the data is read
         split = load_category(Path(data)) if isinstance(data, (str, Path)) else data
+        judge = self.judge
+        if judge is not None:  # judged by region: scores by the rule, overlays outline the regions that decide
+            options.setdefault("judge", judge)
+            options.setdefault("pixel_threshold", judge.outline_level(threshold))
         options.setdefault("pixel_threshold", self.meta.get("pixel_threshold"))
         return evaluate_detector(self.detector, split, threshold, aligner=self.aligner, **options)
 
@@ -585,6 +609,11 @@ def fit(
     batch_size: int = 16,
     progress: bool = False,
     data_name: str | None = None,
+    judge: str = "max",
+    min_region_pixels: float | None = None,
+    min_region_area: float | None = None,
+    pixel_size: float | None = None,
+    level_quantile: float | None = None,
     **params: Any,
 ) -> Model:
     """Learn a model from good images only.
@@ -599,6 +628,12 @@ def fit(
     exclude_outliers: fit again without training images whose held-out score is an outlier.
     data_name: how the training data is named in the model's metadata (default: the folder, or
         "N image files").
+    judge: how an image is judged (:mod:`defectscope.judging`): "max" (default: score >= threshold),
+        "region" (defective when a region of the anomaly map above the threshold covers at least
+        ``min_region_pixels`` photo pixels, or ``min_region_area`` mm^2 with ``pixel_size`` mm per
+        pixel) or "integrated" (by a region's integrated anomaly above the ``level_quantile`` quantile
+        of held-out good map maxima). The rule's threshold is set from held-out good training images
+        like the max rule's; the rule is saved with the model. PatchCore only.
     params: the method's parameters (backbone, layers, image_size, coreset_ratio, ...; see the
         detector classes in :mod:`defectscope.detectors`).
     Returns the fitted :class:`Model` (not saved: call :meth:`Model.save`). Raises DefectscopeError
@@ -607,7 +642,15 @@ def fit(
     from .data.layouts import good_images
     from .detectors import make_detector
     from .fitting import DEFAULT_THRESHOLD_QUANTILE, fit_detector
+    from .judging import JudgeRule
 
+    rule = JudgeRule.make(
+        judge,
+        min_region_pixels=min_region_pixels,
+        min_region_area=min_region_area,
+        pixel_size=pixel_size,
+        level_quantile=level_quantile,
+    )
     detector = make_detector(method, **params)
     detector._validate_params()
     batch_size = _positive_int(batch_size, "batch_size")
@@ -628,6 +671,10 @@ def fit(
     else:
         paths = [Path(p) for p in images]
         data_name = data_name or f"{len(paths)} image files"
+    if rule is not None:  # before the alignment and the fit: a rule the method cannot judge by, a region too large
+        from .fitting import check_judge
+
+        check_judge(detector, rule, paths)
     aligner, auto = _fit_aligner(align, align_ref, paths, detector)
     meta = fit_detector(
         detector,
@@ -638,6 +685,7 @@ def fit(
         data_name=data_name,
         aligner=aligner,
         exclude_outliers=exclude_outliers,
+        judge=rule,
     )
     if aligner is not None:
         meta["align"] = aligner.config() | ({"auto": auto} if auto is not None else {})

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from .common.progress import progress_bar
-from .data.geometry import size_text
+from .data.geometry import placement, size_text
 from .data.loader import iter_batches
 from .detectors.base import Detector
 from .errors import DataLayoutError, DefectscopeError
+from .judging import JudgeRule
 from .thresholds import FIT_NAME, fit_entry
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,68 @@ def _note_unaligned(batches: Iterator[Any], unaligned: list[str], unrefined: lis
         yield batch
 
 
+#: held-out maps made at a time while a judge rule's threshold is set (each 288 x 288 map is 0.3 MB)
+_MAP_CHUNK = 32
+
+
+def judge_threshold(
+    detector: Detector, rule: JudgeRule, sizes: Sequence[tuple[int, int]], quantile: float
+) -> tuple[JudgeRule, dict[str, Any]]:
+    """The threshold of a judge rule (:mod:`defectscope.judging`) from held-out good training images.
+
+    Each training image scored for the image threshold is scored again by the rule on its held-out
+    anomaly map (:meth:`Detector.training_maps`: computed as if the image had not been in the
+    training set), over its photo frame (``sizes``: (H, W) of every training image in fit order); the
+    threshold is the same quantile of those scores (:func:`threshold_from_scores`), so the rule's
+    false-reject rate on good parts is estimated as honestly as the max rule's. For "integrated" the
+    map level is set first: the rule's ``level_quantile`` of the held-out maps' maxima.
+    Returns the rule (with its level) and the threshold info.
+    """
+    which = detector.training_score_images()
+    frames = [placement(sizes[int(i)], detector.input_shape, detector.resize) for i in which]
+
+    def photo_maps() -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
+        for start in range(0, len(which), _MAP_CHUNK):
+            maps = detector.training_maps(start, start + _MAP_CHUNK)
+            for k, amap in enumerate(maps):
+                yield frames[start + k].to_photo_frame(amap), sizes[int(which[start + k])]
+
+    if rule.rule == "integrated":
+        assert rule.level_quantile is not None
+        maxima = np.array([float(amap.max()) for amap, _ in photo_maps()])
+        rule = rule.with_level(float(np.quantile(maxima, rule.level_quantile)))
+    scores = np.array([rule.score(amap, size) for amap, size in photo_maps()])
+    info = threshold_from_scores(scores, quantile, f"{detector.training_scores_kind}; {rule.describe()}")
+    return rule, info
+
+
+def check_judge(detector: Detector, rule: JudgeRule, paths: Sequence[Path]) -> None:
+    """Refuse, before any work, a judge rule the method cannot set a threshold for, or a minimum region
+    larger than the first training photo."""
+    if type(detector)._training_maps is Detector._training_maps:
+        raise DefectscopeError(
+            f"judging by {rule.rule} needs held-out anomaly maps of the training images, which {detector.method} "
+            "does not give: fit with method patchcore, or judge by max"
+        )
+    if rule.rule != "region" or not paths:
+        return
+    from PIL import Image
+
+    try:
+        with Image.open(paths[0]) as image:
+            w, h = image.size
+    except (OSError, ValueError):  # an unreadable file is reported by the loader, with the others
+        return
+    whole = rule.pixel_area((h, w), (1, 1))  # the photo as one "map pixel": its whole area
+    if rule.min_region > whole:
+        unit = "mm^2" if rule.pixel_size is not None else "pixels"
+        raise DefectscopeError(
+            f"the smallest region that rejects a part ({rule.min_region:g} {unit}) is larger than the training "
+            f"image {paths[0]} ({w}x{h} pixels = {whole:g} {unit}): give a smaller minimum region"
+            + (" or check the pixel size (mm per pixel)" if rule.pixel_size is not None else "")
+        )
+
+
 def fit_detector(
     detector: Detector,
     paths: Sequence[Path],
@@ -171,6 +234,7 @@ def fit_detector(
     data_name: str | None = None,
     aligner: Any | None = None,
     exclude_outliers: bool = False,
+    judge: JudgeRule | None = None,
 ) -> dict[str, Any]:
     """Fit ``detector`` on good images; returns the metadata to save with the model.
 
@@ -184,9 +248,21 @@ def fit_detector(
     far smaller than the model input (shorter side below the input's shorter side / 4). One defective
     part among the good ones raises the threshold for every later image. ``exclude_outliers`` fits
     once more without them and records them in ``training.excluded``.
+
+    ``judge`` (:class:`defectscope.judging.JudgeRule`; None: the detector's score, "max") judges images by
+    the regions of their anomaly maps: the threshold is then the rule's (:func:`judge_threshold`) and
+    the metadata's ``judge`` records the rule; ``score_threshold`` keeps the max rule's threshold.
     """
     _check_quantile(threshold_quantile)
     detector._validate_params()  # a bad parameter fails now, not after the features are extracted
+    if judge is not None:
+        check_judge(detector, judge, paths)
+        if judge.level_quantile is not None and judge.level_quantile >= threshold_quantile:
+            raise DefectscopeError(
+                f"level_quantile {judge.level_quantile:g} must be below the threshold quantile {threshold_quantile:g}: "
+                f"above the level, only about {1 - judge.level_quantile:.1%} of good images have a region at all, "
+                "so the threshold would be 0 and every image judged defective; give a lower level quantile"
+            )
     need = detector.min_train_images
     if len(paths) < need:
         raise DataLayoutError(
@@ -239,12 +315,18 @@ def fit_detector(
             progress=progress,
             data_name=data_name,
             aligner=aligner,
+            judge=judge,
         )
         meta["training"]["excluded"] = suspects + meta["training"].get("excluded", [])
         meta["training"]["fit_seconds"] = round(time.perf_counter() - start, 3)  # both fits
         return meta
     threshold = threshold_from_scores(detector.training_scores(), threshold_quantile, detector.training_scores_kind)
     pixel = pixel_threshold_from_maxima(detector.training_map_maxima(), threshold_quantile)
+    judged: dict[str, Any] = {}
+    if judge is not None:
+        judge, rule_threshold = judge_threshold(detector, judge, sizes, threshold_quantile)
+        judged = {"judge": judge.to_meta(), "score_threshold": threshold["threshold"]}
+        threshold = rule_threshold
     training: dict[str, Any] = {
         "suspects": suspects,
         **({"exclusion_declined": True} if declined else {}),
@@ -278,5 +360,6 @@ def fit_detector(
         "active_threshold": FIT_NAME,
         "pixel_threshold": pixel["threshold"],
         "pixel_threshold_info": pixel,
+        **judged,
         "training": training_summary,
     }

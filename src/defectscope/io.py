@@ -36,6 +36,13 @@ EXTRA_PREFIXES: tuple[str, ...] = ("align.",)
 log = logging.getLogger(__name__)
 
 
+def format_version(meta: dict[str, Any]) -> int:
+    """The oldest format that reads a model with metadata ``meta`` correctly: 2 for a model judged by a
+    region rule (an older reader would ignore the rule and judge the rule's threshold against the max
+    score), else 1, which every version reads."""
+    return FORMAT_VERSION if meta.get("judge") else 1
+
+
 def save_model(
     path: str | Path, detector: Detector, metadata: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None
 ) -> Path:
@@ -50,7 +57,7 @@ def save_model(
     meta = dict(metadata)
     meta.update(
         format=FORMAT_NAME,
-        format_version=FORMAT_VERSION,
+        format_version=format_version(meta),
         package_version=__version__,
         method=detector.method,
         params=detector.get_params(),

@@ -12,9 +12,11 @@ import numpy as np
 
 from .common.progress import progress_bar
 from .data.loader import ArrayImage, Source, iter_batches
+from .errors import DefectscopeError
 
 if TYPE_CHECKING:  # not imported: an exported model (defectscope.export) scores without torch
     from .detectors.base import Detector
+    from .judging import JudgeRule
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ class ImageResult:
     at about the model's resolution; resize it to the photo's (H, W) to lay it on the photo.
     ``notes``: what of the file was not used as it is (extra frames, transparency), one phrase each.
     ``size``: the image's (H, W) as read (after EXIF orientation).
+    ``regions`` (only for a model judged by region, :mod:`defectscope.judging`): what the judgement rests on,
+    see :meth:`defectscope.judging.JudgeRule.regions`.
     ``alignment`` (only when scored with an aligner): {"aligned", "inliers", "angle"}; an
     image that could not be aligned was scored as given and has ``aligned`` False.
     """
@@ -41,6 +45,7 @@ class ImageResult:
     alignment: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     size: tuple[int, int] | None = None
+    regions: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -85,6 +90,7 @@ def score_paths(
     keep_maps: bool = False,
     progress: bool = False,
     aligner: Any | None = None,
+    rule: JudgeRule | None = None,
 ) -> Iterator[ImageResult]:
     """Yield one :class:`ImageResult` per path, in the order given.
 
@@ -94,6 +100,10 @@ def score_paths(
     With an ``aligner`` (:class:`defectscope.components.align.Aligner`) each image is warped into the
     reference frame before scoring and its map is warped back: ``map`` is then the map over the
     original image, not over the warped one.
+
+    With a judge ``rule`` (:class:`defectscope.judging.JudgeRule`; None: the detector's score) each image's
+    score is the rule's, computed on its map over the photo (before it is warped back), and ``regions``
+    says what it rests on at ``threshold``.
     """
     paths = [p if isinstance(p, ArrayImage) else Path(p) for p in paths]
     start = 0
@@ -115,9 +125,21 @@ def score_paths(
             if len(batch.paths):
                 pred = detector.predict(batch.images)
                 for j, path in enumerate(batch.paths):
-                    score = float(pred.scores[j])
                     record = batch.transforms[j] if batch.transforms else None
-                    amap = batch.placements[j].to_photo_frame(pred.maps[j]) if keep_maps else None
+                    amap = batch.placements[j].to_photo_frame(pred.maps[j]) if keep_maps or rule else None
+                    regions = None
+                    if rule is None:
+                        score = float(pred.scores[j])
+                    else:
+                        assert amap is not None
+                        try:
+                            score = rule.score(amap, batch.sizes[j])
+                            regions = rule.regions(amap, batch.sizes[j], threshold)
+                        except DefectscopeError as exc:  # a map the rule cannot read: this image only
+                            scored.append(ImageResult(path, error=f"{path}: {exc}"))
+                            continue
+                    if not keep_maps:
+                        amap = None
                     if amap is not None and record is not None:
                         amap = aligner.map_to_original(amap, record)
                     scored.append(
@@ -129,6 +151,7 @@ def score_paths(
                             alignment=record.as_dict() if record is not None else None,
                             notes=batch.notes[j] if batch.notes else [],
                             size=batch.sizes[j],
+                            regions=regions,
                         )
                     )
             bar.update(len(batch.paths) + len(batch.failures))

@@ -22,8 +22,10 @@ from ..version import MODEL_FORMAT_VERSION, __version__
 from .options import (
     add_align_options,
     add_common,
+    add_judge_options,
     add_model_options,
     add_threshold_options,
+    judge_options,
     model_params,
     show_progress,
 )
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and images far smaller than the model input; fit names them either way)",
     )
     add_model_options(p)
+    add_judge_options(p)
     add_align_options(p, fit=True)
     add_common(p)
 
@@ -521,6 +524,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         exclude_outliers=args.exclude_outliers,
         batch_size=args.batch_size,
         progress=show_progress(args),
+        **judge_options(args),
         **model_params(args),
     )
     detector, meta = model.detector, model.meta
@@ -550,6 +554,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         f"wrote {args.output}: {detector.method} on {meta['training']['n_images']} images in "
         f"{meta['training']['fit_seconds']:.1f} s, threshold {meta['threshold']:.6g} "
         f"({meta['threshold_info']['quantile']:.0%} quantile of {meta['threshold_info']['n_images']} held-out scores)"
+        + (f"; judged by {model.judge.describe()}" if model.judge is not None else "")
     )
     if "warning" in meta["threshold_info"]:
         print(f"defectscope: warning: {meta['threshold_info']['warning']}", file=sys.stderr)
@@ -721,6 +726,8 @@ class _PredictPrinter:
                 obj["align_angle"] = result.alignment["angle"]
                 if "refined" in result.alignment:
                     obj["align_refined"] = result.alignment["refined"]
+            if result.regions is not None:  # a model judged by region: what the judgement rests on
+                obj["regions"] = result.regions
             print(dumps(obj))
         elif result.alignment is not None:  # a 4th column: 1 aligned, 0 scored unaligned
             self.writer.writerow([result.name, f"{shown:.6f}", result.judgement, int(result.alignment["aligned"])])

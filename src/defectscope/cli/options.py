@@ -18,8 +18,19 @@ from ..features.normalization import DEFAULT_NORMALIZATION, NORMALIZATIONS
 ALIGN_CHOICES = ["none", "rot90", "rigid", "silhouette", "rigid+ecc", "silhouette+ecc"]
 #: defectscope.data.geometry.RESIZE_MODES, named here so that --help imports no numpy (a test keeps them equal)
 RESIZE_CHOICES = ("stretch", "keep-aspect", "crop")
+#: defectscope.judging.JUDGE_RULES, named here for the same reason (a test keeps them equal)
+JUDGE_CHOICES = ("max", "region", "integrated")
 
-__all__ = ["PARAM_OPTIONS", "add_align_options", "add_common", "add_model_options", "model_params", "show_progress"]
+__all__ = [
+    "PARAM_OPTIONS",
+    "add_align_options",
+    "add_common",
+    "add_judge_options",
+    "add_model_options",
+    "judge_options",
+    "model_params",
+    "show_progress",
+]
 
 
 def layers_list(text: str) -> list[str]:
@@ -261,6 +272,75 @@ def add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
             help="override the model's alignment (default: as fitted); images that cannot be aligned "
             "are scored unaligned and flagged",
         )
+
+
+def add_judge_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("judging (docs/reading-results.md, 'Judging by region')")
+    g.add_argument(
+        "--judge",
+        choices=list(JUDGE_CHOICES),
+        default="max",
+        help="how an image is judged: max (default: its score at or above the threshold), region (defective "
+        "when a region of the anomaly map above the threshold covers at least --min-region-pixels, or "
+        "--min-region-area with --pixel-size) or integrated (by a region's integrated anomaly); the rule's "
+        "threshold is set from held-out good training images and stored in the model (patchcore only)",
+    )
+    g.add_argument(
+        "--min-region-pixels",
+        type=number(float, 0, lo_open=True),
+        default=None,
+        metavar="N",
+        help="--judge region: the smallest region that rejects a part, in photo pixels",
+    )
+    g.add_argument(
+        "--min-region-area",
+        type=number(float, 0, lo_open=True),
+        default=None,
+        metavar="MM2",
+        help="--judge region: the smallest region that rejects a part, in mm^2 (needs --pixel-size)",
+    )
+    g.add_argument(
+        "--pixel-size",
+        type=number(float, 0, lo_open=True),
+        default=None,
+        metavar="MM",
+        help="the photos' mm per pixel: areas in mm^2 (--min-region-area; --judge integrated)",
+    )
+    g.add_argument(
+        "--level-quantile",
+        type=probability_open,
+        default=None,
+        metavar="Q",
+        help="--judge integrated: regions are taken above this quantile of the held-out good map maxima (default 0.9)",
+    )
+
+
+#: the judge rule's keyword arguments of defectscope.api.fit, and the options that give them
+JUDGE_FLAGS = {
+    "min_region_pixels": "--min-region-pixels",
+    "min_region_area": "--min-region-area",
+    "pixel_size": "--pixel-size",
+    "level_quantile": "--level-quantile",
+}
+
+
+def judge_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The judge rule's keyword arguments for :func:`defectscope.api.fit`, checked now, before any work,
+    with a refusal that names the command line's options."""
+    from ..errors import DefectscopeError
+    from ..judging import JudgeRule
+
+    kwargs = {name: getattr(args, name) for name in JUDGE_FLAGS}
+    try:
+        JudgeRule.make(args.judge, **kwargs)
+    except DefectscopeError as exc:
+        text = str(exc)
+        for rule in JUDGE_CHOICES:
+            text = text.replace(f"judge='{rule}'", f"--judge {rule}")
+        for name, option in JUDGE_FLAGS.items():
+            text = text.replace(name, option)
+        raise DefectscopeError(text) from None
+    return {"judge": args.judge, **kwargs}
 
 
 PARAM_OPTIONS = {

@@ -245,6 +245,24 @@ class Detector(ABC):
     def _training_map_maxima(self) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not give held-out map maxima")
 
+    def training_maps(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Held-out anomaly maps (B, H_in, W_in) float32 of training images ``start:stop`` of
+        :meth:`training_scores` (same order; :meth:`training_score_images` names their images), each
+        computed as if the image had not been in the training set: what a rule judged on the map
+        (:mod:`defectscope.judging`) sets its threshold from.
+
+        Raises NotImplementedError for a method without held-out maps, and for a loaded model
+        (they exist only in the process that ran the fit).
+        """
+        self._check_fitted()
+        n = len(self._training_scores())
+        stop = n if stop is None else min(stop, n)
+        with torch.inference_mode():
+            return self._training_maps(start, stop).float().numpy()
+
+    def _training_maps(self, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError(f"{self.method} gives no held-out anomaly maps")
+
     def training_score_images(self) -> np.ndarray:
         """(T,) position, in fit order, of the training image each of :meth:`training_scores` belongs to."""
         self._check_fitted()

@@ -445,6 +445,7 @@ class PatchCore(Detector):
         n_tiles = self.tile_grid.count
         scores = torch.empty(scored.numel(), dtype=torch.float32)
         map_max = torch.empty(scored.numel(), dtype=torch.float32)
+        grids = torch.empty(scored.numel(), n_tiles, *self.grid_, dtype=torch.float32)
         with progress_bar(scored.numel(), "threshold", self._show_progress) as bar:
             for fold in range(int(folds.max()) + 1):
                 mine = (folds[scored] == fold).nonzero().squeeze(1)
@@ -461,9 +462,11 @@ class PatchCore(Detector):
                     dist, nn_idx = index.search(patches.reshape(-1, patches.shape[-1]), 1)
                     dist, nn_idx = dist[:, 0].reshape(n_tiles, n_grid), nn_idx[:, 0].reshape(n_tiles, n_grid)
                     scores[pos] = self._image_scores(patches, dist, nn_idx, bank, index).max()
-                    map_max[pos] = self._tile_maps(dist.reshape(n_tiles, *self.grid_)).max()
+                    grids[pos] = dist.reshape(n_tiles, *self.grid_)
+                    map_max[pos] = self._tile_maps(grids[pos]).max()
                     bar.update(1)
         self.training_map_max_ = map_max
+        self.training_grids_ = grids  # (T, tiles, h, w), for rules judged on held-out maps; not saved
         return scores
 
     # ------------------------------------------------------------------ predict
@@ -533,6 +536,13 @@ class PatchCore(Detector):
         if maxima is None:
             raise NotImplementedError("this PatchCore model was fitted before held-out map maxima were kept")
         return maxima
+
+    def _training_maps(self, start: int, stop: int) -> torch.Tensor:
+        grids = getattr(self, "training_grids_", None)
+        if grids is None:  # a loaded model: held-out maps are made by the fit and not saved
+            raise NotImplementedError("held-out anomaly maps exist only in the process that fitted the model")
+        part = grids[start:stop]
+        return self._tile_maps(part.reshape(-1, *self.grid_))
 
     def training_score_images(self) -> np.ndarray:
         index = getattr(self, "threshold_image_index_", None)

@@ -451,6 +451,7 @@ def calibrate_model(
     """
     from ..common.files import OutputError, check_output_file, os_error_message
     from ..io import MODEL_FILE, load_model, read_model_file, update_metadata, write_model_file
+    from ..judging import JudgeRule
     from ..scoring import score_paths
     from ..thresholds import (
         FIT_NAME,
@@ -487,7 +488,9 @@ def calibrate_model(
     kept_labels: list[int] = []
     kept_scores: list[float] = []
     failed: list[dict[str, str]] = []
-    for label, result in zip(labels, score_paths(detector, paths, old, batch_size=batch_size, progress=progress)):
+    judge = JudgeRule.from_meta(meta)  # a model judged by region is calibrated on the rule's scores
+    results = score_paths(detector, paths, old, batch_size=batch_size, progress=progress, rule=judge)
+    for label, result in zip(labels, results):
         if result.ok:
             kept_labels.append(int(label))
             kept_scores.append(float(result.score))

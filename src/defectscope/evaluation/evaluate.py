@@ -49,6 +49,7 @@ def evaluate_detector(
     aligner: Any | None = None,
     pixel_threshold: float | None = None,
     protocol: str = "native",
+    judge: Any | None = None,
 ) -> dict[str, Any]:
     """Score every test sample of ``split`` and compute the metrics.
 
@@ -72,6 +73,7 @@ def evaluate_detector(
     metrics and overlays, so maps and masks are compared in the photo's frame. Each image
     record then holds ``"aligned"``; the result holds ``"alignment"`` (mode, unaligned paths; for the ECC
     modes also the paths where ECC kept the first pose, ``"unrefined"``).
+    judge: a :class:`defectscope.judging.JudgeRule` (a model judged by region): image scores are the rule's.
     """
     from ..report.heatmaps import Verdict, resize_map
 
@@ -111,6 +113,7 @@ def evaluate_detector(
         keep_maps=keep_maps,
         progress=progress,
         aligner=aligner,
+        rule=judge,
     )
     for sample, result in zip(samples, results):
         if not result.ok:

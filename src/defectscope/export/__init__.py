@@ -24,7 +24,9 @@ __all__ = ["EXPORT_FILE", "FORMATS", "INSTALL_HINT", "RUNTIMES", "RUNTIME_CHOICE
 #: the metadata file that makes a folder an exported model
 EXPORT_FILE = "defectscope-export.json"
 FORMAT_NAME = "defectscope-export"
-FORMAT_VERSION = 1
+#: the newest export format this version reads; 2: the model is judged by a region rule (``judge``, applied
+#: by :mod:`defectscope.scoring` on the maps the graph returns), which a reader of format 1 would ignore
+FORMAT_VERSION = 2
 #: what ``export --format`` writes
 FORMATS: tuple[str, ...] = ("onnx", "openvino")
 #: what runs an exported model; an ONNX export runs on either, an OpenVINO one on OpenVINO only

