@@ -31,6 +31,8 @@ class ImageResult:
     ``size``: the image's (H, W) as read (after EXIF orientation).
     ``alignment`` (only when scored with an aligner): {"aligned", "inliers", "angle"}; an
     image that could not be aligned was scored as given and has ``aligned`` False.
+    ``roi`` (with ``map``, for a model with a region of interest): the region over the whole photo, on
+    ``map``'s grid, bool; the map is 0 outside it.
     """
 
     path: Source
@@ -41,6 +43,7 @@ class ImageResult:
     alignment: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     size: tuple[int, int] | None = None
+    roi: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -93,11 +96,14 @@ def score_paths(
 
     With an ``aligner`` (:class:`defectscope.components.align.Aligner`) each image is warped into the
     reference frame before scoring and its map is warped back: ``map`` is then the map over the
-    original image, not over the warped one.
+    original image, not over the warped one. A region of interest (the detector's ``roi_mask()``)
+    is taken back over each photo the same way (``roi``).
     """
     paths = [p if isinstance(p, ArrayImage) else Path(p) for p in paths]
     start = 0
     mean, std = detector.input_stats
+    region = getattr(detector, "roi_mask", lambda: None)() if keep_maps else None
+    region = None if region is None else region.astype(np.float32)
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
         for batch in iter_batches(
             paths,
@@ -120,6 +126,12 @@ def score_paths(
                     amap = batch.placements[j].to_photo_frame(pred.maps[j]) if keep_maps else None
                     if amap is not None and record is not None:
                         amap = aligner.map_to_original(amap, record)
+                    roi = None
+                    if region is not None:  # the unseen border of a crop is not judged: outside
+                        roi = batch.placements[j].to_photo_frame(region, fill=0.0)
+                        if record is not None and aligner is not None:
+                            roi = aligner.map_to_original(roi, record)
+                        roi = roi >= 0.5
                     scored.append(
                         ImageResult(
                             path,
@@ -129,6 +141,7 @@ def score_paths(
                             alignment=record.as_dict() if record is not None else None,
                             notes=batch.notes[j] if batch.notes else [],
                             size=batch.sizes[j],
+                            roi=roi,
                         )
                     )
             bar.update(len(batch.paths) + len(batch.failures))

@@ -20,7 +20,15 @@ ALIGN_CHOICES = ["none", "rot90", "rigid", "silhouette", "rigid+ecc", "silhouett
 #: defectscope.data.geometry.RESIZE_MODES, named here so that --help imports no numpy (a test keeps them equal)
 RESIZE_CHOICES = ("stretch", "keep-aspect", "crop")
 
-__all__ = ["PARAM_OPTIONS", "add_align_options", "add_common", "add_model_options", "model_params", "show_progress"]
+__all__ = [
+    "PARAM_OPTIONS",
+    "add_align_options",
+    "add_common",
+    "add_model_options",
+    "add_roi_option",
+    "model_params",
+    "show_progress",
+]
 
 
 def layers_list(text: str) -> list[str]:
@@ -246,6 +254,20 @@ def add_align_options(p: argparse.ArgumentParser, fit: bool) -> None:
             help="override the model's alignment (default: as fitted); images that cannot be aligned "
             "are scored unaligned and flagged",
         )
+
+
+def add_roi_option(p: argparse.ArgumentParser) -> None:
+    """``fit --roi``: the region of interest (read and checked by defectscope.fit, before the fit's work)."""
+    p.add_argument(
+        "--roi",
+        default=None,
+        metavar="MASK|POLYGONS.json|auto",
+        help="judge only a region of interest: a mask image (white = judged; any size, mapped onto the model "
+        'input as the photos are), a .json file of polygons in photo pixels ({"image_size": [W, H], '
+        '"polygons": [[[x, y], ...], ...]}), or auto (the part\'s silhouette over the training images); what '
+        "lies outside counts in no score or threshold, its map is 0, overlays dim it; stored in the model "
+        "(patchcore and padim; default: the whole image)",
+    )
 
 
 PARAM_OPTIONS = {
