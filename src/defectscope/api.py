@@ -16,6 +16,8 @@ this module, so a program that embeds defectscope gets exactly what the command 
     model = defectscope.fit("data/bottle/train/good", method="patchcore")
     model.save("bottle.dsmodel")
 
+    model = defectscope.fit("data/bottle/train/good", roi="auto")   # or a mask image, or polygons.json
+
 A result never raises for a bad image: ``result.error`` holds the one-line message (the same as
 the command line prints) and the other images of the call are scored as usual.
 """
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from .errors import DefectscopeError, ModelFileError
+from .errors import DefectscopeError, ImageLoadError, ModelFileError
 from .export import RUNTIME_CHOICES
 
 if TYPE_CHECKING:  # the heavy modules load on first use, not at import
@@ -62,7 +64,8 @@ class Result:
     pixel_threshold: the map's threshold (what :attr:`region` and :meth:`overlay` use).
 
     The anomaly map is kept at the model's resolution and brought to the image's own size on
-    first access of :attr:`anomaly_map` (bilinear).
+    first access of :attr:`anomaly_map` (bilinear). With a model fitted with a region of interest
+    the map is 0 outside it (:attr:`roi`), and the overlay dims what lies outside.
     """
 
     score: float | None
@@ -79,6 +82,7 @@ class Result:
     _map: np.ndarray | None = field(default=None, repr=False)
     _image: np.ndarray | None = field(default=None, repr=False)
     _full_map: np.ndarray | None = field(default=None, repr=False)
+    _roi: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +104,16 @@ class Result:
         return self._full_map
 
     @property
+    def roi(self) -> np.ndarray | None:
+        """(H, W) bool over the image as given: the model's region of interest (True = judged), None
+        for a model without one or without a map."""
+        if self._roi is None or self.image_shape is None:
+            return None
+        from .report.heatmaps import resize_map
+
+        return resize_map(self._roi.astype(np.float32), self.image_shape) >= 0.5
+
+    @property
     def region(self) -> np.ndarray | None:
         """(H, W) bool: the pixels at or above the pixel threshold (None without a map)."""
         amap = self.anomaly_map
@@ -109,9 +123,9 @@ class Result:
 
     def overlay(self, *, side_by_side: bool = False, legend: bool = True) -> np.ndarray:
         """The heatmap picture as an (H', W', 3) uint8 RGB array: the map over the photo, coloured
-        against the pixel threshold, the defect region outlined, the verdict in a legend strip
-        (see :func:`defectscope.report.heatmaps.overlay`). Raises DefectscopeError when the image
-        failed or was scored without a map."""
+        against the pixel threshold, the defect region outlined, what lies outside a region of
+        interest dimmed, the verdict in a legend strip (see :func:`defectscope.report.heatmaps.overlay`).
+        Raises DefectscopeError when the image failed or was scored without a map."""
         from .report.heatmaps import Verdict, overlay
 
         if not self.ok or self._map is None:
@@ -124,7 +138,7 @@ class Result:
         assert self.score is not None and self.judgement is not None  # self.ok
         verdict = Verdict(score=float(self.score), threshold=self.threshold, judgement=int(self.judgement))
         pix = self.pixel_threshold if self.pixel_threshold is not None else self.threshold
-        return overlay(image, self._map, pix, verdict=verdict, side_by_side=side_by_side, legend=legend)
+        return overlay(image, self._map, pix, verdict=verdict, side_by_side=side_by_side, legend=legend, roi=self._roi)
 
     def at_threshold(self, threshold: float) -> Result:
         """This result judged at another image threshold (same score, map and notes); a failed image
@@ -263,7 +277,8 @@ class Model:
     def info(self) -> dict[str, Any]:
         """What a user asks of a model first: method, backbone, layers, image size, thresholds (the active
         ``threshold`` and its ``threshold_name``, every named one in ``thresholds``), the training data and
-        date, the checksum and the file (``layer_weighting``: PatchCore's, else None)."""
+        date, the checksum and the file (``layer_weighting``: PatchCore's, else None; ``roi``: "none", or how
+        the region of interest was given: "mask", "polygons" or "auto")."""
         training = self.meta.get("training", {})
         params = self.meta.get("params") or {}
         return {
@@ -279,6 +294,7 @@ class Model:
             "fitted": training.get("created"),
             "n_train": training.get("n_images"),
             "align": (self.meta.get("align") or {}).get("mode", "none"),
+            "roi": _roi_kind(self.meta),
             "checksum": self.checksum,
             "path": str(self.path) if self.path is not None else None,
             "runtime": self.runtime or "torch",
@@ -401,6 +417,7 @@ class Model:
                 regions=result.regions,
                 _map=result.map,
                 _image=arrays.get(name) if maps else None,
+                _roi=result.roi,
             )
 
     def evaluate(
@@ -604,6 +621,7 @@ def fit(
     method: str = "patchcore",
     align: str = "none",
     align_ref: str | Path | None = None,
+    roi: str | Path | None = None,
     threshold_quantile: float | None = None,
     exclude_outliers: bool = False,
     batch_size: int = 16,
@@ -623,6 +641,10 @@ def fit(
     method: "patchcore" (default), "padim" or "spade".
     align: "none", "rot90", "rigid", "silhouette" or "auto" (see ``defectscope fit --help``);
         align_ref is the reference image (default: the first training image).
+    roi: judge only a region of interest: a mask image (white = judged), a ``.json`` file of polygons
+        in photo pixels, or "auto" (the part's silhouette over the training images); see
+        :mod:`defectscope.components.roi`. With alignment it is in the reference image's frame.
+        Stored in the model; PatchCore and PaDiM only.
     threshold_quantile: the quantile of held-out good scores that becomes the threshold (default
         :data:`defectscope.fitting.DEFAULT_THRESHOLD_QUANTILE`).
     exclude_outliers: fit again without training images whose held-out score is an outlier.
@@ -637,8 +659,10 @@ def fit(
     params: the method's parameters (backbone, layers, image_size, coreset_ratio, ...; see the
         detector classes in :mod:`defectscope.detectors`).
     Returns the fitted :class:`Model` (not saved: call :meth:`Model.save`). Raises DefectscopeError
-    for an unknown method or parameter, a missing folder or too few images, before any work.
+    for an unknown method or parameter, a missing folder or too few images, a bad region of interest
+    (a missing or unreadable file, no white pixel, malformed polygons, SPADE), before any work.
     """
+    from .components.roi import AUTO, check_roi_spec
     from .data.layouts import good_images
     from .detectors import make_detector
     from .fitting import DEFAULT_THRESHOLD_QUANTILE, fit_detector
@@ -653,6 +677,9 @@ def fit(
     )
     detector = make_detector(method, **params)
     detector._validate_params()
+    roi = check_roi_spec(roi)
+    if roi is not None and detector.roi_refusal is not None:
+        raise DefectscopeError(f"--roi: {detector.roi_refusal}")
     batch_size = _positive_int(batch_size, "batch_size")
     if threshold_quantile is not None:
         threshold_quantile = _finite(threshold_quantile, "threshold_quantile")
@@ -675,7 +702,13 @@ def fit(
         from .fitting import check_judge
 
         check_judge(detector, rule, paths)
+    region, roi_record = None, None
+    if roi is not None and roi != AUTO:  # a file: read and checked before anything else
+        region, roi_record = _fit_roi(roi, detector, paths, None)
     aligner, auto = _fit_aligner(align, align_ref, paths, detector)
+    if roi == AUTO:  # read from the training images as the model will see them (aligned)
+        region, roi_record = _fit_roi(roi, detector, paths, aligner)
+    detector.set_roi(region)
     meta = fit_detector(
         detector,
         paths,
@@ -689,9 +722,62 @@ def fit(
     )
     if aligner is not None:
         meta["align"] = aligner.config() | ({"auto": auto} if auto is not None else {})
+    if roi_record is not None:
+        meta["roi"] = roi_record
     for item in meta["training"]["skipped"]:  # never silently: the threshold rests on fewer images than given
         log.warning("skipped training image %s", item["error"])
     return Model(detector, meta, aligner)
+
+
+def _fit_roi(
+    spec: str | Path, detector: Detector, paths: list[Path], aligner: Any | None
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """The region of interest of a fit over the model input, and its record (see
+    :func:`defectscope.components.roi.resolve_roi`); says what ``--roi auto`` found."""
+    from .components.roi import resolve_roi
+
+    if len(paths) < detector.min_train_images:  # say that first, before reading silhouettes
+        raise DefectscopeError(
+            f"found {len(paths)} training image(s), {detector.method} needs at least {detector.min_train_images}"
+        )
+    region, record = resolve_roi(spec, detector.input_shape, detector.resize, paths=paths, transform=aligner)
+    assert record is not None
+    if region is None:
+        log.warning("--roi auto: %s", record["reason"])
+    else:
+        _warn_if_other_shape(record, paths[0])
+    return region, record
+
+
+def _warn_if_other_shape(record: dict[str, Any], photo: Path) -> None:
+    """A mask or polygon frame of another aspect ratio than the photos is stretched onto them: say so."""
+    size = record.get("source_size")
+    if size is None:
+        return
+    from .data.images import load_image
+
+    try:
+        h, w = load_image(photo).shape[:2]
+    except ImageLoadError:  # unreadable: the fit says so in its own words
+        return
+    if abs((size[0] / size[1]) / (w / h) - 1) > 0.02:
+        log.warning(
+            "--roi %s is %dx%d but the training photos are %dx%d (%s): a different aspect ratio; the region is "
+            "mapped onto the model input as the photos are, so it no longer lies where it was drawn",
+            record["source"],
+            size[0],
+            size[1],
+            w,
+            h,
+            photo,
+        )
+
+
+def _roi_kind(meta: dict[str, Any]) -> str:
+    record = meta.get("roi")
+    if not record or record.get("applied") is False:
+        return "none"
+    return str(record.get("kind", "none"))
 
 
 def _fit_aligner(

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 
 from .common.files import FileKind, OutputError, replacing
+from .components.roi import ROI_TENSOR
 from .detectors import NEUTRAL_PARAMS, detector_class, make_detector
 from .detectors.base import Detector
 from .errors import DefectscopeError, ModelFileError
@@ -30,8 +31,9 @@ from .version import MODEL_FORMAT_VERSION, __version__
 FORMAT_NAME = "defectscope-model"
 FORMAT_VERSION = MODEL_FORMAT_VERSION
 _META_KEY = "defectscope"
-#: tensor-name prefixes of model parts that are not the detector's state (e.g. the alignment reference)
-EXTRA_PREFIXES: tuple[str, ...] = ("align.",)
+#: tensor-name prefixes of model parts that are not the detector's state (the alignment reference, the
+#: region of interest)
+EXTRA_PREFIXES: tuple[str, ...] = ("align.", "roi.")
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,9 @@ def save_model(
 
     ``metadata`` holds run information (threshold, training summary, ...); the method, its
     parameters, the backbone and format fields are added here. ``extra_tensors`` are stored
-    beside the detector's state; their names must start with one of :data:`EXTRA_PREFIXES`.
+    beside the detector's state; their names must start with one of :data:`EXTRA_PREFIXES`. A
+    detector's region of interest is stored as ``roi.mask`` ((H_in, W_in) uint8, 1 inside) (and restored by :func:`load_model`);
+    a model without one has no such tensor, as files written before regions existed.
     """
     path = Path(path)
     mean, std = detector.input_stats
@@ -70,6 +74,8 @@ def save_model(
         normalization={"name": detector.normalization, "mean": list(mean), "std": list(std)},
     )
     tensors = detector.state_dict()
+    if detector.roi_ is not None:
+        tensors[ROI_TENSOR] = detector.roi_.to(torch.uint8).contiguous()
     for name, value in (extra_tensors or {}).items():
         if not name.startswith(EXTRA_PREFIXES) or name in tensors:
             raise ValueError(f"extra tensor name {name!r} must start with one of {EXTRA_PREFIXES}")
@@ -241,7 +247,8 @@ def load_model(path: str | Path) -> tuple[Detector, dict[str, Any]]:
 
 
 def load_model_with_extras(path: str | Path) -> tuple[Detector, dict[str, Any], dict[str, torch.Tensor]]:
-    """Like :func:`load_model`, plus the extra tensors (names starting with :data:`EXTRA_PREFIXES`)."""
+    """Like :func:`load_model`, plus the extra tensors (names starting with :data:`EXTRA_PREFIXES`); the
+    region of interest, if any, is already set on the detector."""
     tensors, meta = read_model_file(path)
     extras = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(EXTRA_PREFIXES)]}
     try:
@@ -262,6 +269,8 @@ def load_model_with_extras(path: str | Path) -> tuple[Detector, dict[str, Any], 
             params.update(coreset="exact", max_bank_size=None)
         detector = make_detector(meta["method"], **params)
         detector.load_state(tensors)
+        if ROI_TENSOR in extras:
+            detector.set_roi(extras[ROI_TENSOR])
     except DefectscopeError as exc:  # a parameter or method this version does not know
         if written_by_newer(meta):
             raise ModelFileError(_upgrade_message(path, meta)) from exc

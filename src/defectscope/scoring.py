@@ -35,6 +35,8 @@ class ImageResult:
     see :meth:`defectscope.judging.JudgeRule.regions`.
     ``alignment`` (only when scored with an aligner): {"aligned", "inliers", "angle"}; an
     image that could not be aligned was scored as given and has ``aligned`` False.
+    ``roi`` (with ``map``, for a model with a region of interest): the region over the whole photo, on
+    ``map``'s grid, bool; the map is 0 outside it.
     """
 
     path: Source
@@ -46,6 +48,7 @@ class ImageResult:
     notes: list[str] = field(default_factory=list)
     size: tuple[int, int] | None = None
     regions: dict[str, Any] | None = None
+    roi: np.ndarray | None = None
 
     @property
     def ok(self) -> bool:
@@ -104,10 +107,14 @@ def score_paths(
     With a judge ``rule`` (:class:`defectscope.judging.JudgeRule`; None: the detector's score) each image's
     score is the rule's, computed on its map over the photo (before it is warped back), and ``regions``
     says what it rests on at ``threshold``.
+    A region of interest (the detector's ``roi_mask()``) is taken back over each photo the same way
+    (``roi``).
     """
     paths = [p if isinstance(p, ArrayImage) else Path(p) for p in paths]
     start = 0
     mean, std = detector.input_stats
+    region = getattr(detector, "roi_mask", lambda: None)() if keep_maps else None
+    region = None if region is None else region.astype(np.float32)
     with progress_bar(total=len(paths), desc=f"predict {detector.method}", enabled=progress) as bar:
         for batch in iter_batches(
             paths,
@@ -142,6 +149,12 @@ def score_paths(
                         amap = None
                     if amap is not None and record is not None:
                         amap = aligner.map_to_original(amap, record)
+                    roi = None
+                    if region is not None:  # the unseen border of a crop is not judged: outside
+                        roi = batch.placements[j].to_photo_frame(region, fill=0.0)
+                        if record is not None and aligner is not None:
+                            roi = aligner.map_to_original(roi, record)
+                        roi = roi >= 0.5
                     scored.append(
                         ImageResult(
                             path,
@@ -152,6 +165,7 @@ def score_paths(
                             notes=batch.notes[j] if batch.notes else [],
                             size=batch.sizes[j],
                             regions=regions,
+                            roi=roi,
                         )
                     )
             bar.update(len(batch.paths) + len(batch.failures))

@@ -24,6 +24,7 @@ from .options import (
     add_common,
     add_judge_options,
     add_model_options,
+    add_roi_option,
     add_threshold_options,
     judge_options,
     model_params,
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     add_judge_options(p)
     add_align_options(p, fit=True)
+    add_roi_option(p)
     add_common(p)
 
     p = sub.add_parser(
@@ -520,6 +522,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         method=args.method,
         align=args.align,
         align_ref=args.align_ref,
+        roi=args.roi,
         threshold_quantile=args.threshold_quantile,
         exclude_outliers=args.exclude_outliers,
         batch_size=args.batch_size,
@@ -539,6 +542,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"{auto['n_images']} training images: {scores})",
             file=sys.stderr,
         )
+    _print_roi(meta.get("roi"))
     alignment = meta["training"].get("alignment", {})
     for path in alignment.get("unaligned", []):
         print(f"defectscope: warning: {path}: could not be aligned, used unaligned", file=sys.stderr)
@@ -561,6 +565,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
     # skipped training images: defectscope.fit logs each ("defectscope: warning: skipped training image ...")
     _print_suspects(meta["training"])
     return EXIT_SOME_FAILED if skipped else EXIT_OK
+
+
+def _print_roi(record: dict[str, Any] | None) -> None:
+    """Say what region of interest the fit judges (or, for --roi auto, why none)."""
+    if record is None:
+        return
+    if record.get("applied") is False:
+        print(f"defectscope: warning: --roi auto: {record['reason']}", file=sys.stderr)
+        return
+    found = (
+        f"the part's silhouette in {record['n_found']} of {record['n_images']} training images, widened by "
+        f"{record['margin_px']} px"
+        if record["kind"] == "auto"
+        else record["source"]
+    )
+    print(f"--roi {record['kind']}: judging {record['share']:.0%} of the model input ({found})", file=sys.stderr)
 
 
 def _print_suspects(training: dict[str, Any]) -> None:

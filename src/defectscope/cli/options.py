@@ -27,6 +27,7 @@ __all__ = [
     "add_common",
     "add_judge_options",
     "add_model_options",
+    "add_roi_option",
     "judge_options",
     "model_params",
     "show_progress",
@@ -341,6 +342,20 @@ def judge_options(args: argparse.Namespace) -> dict[str, Any]:
             text = text.replace(name, option)
         raise DefectscopeError(text) from None
     return {"judge": args.judge, **kwargs}
+
+
+def add_roi_option(p: argparse.ArgumentParser) -> None:
+    """``fit --roi``: the region of interest (read and checked by defectscope.fit, before the fit's work)."""
+    p.add_argument(
+        "--roi",
+        default=None,
+        metavar="MASK|POLYGONS.json|auto",
+        help="judge only a region of interest: a mask image (white = judged; any size, mapped onto the model "
+        'input as the photos are), a .json file of polygons in photo pixels ({"image_size": [W, H], '
+        '"polygons": [[[x, y], ...], ...]}), or auto (the part\'s silhouette over the training images); what '
+        "lies outside counts in no score or threshold, its map is 0, overlays dim it; stored in the model "
+        "(patchcore and padim; default: the whole image)",
+    )
 
 
 PARAM_OPTIONS = {

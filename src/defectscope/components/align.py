@@ -528,13 +528,14 @@ class Aligner:
         )
 
 
-def silhouette_pose(image: np.ndarray) -> tuple[float, float, float, float] | None:
-    """(cx, cy, theta, area) of the part in an (H, W, 3) uint8 photo: centroid, the angle (radians, pixel
-    coordinates) of its principal axis, pointing to the end where the third moment of the part's grey
-    levels along the axis says the mass lies (a 180-degree turn changes theta by pi), and its area in
-    pixels. None when no part stands out from a background (nothing found, or a region filling the
-    frame or touching three of its sides), or when the outline has no clear axis (its principal axes
-    differ by less than MIN_ELONGATION: a round part)."""
+def part_silhouette(image: np.ndarray) -> np.ndarray | None:
+    """(H, W) uint8 0/1: the part in an (H, W, 3) uint8 photo, separated from a uniform background.
+
+    Otsu's threshold on the grey image, the polarity taken from the image border (the side the border
+    mostly falls on is the background), then the largest connected component (8-connected). None when
+    no part stands out: nothing found, a region under 0.1 % or over 80 % of the frame, or one touching
+    three of its sides (a surface filling the frame rather than a part on a background). Holes inside
+    the part (a dark print on a light part) are not filled here."""
     import cv2
 
     gray = _gray(image)
@@ -552,6 +553,22 @@ def silhouette_pose(image: np.ndarray) -> tuple[float, float, float, float] | No
     touches = (x == 0) + (y == 0) + (x + bw == w_img) + (y + bh == h_img)
     if part.sum() < 0.001 * part.size or part.sum() > 0.8 * part.size or touches >= 3:
         return None  # nothing, or noise / a surface filling the frame rather than a part on a background
+    return part
+
+
+def silhouette_pose(image: np.ndarray) -> tuple[float, float, float, float] | None:
+    """(cx, cy, theta, area) of the part in an (H, W, 3) uint8 photo: centroid, the angle (radians, pixel
+    coordinates) of its principal axis, pointing to the end where the third moment of the part's grey
+    levels along the axis says the mass lies (a 180-degree turn changes theta by pi), and its area in
+    pixels. None when no part stands out from a background (nothing found, or a region filling the
+    frame or touching three of its sides), or when the outline has no clear axis (its principal axes
+    differ by less than MIN_ELONGATION: a round part)."""
+    import cv2
+
+    part = part_silhouette(image)
+    if part is None:
+        return None
+    gray = _gray(image)
     m = cv2.moments(part, binaryImage=True)
     cx, cy = m["m10"] / m["m00"], m["m01"] / m["m00"]
     spread = np.sqrt((m["mu20"] - m["mu02"]) ** 2 + 4 * m["mu11"] ** 2)

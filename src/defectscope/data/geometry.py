@@ -112,12 +112,13 @@ class Placement:
         (h_r, w_r), (top, left), (h_in, w_in) = self.resized, self.offset, self.input
         return left, w_in - w_r - left, top, h_in - h_r - top
 
-    def to_photo_frame(self, amap: np.ndarray) -> np.ndarray:
+    def to_photo_frame(self, amap: np.ndarray, fill: float | None = None) -> np.ndarray:
         """(..., H_in, W_in) map over the model input -> (..., h_r, w_r) float32 map over the whole photo.
 
         stretch: the map itself. keep-aspect: the padding cut away. crop: the map put back in the
         pre-crop frame; the border the crop cut away was never seen, and is filled with the map's
-        minimum (per map), so it never reads as anomalous and never outranks a seen pixel.
+        minimum (per map), so it never reads as anomalous and never outranks a seen pixel, or with
+        ``fill`` when given (0 for a region of interest: the unseen border is not judged).
         """
         amap = np.asarray(amap, dtype=np.float32)
         if tuple(amap.shape[-2:]) != self.input:
@@ -132,7 +133,10 @@ class Placement:
         if (y0, y1, x0, x1) == (0, h_r, 0, w_r):
             return np.ascontiguousarray(window)
         out = np.empty((*amap.shape[:-2], h_r, w_r), dtype=np.float32)
-        out[...] = amap.min(axis=(-2, -1), keepdims=True) if amap.size else 0.0
+        if fill is not None:
+            out[...] = fill
+        else:
+            out[...] = amap.min(axis=(-2, -1), keepdims=True) if amap.size else 0.0
         out[..., y0:y1, x0:x1] = window
         return out
 

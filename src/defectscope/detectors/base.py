@@ -88,6 +88,10 @@ class Detector(ABC):
     """
 
     method: ClassVar[str]
+    #: why :meth:`set_roi` refuses a region of interest for this method (None: the method takes one)
+    roi_refusal: ClassVar[str | None] = None
+    #: the region of interest: (H_in, W_in) bool over the model input, or None (the whole input is judged)
+    roi_: torch.Tensor | None = None
     #: fewest training images the method can learn from (leave-one-out needs at least two)
     min_train_images: ClassVar[int] = 2
     #: how :meth:`training_scores` holds each image out (recorded with the threshold)
@@ -277,6 +281,45 @@ class Detector(ABC):
         """Restore learned state written by :meth:`state_dict`."""
         self._load_state_tensors(tensors)
         return self
+
+    # ----------------------------------------------------------------- region of interest
+    def set_roi(self, mask: np.ndarray | torch.Tensor | None) -> Detector:
+        """Judge only the region ``mask`` (H_in, W_in) of the model input (bool, or 0/1), or the whole
+        input (None). See :mod:`defectscope.components.roi` for where a region comes from.
+
+        What lies outside the region is left out of the image score, out of the held-out training
+        scores that set the threshold and out of the pixel threshold; anomaly maps keep their shape
+        and are 0 outside. Set it before :meth:`fit` so that the threshold is measured as predict
+        scores; the memory bank or Gaussians do not depend on it. Raises DefectscopeError for a method
+        that cannot restrict its image score to a region (SPADE), a mask of another shape than the
+        model input, or an empty one.
+        """
+        if mask is None:
+            self.roi_ = None
+            return self
+        if self.roi_refusal is not None:
+            raise DefectscopeError(f"--roi: {self.roi_refusal}")
+        roi = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+        if tuple(roi.shape) != tuple(self.input_shape):
+            raise DefectscopeError(
+                f"a region of interest over the model input must be {self.input_shape[0]}x{self.input_shape[1]} "
+                f"(H_in, W_in), got {tuple(roi.shape)}"
+            )
+        roi = roi != 0
+        if not bool(roi.any()):
+            raise DefectscopeError("the region of interest is empty: it would judge nothing")
+        self.roi_ = roi.contiguous()
+        return self
+
+    def _roi_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, H_in, W_in) maps with every pixel outside the region of interest set to 0 (unchanged without one)."""
+        if self.roi_ is None:
+            return maps
+        return maps.masked_fill(~self.roi_, 0.0)
+
+    def roi_mask(self) -> np.ndarray | None:
+        """The region of interest as an (H_in, W_in) bool numpy array, or None."""
+        return None if self.roi_ is None else self.roi_.numpy().copy()
 
     # ----------------------------------------------------------------- helpers
     def _features(self, batch: torch.Tensor) -> list[torch.Tensor]:

@@ -3,7 +3,8 @@
 Fit: each position (i, j) of the embedding map gets a mean mu_ij and a covariance
 Sigma_ij = cov_ij + epsilon I (eq. 1) of a random subset of d_reduced channels.
 Predict: the Mahalanobis distance of each test embedding to its position's Gaussian (eq. 2),
-upsampled and blurred to the input size; the image score is the map's maximum.
+upsampled and blurred to the input size; the image score is the map's maximum (inside the region of
+interest, when the model has one: the map is 0 outside it).
 
 Fit streams the reduced training embeddings (N x P x d x 4 bytes, e.g. 209 x 64*64 x 176 x 4 =
 602 MB) to an unlinked temporary file as they are extracted (a
@@ -210,8 +211,8 @@ class PaDiM(Detector):
                     mean[lo:hi], inv_cov[lo:hi], loo[:, lo:hi] = fit_gaussians(x, self.epsilon_used)
                     del x
                     bar.update(hi - lo)
-        training_scores = torch.cat(  # image score = max of the finished map, as in predict
-            [self._finish_maps(part.view(-1, *size)).amax(dim=(1, 2)) for part in loo.split(32)]
+        training_scores = torch.cat(  # image score = max of the finished map inside the region, as in predict
+            [self._roi_maps(self._finish_maps(part.view(-1, *size))).amax(dim=(1, 2)) for part in loo.split(32)]
         )
         self.channel_index_ = channel_index
         self.feature_size_ = size
@@ -249,7 +250,7 @@ class PaDiM(Detector):
                 f"resize images to {size_text(self.image_size)}"
             )
         dist = mahalanobis(emb, self.mean_, self.inv_cov_)  # eq. 2, (B, P)
-        maps = self._finish_maps(dist.view(-1, *size))
+        maps = self._roi_maps(self._finish_maps(dist.view(-1, *size)))  # 0 outside a region of interest
         return maps.amax(dim=(1, 2)), maps
 
     def _training_scores(self) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Locally aware patch features from mid-level layers, a greedy k-center coreset of all
 training patches as the memory bank, nearest-neighbour patch distances as the anomaly
-map and the re-weighted maximum patch distance as the image score (paper eq. 7).
+map and the re-weighted maximum patch distance as the image score (paper eq. 7). With a region of
+interest (:meth:`~defectscope.detectors.base.Detector.set_roi`) the maximum runs over the patches
+inside it only (:meth:`PatchCore.roi_patches`) and the map is 0 outside it.
 """
 
 from __future__ import annotations
@@ -290,6 +292,7 @@ class PatchCore(Detector):
                 if store is None:
                     store = FeatureStore(feats.shape[-1])
                     grid = (feats.shape[2], feats.shape[3])
+                    self._check_roi_patches(grid)  # after one batch: before the long work
                 store.append(feats.reshape(-1, feats.shape[-1]))  # (B x T x R x h x w, D)
                 del feats
             if store is None or grid is None:
@@ -298,6 +301,27 @@ class PatchCore(Detector):
         finally:
             if store is not None:
                 store.close()
+
+    # ------------------------------------------------------------------ region of interest
+    def roi_patches(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """(T, h x w) bool: the patches of each of the T tiles that count for the image score, or None
+        without a region of interest. Patch (i, j) of the (h, w) grid stands for the cell (i, j) of the
+        tile cut into h x w cells (adaptive average pooling); it counts when at least half of its cell
+        lies inside the region."""
+        if self.roi_ is None:
+            return None
+        tiles = self.tile_grid.split(self.roi_.to(torch.float32)[None, None])  # (T, 1, t_h, t_w)
+        share = F.adaptive_avg_pool2d(tiles, grid)  # (T, 1, h, w): the region's share of each cell
+        return (share >= 0.5).reshape(tiles.shape[0], grid[0] * grid[1])
+
+    def _check_roi_patches(self, grid: tuple[int, int]) -> None:
+        inside = self.roi_patches(grid)
+        if inside is not None and not bool(inside.any()):
+            t_h, t_w = self.tile_grid.tile
+            raise DefectscopeError(
+                f"the region of interest covers no patch: none of the {grid[0]}x{grid[1]} patch cells of the "
+                f"{t_w}x{t_h} input (about {t_h / grid[0]:.0f} px each) is at least half inside it; make it larger"
+            )
 
     def bank_size_for(self, n_patches: int) -> int:
         """Memory-bank entries for ``n_patches`` training patches: min(ceil(ratio x patches), max_bank_size)."""
@@ -439,10 +463,11 @@ class PatchCore(Detector):
         is compared with, as with an unseen good part at predict time, so the threshold taken
         from these scores is not optimistic. ``per_image`` counts an image's tiles and rotated copies
         too; each tile is scored as given (angle 0), and the image's score is its largest tile score,
-        as at predict time.
+        as at predict time, inside the region of interest when there is one (its map maximum too).
         """
         n_grid = self.grid_[0] * self.grid_[1]
         n_tiles = self.tile_grid.count
+        inside = self.roi_patches(self.grid_)  # (T, P) or None
         scores = torch.empty(scored.numel(), dtype=torch.float32)
         map_max = torch.empty(scored.numel(), dtype=torch.float32)
         grids = torch.empty(scored.numel(), n_tiles, *self.grid_, dtype=torch.float32)
@@ -461,9 +486,9 @@ class PatchCore(Detector):
                     patches = rows.reshape(n_tiles, self.rotations, n_grid, -1)[:, 0].contiguous()  # (T, P, D)
                     dist, nn_idx = index.search(patches.reshape(-1, patches.shape[-1]), 1)
                     dist, nn_idx = dist[:, 0].reshape(n_tiles, n_grid), nn_idx[:, 0].reshape(n_tiles, n_grid)
-                    scores[pos] = self._image_scores(patches, dist, nn_idx, bank, index).max()
+                    scores[pos] = self._image_scores(patches, dist, nn_idx, bank, index, inside).max()
                     grids[pos] = dist.reshape(n_tiles, *self.grid_)
-                    map_max[pos] = self._tile_maps(grids[pos]).max()
+                    map_max[pos] = self._roi_maps(self._tile_maps(grids[pos])).max()
                     bar.update(1)
         self.training_map_max_ = map_max
         self.training_grids_ = grids  # (T, tiles, h, w), for rules judged on held-out maps; not saved
@@ -488,9 +513,12 @@ class PatchCore(Detector):
         dist, nn_idx = self.index.search(patches.reshape(-1, d), 1)
         dist = dist[:, 0].reshape(b, h * w)
         nn_idx = nn_idx[:, 0].reshape(b, h * w)
-        scores = self._image_scores(patches, dist, nn_idx, self.memory_bank_, self.index)
+        inside = self.roi_patches((h, w))
+        if inside is not None:
+            inside = inside.repeat(b // tiling.count, 1)  # (b, P): each image's tiles in order
+        scores = self._image_scores(patches, dist, nn_idx, self.memory_bank_, self.index, inside)
         scores = scores.reshape(-1, tiling.count).amax(dim=1)  # an image scores as its worst tile
-        maps = self._tile_maps(dist.reshape(b, h, w))
+        maps = self._roi_maps(self._tile_maps(dist.reshape(b, h, w)))  # 0 outside a region of interest
         return scores, maps
 
     def _image_scores(
@@ -500,6 +528,7 @@ class PatchCore(Detector):
         nn_idx: torch.Tensor,
         bank: torch.Tensor,
         index: NearestNeighbors,
+        inside: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Re-weighted image scores (paper eq. 7).
 
@@ -507,8 +536,13 @@ class PatchCore(Detector):
         nn_idx (B, P) the index of that neighbour m* in ``bank`` (M, D), searched with ``index``. For the most anomalous
         patch m_test* (distance s*), with N_b(m*) the b nearest bank entries of m*:
             s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*
-        The ratio is a softmax over those distances, computed stably in float64.
+        The ratio is a softmax over those distances, computed stably in float64. ``inside`` (B, P) bool:
+        m_test* is the most anomalous patch among those inside the region of interest; a row with none
+        inside (a tile outside the region) scores 0.
         """
+        if inside is not None:
+            scores = self._image_scores(patches, dist.masked_fill(~inside, float("-inf")), nn_idx, bank, index)
+            return scores.masked_fill(~inside.any(dim=1), 0.0)
         best = dist.argmax(dim=1)  # (B,)
         rows = torch.arange(dist.shape[0])
         s_star = dist[rows, best]
@@ -542,7 +576,7 @@ class PatchCore(Detector):
         if grids is None:  # a loaded model: held-out maps are made by the fit and not saved
             raise NotImplementedError("held-out anomaly maps exist only in the process that fitted the model")
         part = grids[start:stop]
-        return self._tile_maps(part.reshape(-1, *self.grid_))
+        return self._roi_maps(self._tile_maps(part.reshape(-1, *self.grid_)))  # as at predict time
 
     def training_score_images(self) -> np.ndarray:
         index = getattr(self, "threshold_image_index_", None)

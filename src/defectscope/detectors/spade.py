@@ -61,6 +61,11 @@ class SPADE(Detector):
     """
 
     method = "spade"
+    roi_refusal = (
+        "SPADE's image score is the distance of the whole image's global feature (an average over all of it) to "
+        "its nearest training images, which no region of interest can restrict; use --method patchcore or padim "
+        "to judge a region"
+    )
 
     def __init__(
         self,

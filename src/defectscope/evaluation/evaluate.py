@@ -170,10 +170,12 @@ def evaluate_detector(
             pixel.add(amap[None], mask[None])
         verdict = Verdict(score=float(result.score), threshold=threshold, judgement=int(result.judgement))
         if heatmap_dir is not None:
-            record["heatmap"] = _write_heatmap(heatmap_dir, sample, result.map, pix, verdict, len(records) - 1)
+            record["heatmap"] = _write_heatmap(
+                heatmap_dir, sample, result.map, pix, verdict, len(records) - 1, roi=result.roi
+            )
         if overlay_dir is not None:
             record["overlay"] = _write_overlay(
-                overlay_dir, sample, result.map, pix, verdict, len(records) - 1, overlay_max_side
+                overlay_dir, sample, result.map, pix, verdict, len(records) - 1, overlay_max_side, roi=result.roi
             )
     seconds = time.perf_counter() - start
 
@@ -323,7 +325,13 @@ def _thin(values: np.ndarray, n: int = CURVE_POINTS) -> list[float]:
 
 
 def _write_heatmap(
-    folder: Path, sample: Sample, amap: np.ndarray, pixel_threshold: float, verdict: Any, index: int
+    folder: Path,
+    sample: Sample,
+    amap: np.ndarray,
+    pixel_threshold: float,
+    verdict: Any,
+    index: int,
+    roi: np.ndarray | None = None,
 ) -> str | None:
     """The full-size picture (photo | overlay, legend) of one test image; its path, or None if it failed."""
     from ..data.images import load_image
@@ -333,7 +341,7 @@ def _write_heatmap(
     try:
         image = load_image(sample.path)
         gt = load_mask(sample.mask_path) if sample.mask_path is not None else None
-        save_png(path, overlay(image, amap, pixel_threshold, verdict=verdict, gt_mask=gt, side_by_side=True))
+        save_png(path, overlay(image, amap, pixel_threshold, verdict=verdict, gt_mask=gt, side_by_side=True, roi=roi))
     except Exception as exc:
         log.warning("no heatmap for %s: %s", sample.path, exc)
         return None
@@ -352,7 +360,14 @@ def _fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def _write_overlay(
-    folder: Path, sample: Sample, amap: np.ndarray, pixel_threshold: float, verdict: Any, index: int, max_side: int
+    folder: Path,
+    sample: Sample,
+    amap: np.ndarray,
+    pixel_threshold: float,
+    verdict: Any,
+    index: int,
+    max_side: int,
+    roi: np.ndarray | None = None,
 ) -> str | None:
     """A small overlay PNG for a report; returns its path relative to ``folder`` (None on failure)."""
     from ..data.images import load_image
@@ -361,7 +376,9 @@ def _write_overlay(
     try:
         image = load_image(sample.path)
         gt = load_mask(sample.mask_path) if sample.mask_path is not None else None
-        picture = overlay(_fit_within(image, max(max_side, 320)), amap, pixel_threshold, verdict=verdict, gt_mask=gt)
+        picture = overlay(
+            _fit_within(image, max(max_side, 320)), amap, pixel_threshold, verdict=verdict, gt_mask=gt, roi=roi
+        )
         rel = Path(sample.defect_type) / heatmap_name(Path(sample.path), index)
         save_png(folder / rel, _fit_within(picture, max_side))
     except Exception as exc:

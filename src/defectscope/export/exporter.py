@@ -77,7 +77,15 @@ def export_model(
             graph_file, files = "model.xml", ["model.xml", "model.bin"]
         else:
             graph_file, files = "model.onnx", ["model.onnx"]
-        from .runtime import CHECKSUM_KEY, DEFAULT_RUNTIME, file_sha256, json_checksum
+        from .runtime import CHECKSUM_KEY, DEFAULT_RUNTIME, ROI_FILE, file_sha256, json_checksum
+
+        roi = {}
+        if detector.roi_ is not None:  # in the graph already; the picture is for overlays (and people)
+            from PIL import Image
+
+            Image.fromarray(detector.roi_.numpy().astype("uint8") * 255).save(work / ROI_FILE)
+            files.append(ROI_FILE)
+            roi = {"roi": ROI_FILE}
 
         out = dict(meta.items())
         out.update(
@@ -98,6 +106,7 @@ def export_model(
                 },
                 "outputs": {"scores": ["N"], "maps": ["N", detector.image_size, detector.image_size]},
                 "images_per_run": _images_per_run(detector),
+                **roi,
                 "source": {"path": str(Path(model_path).resolve()), "sha256": meta.get("sha256")},
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "package_version": __version__,

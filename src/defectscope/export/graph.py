@@ -18,6 +18,11 @@ detector's own index) and gathered in the graph.
 
 PaDiM (:class:`PaDiMGraph`): the per-position Mahalanobis distance as a batched matrix product with
 the (P, d, d) inverse covariances.
+
+A region of interest is part of the graph: its (S, S) mask (maps set to 0 outside it, the PaDiM score
+their maximum) and, for PatchCore, the (P,) patches that count for the image score
+(:meth:`~defectscope.detectors.patchcore.PatchCore.roi_patches`) are constants, so an exported model
+judges exactly as its model file. A model without one gives the graph it always had.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ class _Graph(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.size = detector.image_size
         self.sigma = float(detector.blur_sigma)
+        self.has_roi = detector.roi_ is not None
+        if self.has_roi:
+            assert detector.roi_ is not None
+            self.register_buffer("roi", detector.roi_.clone())  # (S, S) bool
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -55,6 +64,10 @@ class _Graph(nn.Module):
             patch_maps.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False
         ).squeeze(1)
         return gaussian_blur(maps, self.sigma)
+
+    def roi_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """(N, S, S) maps set to 0 outside the region of interest (as Detector._roi_maps)."""
+        return maps.masked_fill(~self.get_buffer("roi"), 0.0) if self.has_roi else maps
 
 
 class PatchCoreGraph(_Graph):
@@ -69,6 +82,9 @@ class PatchCoreGraph(_Graph):
         if self.b >= 2:
             _, neigh = detector.index.search(bank, self.b)  # (M, b): the same search predict makes for m*
             self.register_buffer("neighbours", neigh.to(torch.int64))
+        inside = detector.roi_patches(detector.grid_)  # (1, P) without tiles, or None
+        if inside is not None:
+            self.register_buffer("inside", inside[0].clone())
         self.target_dim = detector.target_dim
         self.patch_size = detector.patch_size
         self.border_padding = detector.border_padding
@@ -104,9 +120,11 @@ class PatchCoreGraph(_Graph):
         d2 = sq - 2.0 * (patches @ self.bank_t) + self.bank_sq  # (N, P, M)
         min_d2, nn_idx = d2.min(dim=2)  # (N, P)
         dist = min_d2.clamp_min(0.0).sqrt()
-        maps = self.finish_maps(dist.reshape(n, h, w))
-        # image score, eq. 7: the most anomalous patch m_test*, its nearest entry m*, and m*'s b neighbours
-        best = dist.argmax(dim=1, keepdim=True)  # (N, 1)
+        maps = self.roi_maps(self.finish_maps(dist.reshape(n, h, w)))
+        # image score, eq. 7: the most anomalous patch m_test* (inside the region of interest), its nearest
+        # entry m*, and m*'s b neighbours
+        ranked = dist.masked_fill(~self.get_buffer("inside"), float("-inf")) if self.has_roi else dist
+        best = ranked.argmax(dim=1, keepdim=True)  # (N, 1)
         s_star = dist.gather(1, best).squeeze(1)
         m_test = patches.gather(1, best.unsqueeze(2).expand(n, 1, d))  # (N, 1, D)
         star = nn_idx.gather(1, best)  # (N, 1)
@@ -141,7 +159,7 @@ class PaDiMGraph(_Graph):
         diff = diff.permute(2, 1, 0)  # (P, d, N)
         solved = self.inv_cov @ diff  # (P, d, N), eq. 2
         dist = (diff * solved).sum(dim=1).clamp_min(0.0).sqrt().t()  # (N, P)
-        maps = self.finish_maps(dist.reshape(n, h, w))
+        maps = self.roi_maps(self.finish_maps(dist.reshape(n, h, w)))
         return maps.amax(dim=(1, 2)), maps
 
 

@@ -34,6 +34,9 @@ __all__ = ["Prediction", "RuntimeDetector", "file_sha256", "json_checksum", "loa
 #: the runtime each graph format runs on unless told otherwise (see the README, "Exported models")
 DEFAULT_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
 CHECKSUM_KEY = "export_sha256"
+#: the region of interest of an export made from a model with one: (S, S) PNG, white inside. The graph
+#: applies the region itself; the file is what overlays dim by (and what a person can look at)
+ROI_FILE = "roi.png"
 
 
 @dataclass
@@ -73,6 +76,7 @@ class RuntimeDetector:
         self.images_per_run = max(1, int(export.get("images_per_run", 8)))
         graph = folder / export["graph"]
         self._run = _onnxruntime(graph, n_threads) if runtime == "onnxruntime" else _openvino(graph, n_threads)
+        self._roi = _read_roi(folder / export["roi"], self.input_shape) if export.get("roi") else None
 
     def __repr__(self) -> str:
         return f"<RuntimeDetector {self.method} on {self.runtime} from {self.folder}>"
@@ -81,6 +85,10 @@ class RuntimeDetector:
     def input_shape(self) -> tuple[int, int]:
         """(S, S): exports are square, untiled models only."""
         return (self.image_size, self.image_size)
+
+    def roi_mask(self) -> np.ndarray | None:
+        """The region of interest, (S, S) bool, or None (as :meth:`Detector.roi_mask`)."""
+        return None if self._roi is None else self._roi.copy()
 
     @staticmethod
     def prepare(image: np.ndarray, size: int | tuple[int, int], mean: Any = (), std: Any = ()) -> np.ndarray:
@@ -106,6 +114,20 @@ class RuntimeDetector:
             scores.append(np.asarray(s, dtype=np.float32).reshape(-1))
             maps.append(np.asarray(m, dtype=np.float32))
         return Prediction(np.concatenate(scores), np.concatenate(maps))
+
+
+def _read_roi(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The export's region of interest picture as an (S, S) bool array (its checksum is verified on load)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            mask = np.asarray(img.convert("L")) >= 128
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read the region of interest ({exc}); export the model again") from exc
+    if mask.shape != shape:
+        raise ModelFileError(f"{path}: the region of interest is not {shape[1]}x{shape[0]}; export the model again")
+    return mask
 
 
 def _missing(runtime: str, exc: ImportError) -> DefectscopeError:

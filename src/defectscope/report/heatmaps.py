@@ -6,7 +6,9 @@ not the image threshold (the image score's scale, which for SPADE is not the map
 judged defective always shows where: the region above the pixel threshold, or, when no pixel
 reaches it (PatchCore's re-weighted image score can pass its threshold while the smoothed map
 stays below the pixel one), its most anomalous region in yellow. An image judged good gets no
-outline. Each picture carries a legend: score, threshold, verdict and the colour scale.
+outline. Each picture carries a legend: score, threshold, verdict and the colour scale. A model
+with a region of interest judges nothing outside it: that part of the photo is drawn dimmed, without
+colour, the region's border in grey.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ MIN_SIDE = 128
 LEGEND_WIDTH = 240
 #: share of the map's maximum that bounds the "most anomalous region" drawn when nothing passes the pixel threshold
 PEAK_SHARE = 0.9
-_WHITE, _YELLOW, _MAGENTA = (255, 255, 255), (255, 220, 0), (255, 0, 255)
+#: brightness kept outside a region of interest (the photo, without the map's colour)
+DIM = 0.35
+_WHITE, _YELLOW, _MAGENTA, _GREY = (255, 255, 255), (255, 220, 0), (255, 0, 255), (170, 170, 170)
 
 
 def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -51,6 +55,7 @@ def overlay(
     gt_mask: np.ndarray | None = None,
     side_by_side: bool = False,
     legend: bool = True,
+    roi: np.ndarray | None = None,
 ) -> np.ndarray:
     """An (H', W', 3) uint8 picture of the (S, S) anomaly map over the (H, W, 3) uint8 RGB photo.
 
@@ -59,8 +64,10 @@ def overlay(
     or above ``pixel_threshold`` when the image is judged defective (or when no ``verdict`` is
     given); yellow around the most anomalous region (>= 90 % of the map's maximum) when an image
     judged defective has no pixel above it; none on an image judged good. A ground-truth mask is
-    outlined in magenta. ``side_by_side`` puts the photo left of the overlay; ``legend`` adds a
-    strip below with the verdict and the colour scale.
+    outlined in magenta. ``roi``: the model's region of interest over the photo, any (h, w) grid
+    (bool, or 0/1): outside it the photo is dimmed to :data:`DIM` of its brightness without colour,
+    and the region's border is drawn in grey. ``side_by_side`` puts the photo left of the overlay;
+    ``legend`` adds a strip below with the verdict and the colour scale.
     """
     h, w = image.shape[:2]
     if max(h, w) < MIN_SIDE:  # a thumbnail or a 1x1 file: enlarge the picture (not the data) to see it
@@ -77,6 +84,11 @@ def overlay(
         (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
     )
     thickness = max(1, round(max(h, w) / 300))
+    if roi is not None:
+        inside = resize_map(np.asarray(roi, dtype=np.float32), (h, w)) >= 0.5
+        out[~inside] = (image[~inside].astype(np.float32) * DIM).astype(np.uint8)
+        contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, _GREY, thickness)
     region, colour_of_region = regions(full, pixel_threshold, verdict.judgement if verdict is not None else None)
     if region is not None:
         contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -101,6 +113,7 @@ def overlay(
                     verdict,
                     region is not None and colour_of_region == _YELLOW,
                     gt_mask is not None,
+                    roi is not None,
                 ),
             ],
             axis=0,
@@ -123,7 +136,12 @@ def regions(full: np.ndarray, pixel_threshold: float, judgement: int | None) -> 
 
 
 def _legend(
-    width: int, pixel_threshold: float, verdict: Verdict | None, peak_only: bool, ground_truth: bool = False
+    width: int,
+    pixel_threshold: float,
+    verdict: Verdict | None,
+    peak_only: bool,
+    ground_truth: bool = False,
+    roi: bool = False,
 ) -> np.ndarray:
     """A white strip: verdict line, colour bar from 0 to 2x the pixel threshold, what the outlines mean."""
     font = cv2.FONT_HERSHEY_SIMPLEX
@@ -176,6 +194,8 @@ def _legend(
         note = "white: above the pixel threshold"
     if ground_truth:
         note += "; magenta: ground truth"
+    if roi:
+        note += "; dimmed: not judged (outside the region)"
     cv2.putText(strip, note, (6, line * 3 + 2), font, small, (0, 0, 0), 1, cv2.LINE_AA)
     return strip
 
