@@ -222,3 +222,11 @@ def test_files_from_before_layer_weighting_keep_concatenating_channels(small_mod
     assert loaded.layer_weighting == "channels"
     # the same bank scored with the other weighting gives other scores: the parameter is not ignored
     assert not np.allclose(loaded.predict(images).scores, detector.predict(images).scores)
+
+
+def test_only_models_an_older_reader_would_misjudge_are_written_in_the_newer_format():
+    from defectscope.io import format_version
+
+    assert format_version({}) == 1 and format_version({"judge": None, "roi": None}) == 1
+    assert format_version({"judge": {"rule": "region"}}) == MODEL_FORMAT_VERSION == 2
+    assert format_version({"roi": {"kind": "mask"}}) == 2

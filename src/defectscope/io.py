@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 def format_version(meta: dict[str, Any]) -> int:
     """The oldest format that reads a model with metadata ``meta`` correctly: 2 for a model judged by a
     region rule (an older reader would ignore the rule and judge the rule's threshold against the max
-    score), else 1, which every version reads."""
-    return FORMAT_VERSION if meta.get("judge") else 1
+    score) or over a region of interest (an older reader would ignore the region and judge the whole
+    image), else 1, which every version reads."""
+    return FORMAT_VERSION if meta.get("judge") or meta.get("roi") else 1
 
 
 def save_model(

@@ -8,6 +8,7 @@ refuses files of a newer format with the version that wrote them (:mod:`defectsc
 
 __version__ = "0.2.0"
 #: the newest model-file format this version reads and writes (``format_version`` in its metadata).
-#: 2: the model is judged by a region rule (``judge``, defectscope.judging), which a reader of format 1
-#: would ignore; files judged by max are still written as format 1, which every version reads.
+#: 2: the model is judged by a region rule (``judge``, defectscope.judging) or over a region of interest
+#: (``roi``, defectscope.components.roi), which a reader of format 1 would ignore; other files are still
+#: written as format 1, which every version reads.
 MODEL_FORMAT_VERSION = 2
