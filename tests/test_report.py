@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from defectscope.report import figures
@@ -219,15 +220,18 @@ def test_report_without_good_images_says_why(tmp_path):
 def test_tradeoff_figure_log_axis_points_and_marker():
     fpr = [0.0, 0.0, 0.1, 0.1, 0.5, 1.0]
     tpr = [0.0, 0.6, 0.6, 0.9, 0.95, 1.0]
-    points = [(0.0, 0.6, (0.4, 0.8)), (0.1, 0.9, (0.7, 0.98))]
+    points = [(0.0, 0.6, (0.55, 0.8)), (0.1, 0.9, (0.7, 0.98))]
     fig = figures.tradeoff_figure(fpr, tpr, points=points, model=(0.1, 0.9), resolution=0.1)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
-    left = ax.get_xlim()[0]
-    assert 0 < left < 0.005 and ax.get_xlim()[1] == 1.0
+    zero = ax.get_xticks()[0]  # where a rate of 0 is drawn: left of every other rate
+    assert ax.get_xticklabels()[0].get_text() == "0" and 0 < ax.get_xlim()[0] < zero < 0.005
+    assert ax.get_xlim()[1] == 1.0
     curve = ax.get_lines()[0]
-    assert list(curve.get_ydata()) == tpr and curve.get_xdata()[0] == left  # a rate of 0 sits at the left edge
-    assert ax.get_xticklabels()[0].get_text() == "0"
+    assert list(curve.get_ydata()) == tpr and curve.get_xdata()[0] == zero
+    assert ax.get_ylim()[0] == pytest.approx(0.5)  # every catch rate shown is above 50 %: the axis starts near them
+    low = figures.tradeoff_figure(fpr, tpr, points=[(0.0, 0.6, (0.4, 0.8))], resolution=0.1)
+    assert low.axes[0].get_ylim()[0] == 0.0
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "model threshold (10 % rejected, 90 % caught)" in labels
     assert "below 1/10: no good part rejected" in labels

@@ -312,8 +312,8 @@ def no_good_images_reason(samples: list[Sample] | None = None, *, hint: str | No
         "folder (good/ plus one folder per defect type)"
     )
     return (
-        "no good test images, so image AUROC, F1-max and the false-reject rate cannot be measured (only the catch "
-        f"rate at the threshold can): hold out some good photos that the model was not fitted on and {where}"
+        "no good test images: image AUROC, F1-max and the false-reject rate need some (the catch rate at the "
+        f"threshold is still measured); hold out some good photos that the model was not fitted on and {where}"
     )
 
 
