@@ -20,7 +20,9 @@ memory (the cell's own when one set is run per process), and every test image's 
 with the threshold, so score ensembles can be computed from stored cells) and stored as JSON under
 ``--out`` (default benchmarks/.suite-results), keyed by the detector's full parameters (defaults
 included); a later run reuses finished cells unless ``--force``.
-Prints one Markdown table per method and configuration, with the mean row. Asserts nothing.
+Prints one Markdown table per method and configuration, with the mean row; the catch rates at 0.5, 1,
+2 and 5 % false-reject rate and both rates at the model's threshold are computed from each cell's
+stored scores (older cells included). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ COLUMNS = (
     ("image_auroc", "image AUROC", 4),
     ("pixel_auroc", "pixel AUROC", 4),
     ("aupro", "AUPRO", 4),
+    ("catch_at_fr_0.5pct", "catch @0.5 % FR", 3),
+    ("catch_at_fr_1pct", "catch @1 % FR", 3),
+    ("catch_at_fr_2pct", "catch @2 % FR", 3),
+    ("catch_at_fr_5pct", "catch @5 % FR", 3),
+    ("catch_at_threshold", "catch @threshold", 3),
+    ("false_reject_at_threshold", "FR @threshold", 3),
     ("fit_seconds", "fit s", 1),
     ("images_per_second", "predict img/s", 1),
     ("peak_rss_mb", "peak MB", 0),
@@ -144,6 +152,17 @@ def run_cell(method: str, params: dict[str, Any], name: str, cache: Path, align:
     }
 
 
+def with_operating_points(cell: dict[str, Any]) -> dict[str, Any]:
+    """The cell with its catch rates at 0.5, 1, 2 and 5 % false-reject rate (FR) and both rates at the
+    model's threshold, computed from its stored per-image scores (so cells stored before these
+    columns existed get them too); not written back."""
+    from defectscope.evaluation.operating import flat_summary, operating_points
+
+    labels = np.array([label for _, label, _ in cell["scores"]], dtype=np.int64)
+    scores = np.array([score for _, _, score in cell["scores"]], dtype=np.float64)
+    return {**cell, **flat_summary(operating_points(labels, scores, threshold=cell["threshold"]))}
+
+
 def table(cells: list[dict[str, Any]]) -> str:
     f = lambda v, d: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = ["| set | " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
@@ -191,11 +210,21 @@ def main() -> None:
             else:
                 cell = run_cell(method, params, name, args.data_cache, args.align)
                 path.write_text(json.dumps(cell, indent=1))
-            print(f"  {method} {name}: image {cell['image_auroc']:.4f} ({cell['fit_seconds']:.0f} s fit)", flush=True)
+            cell = with_operating_points(cell)
+            print(
+                f"  {method} {name}: image {cell['image_auroc']:.4f}, catch {cell['catch_at_fr_1pct']:.3f} at 1 % "
+                f"false-reject rate ({cell['fit_seconds']:.0f} s fit)",
+                flush=True,
+            )
             cells.append(cell)
         label = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
         label += f", --align {args.align}" if args.align != "none" else ""
         print(f"\n{method} ({label}; layers {','.join(cells[0]['layers'])})\n\n{table(cells)}\n", flush=True)
+    print(
+        "catch @x % FR: share of defective test images caught at the lowest threshold rejecting at most x % of the "
+        "good test images (FR: false-reject rate); @threshold: both rates at the model's own threshold",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

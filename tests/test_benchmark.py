@@ -96,11 +96,35 @@ def test_files_tables_and_error_row(first_run: dict) -> None:
     md = (out / "benchmark.md").read_text()
     assert md.count("| **mean (2 of 3)** |") == 2
     assert md.count("| broken | error:") == 2
-    assert "| category | image AUROC | pixel AUROC | AUPRO | fit s | images/s |" in md
+    assert (
+        "| category | image AUROC | pixel AUROC | AUPRO | catch @0.5 % FR | catch @1 % FR | catch @2 % FR | "
+        "catch @5 % FR | fit s | images/s |" in md
+    )
+    assert "FR: false-reject rate" in md
     row = next(line for line in md.splitlines() if line.startswith("| cat_a |"))
     assert f"{by[('patchcore', 'cat_a')]['image_auroc']:.4f}" in row
 
+    # the catch rate at each false-reject rate: the cell's operating points, in the table, and on the mean
+    for m in METHODS:
+        ok = [by[(m, c)] for c in GOOD_CATS]
+        for cell in ok:
+            rows = {row["target"]: row for row in cell["operating_points"]["at_false_reject"]}
+            assert set(rows) == {0.005, 0.01, 0.02, 0.05}
+            for target, key in ((0.005, "catch_at_fr_0.5pct"), (0.01, "catch_at_fr_1pct"), (0.05, "catch_at_fr_5pct")):
+                assert cell[key] == rows[target]["catch"]["rate"] == rows[target]["catch"]["count"] / 3
+            at = cell["operating_points"]["at_threshold"]
+            assert cell["catch_at_threshold"] == at["catch"]["rate"]
+            assert cell["false_reject_at_threshold"] == at["false_reject"]["rate"]
+        mean = summary["means"][m]
+        assert mean["catch_at_fr_1pct"] == pytest.approx(sum(c["catch_at_fr_1pct"] for c in ok) / 2)
+        assert mean["n_with"]["catch_at_fr_1pct"] == 2
+    cell = by[("patchcore", "cat_a")]
+    assert f"| {cell['catch_at_fr_0.5pct']:.3f} | {cell['catch_at_fr_1pct']:.3f} |" in row
+
     rows = list(csv.DictReader((out / "benchmark.csv").open()))
+    assert {"catch_at_fr_1pct", "catch_at_threshold", "false_reject_at_threshold"} <= set(rows[0])
+    first = next(r for r in rows if r["method"] == "patchcore" and r["category"] == "cat_a")
+    assert float(first["catch_at_fr_1pct"]) == pytest.approx(cell["catch_at_fr_1pct"])
     means = [r for r in rows if r["category"] == "mean"]
     assert [r["method"] for r in means] == METHODS
     assert float(means[0]["pixel_auroc"]) == pytest.approx(summary["means"]["patchcore"]["pixel_auroc"])
@@ -139,7 +163,7 @@ def test_force_recomputes_and_failed_cells_are_retried(
     assert main(["benchmark", str(root), *ARGS, "-o", str(out), "--force"]) == 1
     assert len(calls) == 6
     md = (out / "benchmark.md").read_text()
-    assert md.count("| cat_a | 0.5000 | 0.2500 | 0.1250 | 1.0 | 2.00 |") == 2
+    assert md.count("| cat_a | 0.5000 | 0.2500 | 0.1250 | n/a | n/a | n/a | n/a | 1.0 | 2.00 |") == 2
     assert len(list((out / "cells").glob("*.json"))) == 4  # same keys: rewritten in place
 
 
@@ -189,3 +213,17 @@ def test_cells_of_an_earlier_version_are_reused_when_they_compute_the_same(
     assert main(args) == 0  # the default, equal, computes something else
     assert sorted(calls) == ["patchcore/cat_a", "patchcore/cat_b"]
     assert "layer weighting equal" in (out / "benchmark.md").read_text()
+
+
+def test_a_mean_over_fewer_cells_says_so() -> None:
+    """Cells stored before the catch rate was recorded lack it: the mean names how many cells it is over."""
+    base = {"method": "patchcore", "status": "ok", "backbone": "b", "params": {}, "image_auroc": 0.9}
+    cells = [
+        {**base, "category": "a", "catch_at_fr_1pct": 0.8},
+        {**base, "category": "b", "catch_at_fr_1pct": 0.6},
+        {**base, "category": "c"},  # an older cell
+    ]
+    md = benchmark.format_markdown(cells)
+    mean = next(line for line in md.splitlines() if line.startswith("| **mean**"))
+    assert "**0.700** (2 of 3)" in mean and "**0.9000** |" in mean
+    assert "| c | 0.9000 | n/a | n/a | n/a | n/a | n/a |" in md

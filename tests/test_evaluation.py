@@ -148,3 +148,170 @@ def test_pixel_roc_curve_binned_mode_matches_exact():
 def test_normalized_score():
     assert normalized_score(2.0, 4.0) == 0.5
     assert normalized_score(2.0, 0.0) is None and normalized_score(None, 1.0) is None
+
+
+# ----------------------------------------------------------------------------- operating points
+
+
+def _brute_operating_point(good: np.ndarray, bad: np.ndarray, rate: float) -> tuple[float, int, int]:
+    """(threshold, good rejected, defective caught) at the lowest threshold rejecting at most
+    floor(rate * n) good images: every score and the float just above it is tried, lowest first."""
+    candidates = np.unique(np.r_[good, bad, np.nextafter(good, np.inf), np.nextafter(bad, np.inf)])
+    allowed = np.floor(rate * good.size + 1e-9)
+    t = next(t for t in candidates if np.count_nonzero(good >= t) <= allowed)
+    return float(t), int(np.count_nonzero(good >= t)), int(np.count_nonzero(bad >= t))
+
+
+def _check_interval(part: dict) -> None:
+    """The interval is Clopper-Pearson's: each end is where the binomial tail holds 2.5 %."""
+    from scipy.stats import binom
+
+    k, n = part["count"], part["n"]
+    low, high = part["ci"]
+    assert low <= part["rate"] <= high
+    assert low == 0.0 if k == 0 else binom.sf(k - 1, n, low) == pytest.approx(0.025, abs=1e-6)
+    assert high == 1.0 if k == n else binom.cdf(k, n, high) == pytest.approx(0.025, abs=1e-6)
+
+
+def _check_against_brute_force(op: dict, labels: np.ndarray, scores: np.ndarray, types: list[str], threshold: float):
+    good, bad = scores[labels == 0], scores[labels == 1]
+    assert op["n_good"] == good.size and op["n_defective"] == bad.size
+    assert op["resolution"] == pytest.approx(1 / good.size)
+    assert [row["target"] for row in op["at_false_reject"]] == [0.005, 0.01, 0.02, 0.05]
+    names = np.asarray(types)
+    for i, row in enumerate(op["at_false_reject"]):
+        t, rejected, caught = _brute_operating_point(good, bad, row["target"])
+        assert row["threshold"] == t
+        assert (row["false_reject"]["count"], row["false_reject"]["n"]) == (rejected, good.size)
+        assert (row["catch"]["count"], row["catch"]["n"]) == (caught, bad.size)
+        assert row["catch"]["rate"] == pytest.approx(caught / bad.size)
+        _check_interval(row["catch"])
+        _check_interval(row["false_reject"])
+        for name, d in op["per_type"].items():
+            assert d["catch_at_false_reject"][i] == pytest.approx(np.mean(scores[names == name] >= t))
+    at = op["at_threshold"]
+    assert at["threshold"] == threshold
+    assert at["false_reject"]["count"] == int(np.count_nonzero(good >= threshold))
+    assert at["catch"]["count"] == int(np.count_nonzero(bad >= threshold))
+    _check_interval(at["catch"])
+    assert set(op["per_type"]) == set(names[labels == 1])
+    for name, d in op["per_type"].items():
+        mine = scores[names == name]
+        assert d["n"] == mine.size and d["at_threshold"]["count"] == int(np.count_nonzero(mine >= threshold))
+
+
+def test_operating_points_of_evaluate_match_brute_force(evaluated):
+    _, _, result, _ = evaluated
+    labels = np.array([r["label"] for r in result["images"]])
+    scores = np.array([r["score"] for r in result["images"]])
+    types = [r["defect_type"] for r in result["images"]]
+    _check_against_brute_force(result["operating_points"], labels, scores, types, 0.05)
+    assert result["null_reasons"] == {}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_operating_points_of_image_metrics_match_brute_force(seed):
+    # hundreds of good images, so that 0.5 % and 1 % are told apart; rounded scores tie
+    rng = np.random.default_rng(seed)
+    n_good, n_a, n_b = int(rng.integers(150, 500)), int(rng.integers(5, 60)), int(rng.integers(5, 60))
+    scores = np.round(np.r_[rng.normal(0, 1, n_good), rng.normal(2, 1, n_a), rng.normal(3, 1.5, n_b)], 2)
+    labels = np.r_[np.zeros(n_good, np.int64), np.ones(n_a + n_b, np.int64)]
+    types = ["good"] * n_good + ["crack"] * n_a + ["hole"] * n_b
+    threshold = float(np.quantile(scores[:n_good], 0.97))
+    out = image_metrics(labels, scores, types, threshold)
+    _check_against_brute_force(out["operating_points"], labels, scores, types, threshold)
+
+
+def test_summary_shows_the_operating_point_table(evaluated):
+    from defectscope.evaluation.evaluate import format_summary
+
+    _, _, result, _ = evaluated
+    text = format_summary(result)
+    op = result["operating_points"]
+    assert "operating points" in text and "defective caught" in text
+    rows = {line.split()[2]: line for line in text.splitlines() if line.strip().startswith("at most")}
+    assert list(rows) == ["0.5", "1", "2", "5"]
+    for row in op["at_false_reject"]:
+        line = rows[f"{row['target'] * 100:g}"]
+        assert f"{row['catch']['count']}/{row['catch']['n']}" in line
+        assert f"{row['false_reject']['count']}/{row['false_reject']['n']}" in line
+    own = next(line for line in text.splitlines() if line.strip().startswith("model threshold"))
+    assert f"{op['at_threshold']['catch']['count']}/10" in own
+    # 10 good images: one false reject is 10 %, so every row means "none rejected"
+    assert "with 10 good images one false reject is 10 %, so the rows at 0.5 %, 1 %, 2 %, 5 % all mean none" in text
+    for name in ("scratch", "spot"):
+        assert any(line.split()[:2] == [name, "5"] for line in text.splitlines())
+
+
+def test_no_resolution_note_with_enough_good_images():
+    from defectscope.evaluation.evaluate import format_operating_points
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(400, np.int64), np.ones(30, np.int64)]
+    scores = np.r_[rng.normal(0, 1, 400), rng.normal(3, 1, 30)]
+    text = "\n".join(
+        format_operating_points(image_metrics(labels, scores, ["good"] * 400 + ["x"] * 30, 2.0)["operating_points"])
+    )
+    assert "resolution" not in text
+    labels, scores = labels[250:], scores[250:]  # 150 good: 0.5 % cannot be told from none
+    text = "\n".join(
+        format_operating_points(image_metrics(labels, scores, ["good"] * 150 + ["x"] * 30, 2.0)["operating_points"])
+    )
+    assert "with 150 good images one false reject is 0.7 %, so the rows at 0.5 % all mean none" in text
+
+
+@pytest.fixture(scope="module")
+def defects_only(synthetic_category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic category without test/good."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("defects_only") / "widget"
+    shutil.copytree(synthetic_category, folder)
+    shutil.rmtree(folder / "test" / "good")
+    return folder
+
+
+def test_no_good_test_images_say_why_and_where(defects_only, caplog):
+    from defectscope.evaluation.evaluate import format_summary
+
+    split = load_category(defects_only)
+    with caplog.at_level("WARNING", logger="defectscope.evaluation.evaluate"):
+        result = evaluate_detector(ColourDetector(), split, threshold=0.05)
+    where = f"{defects_only / 'test' / 'good'}/"
+    assert any("no good test images" in r.getMessage() and where in r.getMessage() for r in caplog.records)
+    assert result["n_good"] == 0 and result["n_defective"] == 10
+    assert result["image_auroc"] is None and "hold out some good photos" in result["null_reasons"]["image_auroc"]
+    assert where in result["null_reasons"]["image_auroc"] and "MVTec AD" in result["null_reasons"]["image_auroc"]
+    # F1 with defective images only would read 1.0 (precision is 1 at every threshold): null, with the reason
+    assert result["image_f1_max"] is None and result["image_f1_threshold"] is None
+    assert "F1 1.0" in result["null_reasons"]["image_f1_max"]
+    # the catch rate at the threshold is still read; no false-reject rate, no table rows
+    scores = np.array([r["score"] for r in result["images"]])
+    op = result["operating_points"]
+    assert op["at_false_reject"] == [] and op["resolution"] is None
+    assert op["at_threshold"]["catch"]["count"] == int(np.count_nonzero(scores >= 0.05))
+    assert op["at_threshold"]["false_reject"]["rate"] is None
+    text = format_summary(result)
+    assert "image_auroc       null (no good test images" in text and where in text
+    own = next(line for line in text.splitlines() if line.strip().startswith("model threshold"))
+    assert "no good images" in own and f"{op['at_threshold']['catch']['count']}/10" in own
+    import json
+
+    json.dumps(result, allow_nan=False)
+
+
+def test_no_good_images_hint_names_the_plain_folder(tmp_path):
+    from defectscope.data.samples import Sample
+    from defectscope.evaluation.evaluate import no_good_images_reason
+
+    plain = [Sample(path=tmp_path / "parts" / "crack" / "a.png", label=1, defect_type="crack")]
+    assert f"put them in {tmp_path / 'parts' / 'good'}/ (the plain folder's good images" in no_good_images_reason(plain)
+    visa = [Sample(path=tmp_path / "candle" / "test" / "Anomaly" / "a.png", label=1, defect_type="Anomaly")]
+    assert f"{tmp_path / 'candle' / 'test' / 'Normal'}/ (the VisA object's" in no_good_images_reason(visa)
+
+
+def test_f1_max_is_null_without_good_images_and_would_read_one():
+    labels, scores = np.ones(5, np.int64), np.array([0.1, 0.4, 0.2, 0.9, 0.3])
+    assert metrics.f1_max(labels, scores)[0] == 1.0  # what the metric itself says: meaningless here
+    out = image_metrics(labels, scores, ["x"] * 5, threshold=0.25)
+    assert out["image_f1_max"] is None and "image_f1_max" in out["null_reasons"]

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from defectscope.report import figures
@@ -170,6 +171,72 @@ def test_report_without_pixel_metrics_or_meta(tmp_path):
     text = write_report(result, tmp_path).read_text()
     assert "roc_pixel.png" not in text and "pro.png" not in text and "roc_image.png" in text
     assert "n/a" in text
+
+
+def _section(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_report_shows_the_operating_point(tmp_path):
+    result = make_result(tmp_path, n_good=30, n_bad=40)
+    text = write_report(result, tmp_path, meta=META).read_text()
+    section = _section(text, '<h2 id="operating-point">Operating point</h2>', "<h2>Figures</h2>")
+    assert "figures/tradeoff.png" in section and (tmp_path / "figures" / "tradeoff.png").is_file()
+    op = result["operating_points"]
+    rows = re.findall(r"<tr[^>]*><td>(at most [^<]+|model threshold)</td>(.*?)</tr>", section)
+    assert [name for name, _ in rows] == [
+        "at most 0.5 %",
+        "at most 1 %",
+        "at most 2 %",
+        "at most 5 %",
+        "model threshold",
+    ]
+    for (_, cells), row in zip(rows, [*op["at_false_reject"], op["at_threshold"]]):
+        fr, c = row["false_reject"], row["catch"]
+        assert f'<td class="num">{fr["count"]}/30</td>' in cells and f'<td class="num">{c["count"]}/40</td>' in cells
+        assert f"{c['rate'] * 100:.1f} % [{c['ci'][0] * 100:.1f} %, {c['ci'][1] * 100:.1f} %]" in cells
+    assert '<tr class="own"><td>model threshold</td>' in section
+    # 30 good images: one false reject is 3.3 %, so 0.5, 1 and 2 % cannot be told from none
+    assert "one false reject is 3.3 %, so the rows at 0.5 %, 1 %, 2 % all mean none of them rejected" in section
+    per_type = _section(section, "Catch rate per defect type", "</table>")
+    assert "crack &lt;b&gt;&amp;" in per_type and "<td>hole</td>" in per_type
+    hole = op["per_type"]["hole"]["at_threshold"]
+    assert f"{hole['count']}/{hole['n']} = {hole['rate'] * 100:.1f} %" in per_type
+
+
+def test_report_without_good_images_says_why(tmp_path):
+    result = make_result(tmp_path, n_good=0, n_bad=6)
+    assert result["image_auroc"] is None and result["image_f1_max"] is None
+    text = write_report(result, tmp_path, meta=META).read_text()
+    metrics_table = _section(text, "<h2>Metrics</h2>", "</table>")
+    assert "hold out some good photos" in metrics_table and "F1 1.0" in metrics_table
+    section = _section(text, '<h2 id="operating-point">Operating point</h2>', "<h2>Figures</h2>")
+    assert '<p class="warn">no good test images' in section
+    assert "tradeoff.png" not in text  # no ROC without good images
+    c = result["operating_points"]["at_threshold"]["catch"]
+    assert f'<td class="num">0/0</td><td class="num">n/a</td><td class="num">{c["count"]}/6</td>' in section
+
+
+def test_tradeoff_figure_log_axis_points_and_marker():
+    fpr = [0.0, 0.0, 0.1, 0.1, 0.5, 1.0]
+    tpr = [0.0, 0.6, 0.6, 0.9, 0.95, 1.0]
+    points = [(0.0, 0.6, (0.55, 0.8)), (0.1, 0.9, (0.7, 0.98))]
+    fig = figures.tradeoff_figure(fpr, tpr, points=points, model=(0.1, 0.9), resolution=0.1)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    zero = ax.get_xticks()[0]  # where a rate of 0 is drawn: left of every other rate
+    assert ax.get_xticklabels()[0].get_text() == "0" and 0 < ax.get_xlim()[0] < zero < 0.005
+    assert ax.get_xlim()[1] == 1.0
+    curve = ax.get_lines()[0]
+    assert list(curve.get_ydata()) == tpr and curve.get_xdata()[0] == zero
+    assert ax.get_ylim()[0] == pytest.approx(0.5)  # every catch rate shown is above 50 %: the axis starts near them
+    low = figures.tradeoff_figure(fpr, tpr, points=[(0.0, 0.6, (0.4, 0.8))], resolution=0.1)
+    assert low.axes[0].get_ylim()[0] == 0.0
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "model threshold (10 % rejected, 90 % caught)" in labels
+    assert "below 1/10: no good part rejected" in labels
+    marker = next(ln for ln in ax.get_lines() if ln.get_marker() == "D")
+    assert (marker.get_xdata()[0], marker.get_ydata()[0]) == (0.1, 0.9)
 
 
 def test_roc_figure_legend_has_auroc():
@@ -378,6 +445,7 @@ def test_evaluate_cli_writes_report(synthetic_category, tmp_path, capsys):
     )
     out = capsys.readouterr()[0]
     assert "aupro" in out and "wrote report" in out
+    assert "operating points" in out and "model threshold" in out and "catch rate % by type" in out
     page = tmp_path / "rep" / "index.html"
     from urllib.parse import unquote
 
@@ -387,9 +455,13 @@ def test_evaluate_cli_writes_report(synthetic_category, tmp_path, capsys):
     import json
 
     result = json.loads(out_json.read_text())
-    for key in ("aupro", "pixel_f1_max", "image_f1_max", "per_type_auroc", "curves"):
+    for key in ("aupro", "pixel_f1_max", "image_f1_max", "per_type_auroc", "curves", "operating_points"):
         assert result[key] is not None, key
     assert set(result["per_type_auroc"]) == {"scratch", "spot"}
+    op = result["operating_points"]  # --json carries it whole
+    assert len(op["at_false_reject"]) == 4 and set(op["per_type"]) == {"scratch", "spot"}
+    assert op["at_threshold"]["threshold"] == result["threshold"]
+    assert "figures/tradeoff.png" in page.read_text()
 
 
 def test_unaligned_images_are_flagged_in_the_report(tmp_path):

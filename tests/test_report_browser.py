@@ -59,7 +59,8 @@ def test_report_renders_in_chromium(browser, tmp_path):
     shot = tmp_path / "report.png"
     found = check_page(browser, page, shot)
     assert found["title"].startswith("defectscope report")
-    assert len(found["images"]) >= 5 + 20
+    assert len(found["images"]) >= 6 + 20  # five figures, the catch / false-reject trade-off, the overlays
+    assert "figures/tradeoff.png" in [src for src, _ in found["images"]]
     assert found["broken"] == []
     assert found["severe"] == []
     assert shot.stat().st_size > 10_000

@@ -31,6 +31,7 @@ from .common.jsonout import dumps
 from .data.datasets import Category, discover
 from .detectors import comparable_params, detector_class, make_detector
 from .errors import DataLayoutError, DefectscopeError
+from .evaluation.operating import FALSE_REJECT_RATES, flat_summary, rate_key
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,15 @@ METRICS: tuple[tuple[str, str, int], ...] = (
     ("image_auroc", "image AUROC", 4),
     ("pixel_auroc", "pixel AUROC", 4),
     ("aupro", "AUPRO", 4),
+    *((rate_key(r), f"catch @{100 * r:g} % FR", 3) for r in FALSE_REJECT_RATES),
     ("fit_seconds", "fit s", 1),
     ("images_per_second", "images/s", 2),
 )
-"""(cell key, column title, decimals) of the tables, in order."""
+"""(cell key, column title, decimals) of the tables, in order. ``catch @1 % FR``: the catch rate
+(share of defective test images judged defective) at the lowest threshold that rejects at most 1 %
+of the good test images (:mod:`defectscope.evaluation.operating`)."""
+#: columns the CSV carries beyond the tables: the two rates at the model's threshold
+AT_THRESHOLD = ("catch_at_threshold", "false_reject_at_threshold")
 
 Notify = Callable[[str], None]
 
@@ -146,6 +152,8 @@ def run_cell(
         "pixel_auroc": result["pixel_auroc"],
         "aupro": result["aupro"],
         "image_f1_max": result["image_f1_max"],
+        **flat_summary(result.get("operating_points")),
+        "operating_points": result.get("operating_points"),
         "fit_seconds": meta["training"]["fit_seconds"],
         "images_per_second": result["images_per_second"],
         "n_train": meta["training"]["n_images"],
@@ -266,12 +274,15 @@ def _fmt(value: Any, digits: int) -> str:
 
 
 def method_means(cells: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of each metric over the finished cells that have it; counts of ok / all cells."""
+    """Mean of each metric over the finished cells that have it; counts of ok / all cells, and in
+    ``n_with`` (metric -> count) how many cells each mean is over (cells stored before a metric was
+    recorded lack it)."""
     ok = [c for c in cells if c.get("status") == "ok"]
     means: dict[str, Any] = {"n_ok": len(ok), "n_categories": len(cells)}
-    for key, _, _ in METRICS:
+    for key in (*(k for k, _, _ in METRICS), *AT_THRESHOLD):
         values = [float(c[key]) for c in ok if isinstance(c.get(key), (int, float)) and math.isfinite(c[key])]
         means[key] = sum(values) / len(values) if values else None
+        means.setdefault("n_with", {})[key] = len(values)
     return means
 
 
@@ -315,9 +326,21 @@ def format_markdown(cells: Sequence[dict[str, Any]]) -> str:
             parts.append(f"| {_md_escape(c['category'])} | " + " | ".join(cols) + " |")
         m = method_means(group)
         label = "**mean**" if m["n_ok"] == m["n_categories"] else f"**mean ({m['n_ok']} of {m['n_categories']})**"
-        parts.append(f"| {label} | " + " | ".join(f"**{_fmt(m[key], d)}**" for key, _, d in METRICS) + " |")
+        parts.append(f"| {label} | " + " | ".join(_mean_cell(m, key, d) for key, _, d in METRICS) + " |")
         parts.append("")
+    if parts:
+        parts.append(
+            "catch @x % FR: the share of defective test images caught at the lowest threshold that rejects at most "
+            "x % of the good test images (FR: false-reject rate); n/a for cells stored before it was recorded."
+        )
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _mean_cell(means: dict[str, Any], key: str, digits: int) -> str:
+    """A mean in bold, with ``(k of n)`` when only k of the n finished cells have the metric."""
+    text = f"**{_fmt(means[key], digits)}**"
+    k = means["n_with"][key]
+    return text if k in (0, means["n_ok"]) else f"{text} ({k} of {means['n_ok']})"
 
 
 def write_outputs(cells: Sequence[dict[str, Any]], out_dir: Path, *, data: str | None = None) -> dict[str, Path]:
@@ -337,6 +360,7 @@ def write_outputs(cells: Sequence[dict[str, Any]], out_dir: Path, *, data: str |
         "status",
         "backbone",
         *(k for k, _, _ in METRICS),
+        *AT_THRESHOLD,
         "image_f1_max",
         "n_train",
         "n_good",
@@ -356,6 +380,7 @@ def write_outputs(cells: Sequence[dict[str, Any]], out_dir: Path, *, data: str |
                 f"{m['n_ok']}/{m['n_categories']} ok",
                 group[0].get("backbone"),
                 *(m[k] if m[k] is not None else "" for k, _, _ in METRICS),
+                *(m[k] if m[k] is not None else "" for k in AT_THRESHOLD),
             ]
             + [""] * 7
         )

@@ -1,4 +1,5 @@
-"""Evaluate a fitted detector on labelled test data: image/pixel AUROC, AUPRO, F1-max, counts, speed.
+"""Evaluate a fitted detector on labelled test data: image/pixel AUROC, AUPRO, F1-max, operating
+points (catch rate at false-reject rates, :mod:`.operating`), counts, speed.
 
 Memory stays bounded: anomaly maps are folded into a :class:`metrics.PixelMetrics` accumulator
 (and, when asked, written to disk as overlays) one image at a time; only per-image scores and
@@ -20,7 +21,7 @@ from ..data.samples import Sample, Split
 from ..detectors.base import Detector
 from ..errors import DefectscopeError
 from ..scoring import normalized_score, score_paths
-from . import metrics
+from . import metrics, operating
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def evaluate_detector(
     if not samples:
         raise DefectscopeError(f"{split.name}: no test images found")
     n_defective = sum(s.label == 1 for s in samples)
+    if n_defective == len(samples):  # said before the long work, and again in the result
+        log.warning("%s: %s", split.name, no_good_images_reason(samples))
     n_masked = sum(s.mask_path is not None for s in samples if s.label == 1)
     has_masks = 0 < n_defective == n_masked
     if not has_masks and n_masked:  # the layout already named the images without a mask
@@ -193,7 +196,7 @@ def evaluate_detector(
         "started": started,
     }
     out["protocol"] = protocol
-    out.update(image_metrics(labels, scores, types, threshold))
+    out.update(image_metrics(labels, scores, types, threshold, good_hint=_good_folder_hint(samples)))
     if full_res:
         out["image_auroc_map_max"] = metrics.image_auroc(labels, np.array([r["map_max"] for r in records]))
     out.update(pixel_metrics(pixel))
@@ -220,12 +223,20 @@ def evaluate_detector(
     return out
 
 
-def image_metrics(labels: np.ndarray, scores: np.ndarray, types: list[str], threshold: float) -> dict[str, Any]:
+def image_metrics(
+    labels: np.ndarray, scores: np.ndarray, types: list[str], threshold: float, *, good_hint: str | None = None
+) -> dict[str, Any]:
     """Image-level metrics of scores (N,) against labels (N,) and defect types (N,).
 
     Keys: image_auroc, image_f1_max, image_f1_threshold, per_type_auroc, per_type (counts,
-    detected at ``threshold``, mean score), confusion (at ``threshold``), _image_roc (thinned
-    curve or None).
+    detected at ``threshold``, mean score), confusion (at ``threshold``), operating_points
+    (:func:`defectscope.evaluation.operating.operating_points` at ``threshold``: the catch rate at
+    false-reject rates of 0.5, 1, 2 and 5 %, both rates at ``threshold``, a row per defect type),
+    null_reasons (metric -> why it is None, e.g. no good test images), _image_roc (thinned curve or
+    None). ``good_hint`` says where good test images go (see :func:`no_good_images_reason`).
+
+    F1-max is None without good images as well as without defective ones: with defective images
+    only, every threshold at or below the lowest score has precision 1 and F1 1.0, whatever the model.
     """
     empty = len(labels) == 0
     out: dict[str, Any] = {
@@ -235,16 +246,32 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, types: list[str], thre
         "per_type_auroc": {},
         "per_type": {},
         "confusion": None,
+        "operating_points": None,
+        "null_reasons": {},
         "_image_roc": None,
     }
     if empty:
         return out
+    has_good, has_bad = bool((labels == 0).any()), bool((labels == 1).any())
     out["image_auroc"] = metrics.image_auroc(labels, scores)
-    if (labels == 1).any():
+    if has_good and has_bad:
         f1, t = metrics.f1_max(labels, scores)
         out["image_f1_max"], out["image_f1_threshold"] = f1, t
+    reasons: dict[str, str] = out["null_reasons"]
+    if not has_good:
+        why = no_good_images_reason(hint=good_hint)
+        reasons["image_auroc"] = why
+        reasons["image_f1_max"] = (
+            "no good test images: every threshold at or below the lowest score would have precision 1 and F1 1.0, "
+            "whatever the model"
+        )
+        reasons["false_reject"] = why
+    if not has_bad:
+        why = "no defective test images: image AUROC, F1-max and the catch rate need some"
+        reasons["image_auroc"] = reasons["image_f1_max"] = reasons["catch"] = why
     out["per_type_auroc"] = metrics.per_type_auroc(labels, scores, types)
     out["confusion"] = metrics.confusion_at(labels, scores, threshold)
+    out["operating_points"] = operating.operating_points(labels, scores, threshold=threshold, types=types)
     names = np.asarray(types, dtype=object)
     for name in dict.fromkeys(types):
         keep = names == name
@@ -255,10 +282,44 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, types: list[str], thre
             "mean_score": float(s.mean()),
             "auroc": out["per_type_auroc"].get(name),
         }
-    if (labels == 0).any() and (labels == 1).any():
+    if has_good and has_bad:
         fpr, tpr, _ = metrics.roc_curve(labels, scores)
         out["_image_roc"] = {"fpr": _thin(fpr), "tpr": _thin(tpr)}
     return out
+
+
+def _good_folder_hint(samples: list[Sample]) -> str | None:
+    """Where good test images go in the layout ``samples`` came from, read from a defective image's
+    path: ``<category>/test/good/`` (MVTec AD), ``<object>/test/Normal/`` (VisA), ``<folder>/good/``
+    (plain folder); None without defective images."""
+    for sample in samples:
+        if sample.label != 1:
+            continue
+        type_dir = Path(sample.path).parent
+        root = type_dir.parent
+        if root.name == "test" and type_dir.name == "Anomaly":
+            return f"{root / 'Normal'}/ (the VisA object's good test images)"
+        if root.name == "test":
+            return f"{root / 'good'}/ (the MVTec AD category's good test images)"
+        return f"{root / 'good'}/ (the plain folder's good images, beside the defect-type folders)"
+    return None
+
+
+def no_good_images_reason(samples: list[Sample] | None = None, *, hint: str | None = None) -> str:
+    """Why image AUROC, F1-max and the false-reject rate are null without good test images, and what to
+    do: hold out good photos the model was not fitted on, in the folder ``hint`` (or the one the
+    layout of ``samples`` uses) names."""
+    hint = hint or (_good_folder_hint(samples) if samples else None)
+    where = (
+        f"put them in {hint}"
+        if hint
+        else "put them in test/good/ of an MVTec AD category, test/Normal/ of a VisA object, or good/ of a plain "
+        "folder (good/ plus one folder per defect type)"
+    )
+    return (
+        "no good test images: image AUROC, F1-max and the false-reject rate need some (the catch rate at the "
+        f"threshold is still measured); hold out some good photos that the model was not fitted on and {where}"
+    )
 
 
 def pixel_metrics(pixel: metrics.PixelMetrics | None) -> dict[str, Any]:
@@ -391,12 +452,69 @@ def _fmt(value: float | None) -> str:
     return "null" if value is None else f"{value:.4f}"
 
 
+def _pct(value: float) -> str:
+    """A rate as a percentage with at most one decimal: 0.005 -> "0.5 %", 0.01 -> "1 %"."""
+    return f"{value * 100:.1f}".rstrip("0").rstrip(".") + " %"
+
+
+def _count_rate(part: dict[str, Any]) -> str:
+    """``k/n  rate % [low, high]`` of an operating-point count, in percent; "-" when n is 0."""
+    if not part["n"]:
+        return "-"
+    low, high = part["ci"]
+    return f"{part['count']}/{part['n']}".rjust(9) + f" {part['rate'] * 100:5.1f} % [{low * 100:.1f}, {high * 100:.1f}]"
+
+
+def format_operating_points(op: dict[str, Any] | None) -> list[str]:
+    """The operating-point table of :func:`defectscope.evaluation.operating.operating_points` as
+    text lines: the catch rate at each false-reject rate (with the threshold it needs), both rates at
+    the model's threshold, the resolution when there are few good images, and a row per defect type.
+    Rates in percent with their 95 % Clopper-Pearson intervals."""
+    if not op:
+        return []
+    lines = [
+        "operating points (false-reject rate: good images judged defective; catch rate: defective images judged "
+        "defective; 95 % intervals)",
+        f"  {'false-reject rate':<17} {'threshold':<11} {'good rejected':>15}{'':<16} {'defective caught':>18}",
+    ]
+    at = op.get("at_threshold")
+    rows = [(f"at most {_pct(r['target'])}", r) for r in op["at_false_reject"]]
+    rows += [("model threshold", at)] if at is not None else []
+    for title, row in rows:
+        good = _count_rate(row["false_reject"]) if op["n_good"] else "       no good images"
+        caught = _count_rate(row["catch"]) if op["n_defective"] else "  no defective images"
+        lines.append(f"  {title:<17} {row['threshold']:<11.6g} {good:<31} {caught}")
+    n_good, resolution = op["n_good"], op.get("resolution")
+    if resolution is not None:
+        below = [row["target"] for row in op["at_false_reject"] if row["target"] < resolution - 1e-12]
+        if below:
+            lines.append(
+                f"  resolution: with {n_good} good images one false reject is {_pct(resolution)}, so the rows at "
+                f"{', '.join(_pct(t) for t in below)} all mean none of them rejected"
+            )
+    if op["per_type"]:
+        heads = [f"@{_pct(r['target'])}".replace(" ", "") for r in op["at_false_reject"]]
+        heads += ["@threshold"] if at is not None else []
+        width = max(len("catch rate % by type"), *(len(name) for name in op["per_type"]))
+        lines.append(f"  {'catch rate % by type':<{width}} {'n':>5}" + "".join(f"{h:>11}" for h in heads))
+        for name, d in op["per_type"].items():
+            values = list(d["catch_at_false_reject"])
+            values += [d["at_threshold"]["rate"]] if d.get("at_threshold") is not None else []
+            lines.append(f"  {name:<{width}} {d['n']:>5}" + "".join(f"{v * 100:>11.1f}" for v in values))
+    return lines
+
+
 def format_summary(result: dict[str, Any]) -> str:
-    """The human-readable evaluation summary."""
+    """The human-readable evaluation summary (the operating-point table included)."""
+    reasons = result.get("null_reasons") or {}
+
+    def why(key: str) -> str:
+        return f" ({reasons[key]})" if result.get(key) is None and key in reasons else ""
+
     lines = [
         f"dataset           {result['dataset']}",
         f"method            {result['method']} ({result['backbone']}, {','.join(result['layers'])})",
-        f"image_auroc       {_fmt(result['image_auroc'])}",
+        f"image_auroc       {_fmt(result['image_auroc'])}{why('image_auroc')}",
         *(
             [f"image_auroc_map   {_fmt(result['image_auroc_map_max'])} (from each map's maximum, --protocol mvtec)"]
             if "image_auroc_map_max" in result
@@ -416,4 +534,5 @@ def format_summary(result: dict[str, Any]) -> str:
     c = result.get("confusion")
     if c:
         lines.append(f"at threshold {result['threshold']:.6g}: tp {c['tp']}  fp {c['fp']}  tn {c['tn']}  fn {c['fn']}")
+    lines.extend(format_operating_points(result.get("operating_points")))
     return "\n".join(lines)

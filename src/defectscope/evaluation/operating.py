@@ -139,3 +139,28 @@ def catch_at_false_reject(labels: np.ndarray, scores: np.ndarray, rate: float = 
     if not y.any() or y.all():
         return None
     return float(np.mean(s[y] >= threshold_at_false_reject(s[~y], rate)))
+
+
+def rate_key(rate: float) -> str:
+    """The flat name of the catch rate at false-reject rate ``rate``: 0.005 -> ``catch_at_fr_0.5pct``."""
+    return "catch_at_fr_" + f"{rate * 100:.2f}".rstrip("0").rstrip(".") + "pct"
+
+
+def flat_summary(op: dict[str, Any] | None) -> dict[str, float | None]:
+    """The headline numbers of :func:`operating_points` as flat columns for benchmark tables.
+
+    Keys: :func:`rate_key` of each false-reject rate (the catch rate there), ``catch_at_threshold``
+    and ``false_reject_at_threshold`` (the two rates at the given threshold). A rate that cannot be
+    read (no good or no defective images, no threshold, ``op`` None) is None.
+    """
+    out: dict[str, float | None] = {rate_key(r): None for r in FALSE_REJECT_RATES}
+    out |= {"catch_at_threshold": None, "false_reject_at_threshold": None}
+    if not op:
+        return out
+    for row in op["at_false_reject"]:
+        out[rate_key(row["target"])] = row["catch"]["rate"]
+    at = op.get("at_threshold")
+    if at is not None:
+        out["catch_at_threshold"] = at["catch"]["rate"]
+        out["false_reject_at_threshold"] = at["false_reject"]["rate"]
+    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 GOOD_COLOUR = "#2b8cbe"
 DEFECT_COLOUR = "#e34a33"
@@ -107,4 +108,83 @@ def confusion_figure(confusion: dict[str, int]) -> Figure:
     ax.set_xticks([0, 1], ["judged good", "judged defective"])
     ax.set_yticks([0, 1], ["good", "defective"])
     ax.set_title("At the model's threshold")
+    return fig
+
+
+def _percent_label(rate: float) -> str:
+    return f"{rate * 100:.1f}".rstrip("0").rstrip(".") + " %"
+
+
+def tradeoff_figure(
+    fpr: Sequence[float],
+    tpr: Sequence[float],
+    *,
+    points: Sequence[tuple[float, float, tuple[float, float]]] = (),
+    model: tuple[float, float] | None = None,
+    resolution: float | None = None,
+) -> Figure:
+    """Catch rate against false-reject rate (log x axis): the image ROC read as a line feels it.
+
+    fpr, tpr: the image ROC curve (K,) (false-reject rate = FPR on good images, catch rate = TPR on
+    defective images). points: the table's operating points, (false-reject rate, catch rate, catch
+    rate's interval (low, high)). model: (false-reject rate, catch rate) at the model's threshold,
+    drawn as a marker. resolution: 1 / number of good images; rates below it cannot be told apart
+    and are shaded. A false-reject rate of 0 has no place on a log axis: it is drawn at a position
+    left of every other, whose tick reads "0". The y axis starts at 0, or closer to the catch rates
+    shown when all of them are above 50 % (the tick labels say where).
+    """
+    fig, ax = _new_figure(6.4, 4.4)
+    x = np.asarray(fpr, dtype=np.float64)
+    y = np.asarray(tpr, dtype=np.float64)
+    smallest = min([0.005, *(p[0] for p in points if p[0] > 0), *x[x > 0].tolist()])
+    if resolution:
+        smallest = min(smallest, resolution)
+    zero = smallest / 2  # where a false-reject rate of 0 is drawn
+    ax.set_xscale("log")
+    if resolution and resolution > zero:
+        ax.axvspan(
+            zero / 1.5,
+            resolution,
+            color="#eeeeee",
+            zorder=0,
+            label=f"below 1/{round(1 / resolution)}: no good part rejected",
+        )
+    ax.plot(np.maximum(x, zero), y, lw=2, color=DEFECT_COLOUR, label="catch rate", zorder=2)
+    lows = [float(y[x <= 0].max()) if (x <= 0).any() else 0.0]
+    if points:
+        px = np.maximum([p[0] for p in points], zero)
+        py = np.array([p[1] for p in points])
+        err = np.array([[p[1] - p[2][0] for p in points], [p[2][1] - p[1] for p in points]])
+        ax.errorbar(
+            px, py, yerr=err, fmt="o", color=GOOD_COLOUR, capsize=3, ms=5, label="table rows (95 % interval)", zorder=3
+        )
+        lows += [p[2][0] for p in points]
+    if model is not None:
+        ax.plot(
+            max(model[0], zero),
+            model[1],
+            marker="D",
+            ms=9,
+            color=THRESHOLD_COLOUR,
+            ls="none",
+            label=f"model threshold ({_percent_label(model[0])} rejected, {_percent_label(model[1])} caught)",
+            zorder=4,
+        )
+        lows.append(model[1])
+    bottom = min(lows)
+    bottom = 0.0 if bottom <= 0.5 else float(np.floor((bottom - 0.02) * 10) / 10)
+    ticks = [t for t in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0) if t > zero * 1.5]
+    ax.set_xticks([zero, *ticks], ["0", *(_percent_label(t) for t in ticks)])
+    ax.minorticks_off()
+    ax.set(
+        xlim=(zero / 1.5, 1.0),
+        ylim=(bottom, 1.0 + (1.0 - bottom) * 0.02),
+        xlabel="false-reject rate (good parts rejected, log scale)",
+        ylabel="catch rate (defective parts rejected)",
+        title="Catch rate against false-reject rate",
+    )
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))  # whole percents: the range is >= 10 %
+    ax.yaxis.set_major_formatter(lambda v, _pos: f"{v * 100:.0f} %")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
     return fig

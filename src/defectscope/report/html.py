@@ -35,6 +35,18 @@ def _num(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _pct(value: Any, digits: int = 1) -> str:
+    """A rate (a fraction) as a percentage: 0.8412 -> ``84.1 %``; missing as n/a."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{float(value) * 100:.{digits}f} %"
+
+
+def _rate_name(value: float) -> str:
+    """A named rate as a percentage without trailing zeros: 0.005 -> ``0.5 %``, 0.01 -> ``1 %``."""
+    return f"{float(value) * 100:.2f}".rstrip("0").rstrip(".") + " %"
+
+
 def _url(*parts: str | Path) -> str:
     """A relative URL for a path inside the report folder (joined from ``parts``)."""
     return quote(Path(*parts).as_posix())
@@ -50,7 +62,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(num=_num, url=_url, basename=lambda path: Path(path).name)
+    env.filters.update(num=_num, pct=_pct, rate_name=_rate_name, url=_url, basename=lambda path: Path(path).name)
     return env
 
 
@@ -63,7 +75,10 @@ def render(template: str, **context: Any) -> str:
 
 
 def make_figures(result: dict[str, Any], folder: Path) -> dict[str, str]:
-    """Draw every figure the result has data for into ``folder``; returns name -> file name."""
+    """Draw every figure the result has data for into ``folder``; returns name -> file name.
+
+    ``tradeoff`` (catch rate against false-reject rate, :func:`figures.tradeoff_figure`) needs the
+    image ROC curve and the result's ``operating_points``."""
     made: dict[str, str] = {}
     curves = result.get("curves") or {}
     roc = curves.get("image_roc")
@@ -85,6 +100,25 @@ def make_figures(result: dict[str, Any], folder: Path) -> dict[str, str]:
         fig = figures.pro_figure(pro["fpr"], pro["pro"], result.get("aupro"), result.get("aupro_fpr_limit", 0.3))
         figures.save_figure(fig, folder / "pro.png")
         made["pro"] = "pro.png"
+    op = result.get("operating_points")
+    if roc and op:
+        at = op.get("at_threshold")
+        model = None
+        if at and at["false_reject"]["rate"] is not None and at["catch"]["rate"] is not None:
+            model = (at["false_reject"]["rate"], at["catch"]["rate"])
+        fig = figures.tradeoff_figure(
+            roc["fpr"],
+            roc["tpr"],
+            points=[
+                (row["false_reject"]["rate"], row["catch"]["rate"], tuple(row["catch"]["ci"]))
+                for row in op["at_false_reject"]
+                if row["catch"]["rate"] is not None
+            ],
+            model=model,
+            resolution=op.get("resolution"),
+        )
+        figures.save_figure(fig, folder / "tradeoff.png")
+        made["tradeoff"] = "tradeoff.png"
     images = result.get("images") or []
     if images:
         good = [r["score"] for r in images if r["label"] == 0]
@@ -151,6 +185,8 @@ def write_report(
             result=result,
             meta=meta or {},
             figures=[(_url("figures", made[key]), alt) for key, alt in _FIGURE_ALTS.items() if key in made],
+            tradeoff=_url("figures", made["tradeoff"]) if "tradeoff" in made else None,
+            op=result.get("operating_points"),
             overlays=overlays,
             worst_good=sorted((r for r in images if r["label"] == 0), key=lambda r: -r["score"])[:GALLERY_SIZE],
             worst_bad=sorted((r for r in images if r["label"] == 1), key=lambda r: r["score"])[:GALLERY_SIZE],
@@ -170,6 +206,7 @@ _BENCH_COLUMNS = [
     ("pixel_auroc", "pixel AUROC"),
     ("aupro", "AUPRO"),
     ("image_f1_max", "image F1-max"),
+    ("catch_at_fr_1pct", "catch @1 % false-reject rate"),
     ("images_per_second", "images/s"),
 ]
 
