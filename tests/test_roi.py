@@ -433,21 +433,44 @@ def test_bad_regions_are_refused_before_the_fit(data, tmp_path, monkeypatch):
     assert main(["fit", str(data["train"]), "-o", str(tmp_path / "m.dsmodel"), "--roi", str(black)]) == 2
 
 
+def _discs(folder: Path, n: int = 12) -> list[Path]:
+    """Light discs (a dark print inside) on a dark background, wandering right by 4 px per image."""
+    rng = np.random.default_rng(5)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        photo = np.full((200, 200, 3), 20, np.uint8) + rng.integers(0, 6, (200, 200, 3), dtype=np.uint8)
+        cx = 80 + 4 * i
+        photo[_disc((200, 200), 100, cx, 40)] = (220, 210, 200)
+        photo[_disc((200, 200), 100, cx, 8)] = (30, 30, 30)  # a dark print inside the part: a hole to fill
+        Image.fromarray(photo).save(folder / f"{i:02d}.png")
+        files.append(folder / f"{i:02d}.png")
+    return files
+
+
+def test_fit_roi_auto_on_the_command_line_and_its_fallback(data, tmp_path, capsys, caplog):
+    files = _discs(tmp_path / "discs")
+    path = tmp_path / "auto.dsmodel"
+    assert main(["fit", str(tmp_path / "discs"), "-o", str(path), "--image-size", "64", "--roi", "auto"]) == 0
+    assert "--roi auto: judging" in capsys.readouterr().err
+    model = defectscope.load(path)
+    region, record = auto_roi(files, 64)
+    assert np.array_equal(model.detector.roi_mask(), region) and model.meta["roi"] == {
+        **record,
+        "share": round(float(region.mean()), 4),
+        "input_size": [64, 64],
+        "outside": "left out of the image score and the thresholds; anomaly map 0",
+    }
+    # textures filling the frame: no part, so the whole image is judged, with a warning that says so
+    plain = defectscope.fit(data["train"], image_size=64, coreset_ratio=0.25, roi="auto")
+    assert plain.detector.roi_ is None and plain.info()["roi"] == "none" and plain.meta["roi"]["applied"] is False
+    assert "the whole image is judged" in caplog.text
+
+
 def test_auto_finds_the_part_over_the_training_photos(tmp_path):
     """Light discs on a dark background at shifting places: the region is their union widened by the margin,
     the far corners stay outside; a texture filling the frame gives no region, and says why."""
-    rng = np.random.default_rng(5)
-    paths = []
-    for i in range(12):
-        photo = np.full((200, 200, 3), 20, np.uint8) + rng.integers(0, 6, (200, 200, 3), dtype=np.uint8)
-        cx = 80 + 4 * i  # the part wanders right by 44 px over the images
-        photo[_disc((200, 200), 100, cx, 40)] = (220, 210, 200)
-        photo[_disc((200, 200), 100, cx, 8)] = (30, 30, 30)  # a dark print inside the part: a hole to fill
-        paths.append(Image.fromarray(photo))
-    files = []
-    for i, image in enumerate(paths):
-        image.save(tmp_path / f"{i}.png")
-        files.append(tmp_path / f"{i}.png")
+    files = _discs(tmp_path)
     region, record = auto_roi(files, 100)
     assert record["applied"] and record["n_found"] == record["n_images"] == 12 and record["margin_px"] == 3
     union = np.zeros((100, 100), bool)

@@ -331,13 +331,14 @@ def resolve_roi(
     *,
     paths: Sequence[Path] = (),
     transform: Callable[[np.ndarray], tuple[np.ndarray, Any]] | None = None,
+    margin: float = AUTO_MARGIN,
 ) -> tuple[np.ndarray | None, dict[str, Any] | None]:
     """The region a fit uses: (the (H_in, W_in) bool mask over the model input of ``size``, the record
     stored in the model's metadata as ``roi``), or (None, None) without ``spec``.
 
-    ``spec``: a mask image, a ``.json`` polygon file or ``"auto"`` (the module docstring); ``paths``
-    and ``transform`` are the training images and the fit's aligner, for ``"auto"`` (which may return
-    (None, record) when it finds no part). Raises DefectscopeError, naming the file and what to do,
+    ``spec``: a mask image, a ``.json`` polygon file or ``"auto"`` (the module docstring); ``paths``,
+    ``transform`` and ``margin`` are the training images, the fit's aligner and the widening, for
+    ``"auto"`` (:func:`auto_roi`; it may return (None, record) when it finds no part). Raises DefectscopeError, naming the file and what to do,
     for a missing or unreadable file, a mask with no white pixel, a malformed polygon file, or a region
     that covers no pixel of the model input. ``share`` in the record is the fraction of the model
     input inside the region.
@@ -346,7 +347,7 @@ def resolve_roi(
     if spec is None:
         return None, None
     if spec == AUTO:
-        region, record = auto_roi(paths, size, resize, transform=transform)
+        region, record = auto_roi(paths, size, resize, transform=transform, margin=margin)
     else:
         path = Path(spec)
         photo, record = polygon_roi(path) if path.suffix.lower() == ".json" else mask_roi(path)
@@ -360,5 +361,5 @@ def resolve_roi(
     if region is not None:
         record["share"] = round(float(region.mean()), 4)
         record["input_size"] = list(input_shape(size))
-    record["outside"] = "left out of the image score and the thresholds; anomaly map 0"
+        record["outside"] = "left out of the image score and the thresholds; anomaly map 0"
     return region, record
