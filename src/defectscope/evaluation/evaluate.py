@@ -468,9 +468,11 @@ def format_operating_points(op: dict[str, Any] | None) -> list[str]:
     if resolution is not None:
         below = [row["target"] for row in op["at_false_reject"] if row["target"] < resolution - 1e-12]
         if below:
+            named = ", ".join(_pct(t) for t in below)
+            which = f"the rows at {named} all mean" if len(below) > 1 else f"the row at {named} means"
             lines.append(
-                f"  resolution: with {n_good} good images one false reject is {_pct(resolution)}, so the rows at "
-                f"{', '.join(_pct(t) for t in below)} all mean none of them rejected"
+                f"  resolution: with {n_good} good images one false reject is {_pct(resolution)}, so {which} none of "
+                "them rejected"
             )
     if op["per_type"]:
         heads = [f"@{_pct(r['target'])}".replace(" ", "") for r in op["at_false_reject"]]
