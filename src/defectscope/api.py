@@ -286,13 +286,7 @@ class Model:
     def evaluate(self, data: str | Path | Any, **options: Any) -> dict[str, Any]:
         """Image and pixel metrics on a labelled test set (an MVTec AD / VisA / plain folder, or a
         :class:`defectscope.data.datasets.Split`); options as
-        :func:`defectscope.evaluation.evaluate.evaluate_detector` (heatmap_dir, protocol, ...).
-
-        The result's ``operating_points`` hold the catch rate (share of defective images judged
-        defective) at false-reject rates of 0.5, 1, 2 and 5 % with the threshold each needs, both
-        rates at the model's threshold and a row per defect type, each with its 95 % Clopper-Pearson
-        interval (:func:`defectscope.evaluation.operating.operating_points`); ``null_reasons`` says
-        why a metric is None (e.g. no good test images)."""
+        :func:`defectscope.evaluation.evaluate.evaluate_detector` (heatmap_dir, protocol, ...)."""
         from .data.layouts import load_category
         from .evaluation.evaluate import evaluate_detector
 

@@ -53,6 +53,13 @@ def evaluate_detector(
 ) -> dict[str, Any]:
     """Score every test sample of ``split`` and compute the metrics.
 
+    The result holds, besides image/pixel AUROC, AUPRO, F1-max and the confusion matrix,
+    ``operating_points``: the catch rate (share of defective images judged defective) at false-reject
+    rates of 0.5, 1, 2 and 5 % with the threshold each needs, both rates at ``threshold`` and a row
+    per defect type, each with its 95 % Clopper-Pearson interval
+    (:func:`defectscope.evaluation.operating.operating_points`); and ``null_reasons``: why a metric
+    is None (e.g. no good test images, with the folder to hold good photos out into).
+
     Pixel metrics compare each anomaly map over the photo (:attr:`ImageResult.map`, at about the
     model's input resolution, the resize protocol undone) with its ground-truth mask resized to the
     map's shape (nearest neighbour); they are None when any defective image lacks a
