@@ -257,7 +257,7 @@ def test_no_resolution_note_with_enough_good_images():
     text = "\n".join(
         format_operating_points(image_metrics(labels, scores, ["good"] * 150 + ["x"] * 30, 2.0)["operating_points"])
     )
-    assert "with 150 good images one false reject is 0.7 %, so the rows at 0.5 % all mean none" in text
+    assert "with 150 good images one false reject is 0.7 %, so the row at 0.5 % means none of them rejected" in text
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,13 @@ def evaluate_detector(
 ) -> dict[str, Any]:
     """Score every test sample of ``split`` and compute the metrics.
 
+    The result holds, besides image/pixel AUROC, AUPRO, F1-max and the confusion matrix,
+    ``operating_points``: the catch rate (share of defective images judged defective) at false-reject
+    rates of 0.5, 1, 2 and 5 % with the threshold each needs, both rates at ``threshold`` and a row
+    per defect type, each with its 95 % Clopper-Pearson interval
+    (:func:`defectscope.evaluation.operating.operating_points`); and ``null_reasons``: why a metric
+    is None (e.g. no good test images, with the folder to hold good photos out into).
+
     Pixel metrics compare each anomaly map over the photo (:attr:`ImageResult.map`, at about the
     model's input resolution, the resize protocol undone) with its ground-truth mask resized to the
     map's shape (nearest neighbour); they are None when any defective image lacks a
@@ -488,9 +495,11 @@ def format_operating_points(op: dict[str, Any] | None) -> list[str]:
     if resolution is not None:
         below = [row["target"] for row in op["at_false_reject"] if row["target"] < resolution - 1e-12]
         if below:
+            named = ", ".join(_pct(t) for t in below)
+            which = f"the rows at {named} all mean" if len(below) > 1 else f"the row at {named} means"
             lines.append(
-                f"  resolution: with {n_good} good images one false reject is {_pct(resolution)}, so the rows at "
-                f"{', '.join(_pct(t) for t in below)} all mean none of them rejected"
+                f"  resolution: with {n_good} good images one false reject is {_pct(resolution)}, so {which} none of "
+                "them rejected"
             )
     if op["per_type"]:
         heads = [f"@{_pct(r['target'])}".replace(" ", "") for r in op["at_false_reject"]]
