@@ -410,6 +410,8 @@ def test_bad_regions_are_refused_before_the_fit(data, tmp_path, monkeypatch):
         ): "unknown key.*'polygon'.*missing 'polygons'",
         _write(tmp_path / "size.json", '{"image_size": [9], "polygons": [[[0,0],[1,0],[0,1]]]}'): "image_size must be",
         _write(tmp_path / "none.json", '{"image_size": [9, 9], "polygons": []}'): "polygons must be a non-empty list",
+        _write(tmp_path / "huge.json", '{"image_size": [90000, 90000], "polygons": [[[0,0],[1,0],[0,1]]]}'): "over 50 "
+        "megapixels",
         _write(
             tmp_path / "two.json", '{"image_size": [9, 9], "polygons": [[[0, 0], [5, 5]]]}'
         ): "polygon 0 must be a list of at least 3",

@@ -74,6 +74,8 @@ AUTO_MARGIN = 0.03
 #: ``--roi auto`` gives up (and judges the whole image) when a part is found in fewer than this share
 #: of the training images it reads
 AUTO_MIN_FOUND = 0.5
+#: the largest photo (pixels) a polygon file's ``image_size`` may give: it is drawn at that size
+MAX_POLYGON_PIXELS = 50_000_000
 _HINT = "give a mask image (white = judged), a .json file of polygons, or auto"
 
 
@@ -169,6 +171,11 @@ def polygon_roi(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
             f"{where}: image_size must be [width, height] of the photos, two whole numbers of pixels, got {size!r}"
         )
     w, h = int(size[0]), int(size[1])
+    if w * h > MAX_POLYGON_PIXELS:
+        raise DefectscopeError(
+            f"{where}: image_size {w}x{h} is over {MAX_POLYGON_PIXELS // 1_000_000} megapixels; give the points on a "
+            "smaller copy of the photo (the same aspect ratio, any size) and its size"
+        )
     polygons = spec["polygons"]
     if not isinstance(polygons, list) or not polygons:
         raise DefectscopeError(f"{where}: polygons must be a non-empty list of polygons, got {polygons!r}")

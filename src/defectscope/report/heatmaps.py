@@ -84,8 +84,8 @@ def overlay(
         (image.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
     )
     thickness = max(1, round(max(h, w) / 300))
-    if roi is not None:
-        inside = resize_map(np.asarray(roi, dtype=np.float32), (h, w)) >= 0.5
+    inside = None if roi is None else resize_map(np.asarray(roi, dtype=np.float32), (h, w)) >= 0.5
+    if inside is not None and not inside.all():  # a region covering the whole photo leaves it as it is
         out[~inside] = (image[~inside].astype(np.float32) * DIM).astype(np.uint8)
         contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, _GREY, thickness)
@@ -113,7 +113,7 @@ def overlay(
                     verdict,
                     region is not None and colour_of_region == _YELLOW,
                     gt_mask is not None,
-                    roi is not None,
+                    inside is not None and not inside.all(),
                 ),
             ],
             axis=0,
