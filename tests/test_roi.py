@@ -132,9 +132,11 @@ def test_the_overlay_dims_what_is_not_judged(models, data):
     assert not np.array_equal(plain[far], picture[far])
 
 
-def test_cli_fit_with_a_mask_then_predict(data, tmp_path, capsys):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_cli_fit_with_a_mask_then_predict(data, tmp_path, capsys, method):
     path = tmp_path / "cli.dsmodel"
-    argv = ["fit", str(data["train"]), "-o", str(path), "--image-size", str(SIZE), "--coreset-ratio", "0.25"]
+    argv = ["fit", str(data["train"]), "-o", str(path), "--method", method, "--image-size", str(SIZE)]
+    argv += ["--coreset-ratio", "0.25"] if method == "patchcore" else []
     assert main([*argv, "--roi", str(data["mask"]), "--no-progress"]) == 0
     said = capsys.readouterr()
     assert f"--roi mask: judging 44% of the model input ({data['mask']})" in said.err
