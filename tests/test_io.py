@@ -227,6 +227,7 @@ def test_files_from_before_layer_weighting_keep_concatenating_channels(small_mod
 def test_only_models_an_older_reader_would_misjudge_are_written_in_the_newer_format():
     from defectscope.io import format_version
 
-    assert format_version({}) == 1 and format_version({"judge": None, "roi": None}) == 1
+    assert format_version({}) == 1 and format_version({"judge": None}) == 1
     assert format_version({"judge": {"rule": "region"}}) == MODEL_FORMAT_VERSION == 2
-    assert format_version({"roi": {"kind": "mask"}}) == 2
+    assert format_version({}, has_roi=True) == 2
+    assert format_version({"roi": {"kind": "auto", "applied": False}}) == 1  # auto found no region: nothing to ignore

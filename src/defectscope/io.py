@@ -38,12 +38,12 @@ EXTRA_PREFIXES: tuple[str, ...] = ("align.", "roi.")
 log = logging.getLogger(__name__)
 
 
-def format_version(meta: dict[str, Any]) -> int:
+def format_version(meta: dict[str, Any], *, has_roi: bool = False) -> int:
     """The oldest format that reads a model with metadata ``meta`` correctly: 2 for a model judged by a
     region rule (an older reader would ignore the rule and judge the rule's threshold against the max
     score) or over a region of interest (an older reader would ignore the region and judge the whole
     image), else 1, which every version reads."""
-    return FORMAT_VERSION if meta.get("judge") or meta.get("roi") else 1
+    return FORMAT_VERSION if meta.get("judge") or has_roi else 1
 
 
 def save_model(
@@ -62,7 +62,7 @@ def save_model(
     meta = dict(metadata)
     meta.update(
         format=FORMAT_NAME,
-        format_version=format_version(meta),
+        format_version=format_version(meta, has_roi=detector.roi_ is not None),
         package_version=__version__,
         method=detector.method,
         params=detector.get_params(),
