@@ -114,6 +114,11 @@ class PatchCore(Detector):
             :attr:`input_shape` (and so every map) is the canvas. Costs about N^2 times the features.
         tile_overlap: fraction of a tile shared with its neighbour, in [0, 0.9] (default 0.25; only
             used with tiles >= 2).
+        score_patches: k, how many patches make the image score: 1 (default) the largest patch distance,
+            re-weighted by its memory-bank neighbourhood (eq. 7); k >= 2 the mean of the k largest patch
+            distances, not re-weighted (a top-k mean; measured against the max on the development suite in
+            docs/benchmarks.md, "Score aggregation and region rules"). The held-out threshold scores use the
+            same rule.
 
     The threshold's training scores are k-fold held-out scores: each scored image is compared
     with the bank fitted without its fold (see :meth:`_held_out_scores`).
@@ -152,6 +157,7 @@ class PatchCore(Detector):
         rotations: int = 1,
         tiles: int = 1,
         tile_overlap: float = 0.25,
+        score_patches: int = 1,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -180,6 +186,7 @@ class PatchCore(Detector):
         self.rotations = rotations
         self.tiles = tiles
         self.tile_overlap = tile_overlap
+        self.score_patches = score_patches
 
     def _validate_params(self) -> None:
         super()._validate_params()
@@ -230,6 +237,11 @@ class PatchCore(Detector):
                 "limit: use fewer tiles, a smaller image size or more overlap"
             )
         check_image_size(canvas)
+        if isinstance(self.score_patches, bool) or not isinstance(self.score_patches, numbers.Integral):
+            raise DefectscopeError(f"score_patches must be a whole number >= 1, got {self.score_patches!r}")
+        if self.score_patches < 1:
+            raise DefectscopeError(f"score_patches must be a whole number >= 1, got {self.score_patches!r}")
+        self.score_patches = int(self.score_patches)
         if self.target_dim is not None and self.target_dim < 1:
             raise DefectscopeError(f"target_dim must be a positive integer, got {self.target_dim}")
 
@@ -508,7 +520,11 @@ class PatchCore(Detector):
         patch m_test* (distance s*), with N_b(m*) the b nearest bank entries of m*:
             s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*
         The ratio is a softmax over those distances, computed stably in float64.
+        With ``score_patches`` k >= 2 the score is instead the mean of the k largest distances (all of
+        them on a map of fewer patches), without re-weighting.
         """
+        if self.score_patches > 1:
+            return dist.topk(min(self.score_patches, dist.shape[1]), dim=1).values.mean(dim=1)
         best = dist.argmax(dim=1)  # (B,)
         rows = torch.arange(dist.shape[0])
         s_star = dist[rows, best]

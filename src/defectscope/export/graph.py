@@ -73,6 +73,7 @@ class PatchCoreGraph(_Graph):
         self.patch_size = detector.patch_size
         self.border_padding = detector.border_padding
         self.layer_weighting = detector.layer_weighting
+        self.score_patches = detector.score_patches
 
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised -> (N, h, w, D), as PatchCore._patch_features (adaptive pooling
@@ -105,6 +106,8 @@ class PatchCoreGraph(_Graph):
         min_d2, nn_idx = d2.min(dim=2)  # (N, P)
         dist = min_d2.clamp_min(0.0).sqrt()
         maps = self.finish_maps(dist.reshape(n, h, w))
+        if self.score_patches > 1:  # the mean of the k largest patch distances (PatchCore.score_patches)
+            return dist.topk(min(self.score_patches, int(h * w)), dim=1).values.mean(dim=1), maps
         # image score, eq. 7: the most anomalous patch m_test*, its nearest entry m*, and m*'s b neighbours
         best = dist.argmax(dim=1, keepdim=True)  # (N, 1)
         s_star = dist.gather(1, best).squeeze(1)
