@@ -188,6 +188,14 @@ def rule_values(data: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dic
     return tests, trains
 
 
+def _auroc(good: np.ndarray, bad: np.ndarray) -> float:
+    """AUROC from good and defective scores (ties count one half), as metrics.image_auroc."""
+    good = np.sort(good)
+    below = np.searchsorted(good, bad, side="left")
+    ties = np.searchsorted(good, bad, side="right") - below
+    return float((below + 0.5 * ties).sum() / (good.size * bad.size))
+
+
 def _catch(good: np.ndarray, bad: np.ndarray, rate: float = 0.01) -> float:
     from defectscope.evaluation.operating import threshold_at_false_reject
 
@@ -203,6 +211,7 @@ def report(data: dict[str, dict[str, np.ndarray]], held_out: bool = True) -> Non
     auroc: dict[str, dict[str, float]] = {}
     catch: dict[str, dict[str, float]] = {}
     diffs: dict[str, dict[str, np.ndarray]] = {}  # rule -> set -> (BOOTSTRAP,) catch difference to today
+    auroc_diffs: dict[str, dict[str, np.ndarray]] = {}  # the same for image AUROC
     at_held: dict[str, dict[str, tuple[float, float]]] = {}
     for name, arrays in data.items():
         t0 = time.perf_counter()
@@ -211,11 +220,14 @@ def report(data: dict[str, dict[str, np.ndarray]], held_out: bool = True) -> Non
         good_i, bad_i = np.nonzero(~y)[0], np.nonzero(y)[0]
         draws = [(rng.choice(good_i, good_i.size), rng.choice(bad_i, bad_i.size)) for _ in range(BOOTSTRAP)]
         base_boot = np.array([_catch(tests[base][g], tests[base][b]) for g, b in draws])
+        base_auroc = np.array([_auroc(tests[base][g], tests[base][b]) for g, b in draws])
         for rule, values in tests.items():
             auroc.setdefault(rule, {})[name] = float(image_auroc(y, values) or 0.0)
             catch.setdefault(rule, {})[name] = float(catch_at_false_reject(y, values, 0.01) or 0.0)
             boot = np.array([_catch(values[g], values[b]) for g, b in draws])
             diffs.setdefault(rule, {})[name] = boot - base_boot
+            boot_auroc = np.array([_auroc(values[g], values[b]) for g, b in draws])
+            auroc_diffs.setdefault(rule, {})[name] = boot_auroc - base_auroc
             threshold = float(np.quantile(trains[rule], 0.99))
             at_held.setdefault(rule, {})[name] = (
                 float(np.mean(values[~y] >= threshold)),
@@ -240,11 +252,18 @@ def report(data: dict[str, dict[str, np.ndarray]], held_out: bool = True) -> Non
             f"{point:+.3f} [{lo:+.3f}, {hi:+.3f}] | {worst} {wd:+.3f} [{wlo:+.3f}, {whi:+.3f}] |"
         )
     print("\n### Image AUROC (test images)\n")
-    print("| rule | " + " | ".join(sets) + " | **mean** |")
-    print("|---|" + "---:|" * (len(sets) + 1))
+    print("| rule | " + " | ".join(sets) + " | **mean** | mean diff to today [95 % CI] | sets better / worse |")
+    print("|---|" + "---:|" * (len(sets) + 3))
     for rule in auroc:
         row = [auroc[rule][s] for s in sets]
-        print(f"| {rule} | " + " | ".join(f"{v:.4f}" for v in row) + f" | **{np.mean(row):.4f}** |")
+        point = np.mean([auroc[rule][s] - auroc[base][s] for s in sets])
+        lo, hi = np.percentile(np.mean([auroc_diffs[rule][s] for s in sets], axis=0), [2.5, 97.5])
+        better = sum(auroc[rule][s] > auroc[base][s] for s in sets)
+        worse = sum(auroc[rule][s] < auroc[base][s] for s in sets)
+        print(
+            f"| {rule} | " + " | ".join(f"{v:.4f}" for v in row) + f" | **{np.mean(row):.4f}** | "
+            f"{point:+.4f} [{lo:+.4f}, {hi:+.4f}] | {better} / {worse} |"
+        )
     if held_out:
         print("\n### At the threshold a fit sets (0.99 quantile of held-out training values): false-reject / catch\n")
         print("| rule | " + " | ".join(sets) + " | **mean** |")
@@ -255,6 +274,40 @@ def report(data: dict[str, dict[str, np.ndarray]], held_out: bool = True) -> Non
             print(f"| {rule} | " + " | ".join(f"{a:.3f} / {b:.3f}" for a, b in cells) + f" | **{fr:.3f} / {ca:.3f}** |")
 
 
+def cost(name: str, data: dict[str, np.ndarray]) -> None:
+    """Milliseconds per image a judge rule adds after the model: its score and its regions record, on the
+    set's test maps over their photos (as defectscope.scoring runs it)."""
+    from defectscope.judging import JudgeRule
+
+    shape = tuple(int(v) for v in data["input_shape"])
+    maps = maps_of(data["grids"], shape, float(data["blur_sigma"]))
+    photo = tuple(int(v) for v in data["sizes"][0])
+    level = float(np.quantile(data["train_map_max"], 0.9))
+    threshold = float(data["pixel_threshold"])
+    per_map = photo[0] * photo[1] / (shape[0] * shape[1])
+    rules = {
+        f"region >= 64 map px ({64 * per_map:.0f} photo px)": JudgeRule("region", min_region=64 * per_map),
+        f"region >= 1024 map px ({1024 * per_map:.0f} photo px)": JudgeRule("region", min_region=1024 * per_map),
+        "integrated @ q0.9": JudgeRule("integrated", level_quantile=0.9, level=level),
+    }
+    print(
+        f"\n### Cost of a judge rule per image ({name}: {len(maps)} maps of {shape[1]}x{shape[0]} over "
+        f"{photo[1]}x{photo[0]} photos)\n"
+    )
+    print("| rule | ms per image (median of 3 runs) |")
+    print("|---|---:|")
+    for label, rule in rules.items():
+        rule.score(maps[0], photo)  # compiled once (numba) before the clock
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for amap in maps:
+                rule.score(amap, photo)
+                rule.regions(amap, photo, threshold)
+            runs.append((time.perf_counter() - t0) / len(maps) * 1000)
+        print(f"| {label} | {float(np.median(runs)):.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
@@ -262,12 +315,16 @@ def main() -> None:
     p.add_argument("--data-cache", type=Path, default=HERE / ".suite-data", help="where the rotated pill set is built")
     p.add_argument("--force", action="store_true", help="fit and score again even when cached")
     p.add_argument("--cache-only", action="store_true", help="fit and cache, print no table")
+    p.add_argument("--cost", action="store_true", help="time the judge rules per image instead of the tables")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(hardware_line(), flush=True)
     data = {name: load_or_compute(name, args.cache, args.data_cache, args.force) for name in args.sets}
-    if not args.cache_only:
+    if args.cost:
+        for name, arrays in data.items():
+            cost(name, arrays)
+    elif not args.cache_only:
         report(data)
 
 

@@ -388,3 +388,51 @@ def test_the_integrated_rule_takes_its_level_from_the_held_out_maxima(fitted, sy
         defectscope.fit(synthetic_category, judge="integrated", level_quantile=0.995)
     with pytest.raises(NotImplementedError, match="only in the process that fitted"):
         defectscope.load(fitted["max"].path).detector.training_maps()
+
+
+# ----------------------------------------------------------------------------------------- top-k mean
+def test_score_patches_is_the_mean_of_the_k_largest_patch_distances(fitted, synthetic_category):
+    from defectscope.data.loader import iter_batches
+    from defectscope.detectors.patchcore import PatchCore
+
+    base = fitted["max"].detector
+    paths = sorted((synthetic_category / "test").rglob("*.png"))[::5]
+    mean, std = base.input_stats
+    images = next(iter_batches(paths, base.input_shape, mean, std, batch_size=len(paths))).images
+    bank = base.memory_bank_.double().numpy()
+    feats = base._patch_features(images).double().numpy()  # (B, h, w, D)
+    for k in (1, 5, 10**6):
+        top = PatchCore(**{**base.get_params(), "score_patches": k})
+        top.set_extractor(base.extractor)
+        top.load_state(base.state_dict())
+        scores = top.predict(images).scores
+        for i in range(len(paths)):
+            patches = feats[i].reshape(-1, feats.shape[-1])
+            # brute force: every patch's distance to its nearest bank entry
+            sq = (patches**2).sum(1)[:, None] - 2 * patches @ bank.T + (bank**2).sum(1)[None, :]
+            nearest = np.sqrt(np.maximum(sq.min(axis=1), 0.0))
+            if k == 1:  # the re-weighted maximum (eq. 7) is no more than the largest distance
+                assert scores[i] <= nearest.max() * (1 + 1e-5)
+            else:
+                expected = np.sort(nearest)[::-1][: min(k, nearest.size)].mean()
+                assert scores[i] == pytest.approx(expected, rel=1e-4)
+    for bad in (0, 2.5, True):
+        with pytest.raises(DefectscopeError, match="score_patches must be a whole number"):
+            PatchCore(score_patches=bad)._validate_params()
+
+
+def test_top_k_models_round_trip_and_export(synthetic_category, tmp_path):
+    model = defectscope.fit(synthetic_category, image_size=128, coreset_ratio=0.25, score_patches=5)
+    model.save(tmp_path / "top5.dsmodel")
+    loaded = defectscope.load(tmp_path / "top5.dsmodel")
+    assert loaded.detector.score_patches == 5 and loaded.meta["format_version"] == 1
+    paths = sorted((synthetic_category / "test").rglob("*.png"))[::4]
+    scores = [r.score for r in loaded.predict(paths, maps=False)]
+    assert [r.score for r in model.predict(paths, maps=False)] == scores
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from defectscope.export.exporter import SCORE_RTOL, export_model
+
+    export_model(tmp_path / "top5.dsmodel", tmp_path / "top5-onnx")
+    exported = defectscope.load(tmp_path / "top5-onnx").predict(paths, maps=False)
+    assert [r.score for r in exported] == pytest.approx(scores, rel=SCORE_RTOL)

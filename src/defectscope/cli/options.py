@@ -209,6 +209,15 @@ def add_model_options(p: argparse.ArgumentParser, method: bool = True) -> None:
         help="R in 0-0.9: fraction of a tile shared with its neighbour (default 0.25)",
     )
     pc.add_argument(
+        "--score-patches",
+        type=number(int, 1, 4096),
+        default=None,
+        metavar="K",
+        help="the image score: 1 (default) the largest patch distance, re-weighted by its memory-bank "
+        "neighbourhood (PatchCore eq. 7); K >= 2 the mean of the K largest patch distances (see "
+        "docs/benchmarks.md, 'Score aggregation and region rules')",
+    )
+    pc.add_argument(
         "--border-padding",
         choices=["zeros", "exclude"],
         default=None,
@@ -377,6 +386,7 @@ PARAM_OPTIONS = {
     "rotations": "rotations",
     "tiles": "tiles",
     "tile_overlap": "tile_overlap",
+    "score_patches": "score_patches",
     "border_padding": "border_padding",
     "layer_weighting": "layer_weighting",
     "num_neighbors": "num_neighbors",

@@ -24,6 +24,7 @@ NEUTRAL_PARAMS: dict[str, Any] = {
     "rotations": 1,
     "border_padding": "zeros",
     "layer_weighting": "channels",
+    "score_patches": 1,
 }
 
 

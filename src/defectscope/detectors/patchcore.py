@@ -51,6 +51,14 @@ PATCHCORE_LAYER_WEIGHTING = "equal"
 CORESETS = ("folds", "exact")
 
 
+def top_k_mean(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """The mean of the k largest of each row of ``dist`` (B, P) -> (B,); entries of -inf (patches outside
+    a region of interest) are left out of the mean, and a row with none left scores 0."""
+    top = dist.topk(min(k, dist.shape[1]), dim=1).values
+    finite = torch.isfinite(top)
+    return top.where(finite, torch.zeros_like(top)).sum(dim=1) / finite.sum(dim=1).clamp_min(1)
+
+
 class PatchCore(Detector):
     """PatchCore anomaly detector.
 
@@ -116,6 +124,11 @@ class PatchCore(Detector):
             :attr:`input_shape` (and so every map) is the canvas. Costs about N^2 times the features.
         tile_overlap: fraction of a tile shared with its neighbour, in [0, 0.9] (default 0.25; only
             used with tiles >= 2).
+        score_patches: k, how many patches make the image score: 1 (default) the largest patch distance,
+            re-weighted by its memory-bank neighbourhood (eq. 7); k >= 2 the mean of the k largest patch
+            distances, not re-weighted (a top-k mean; measured against the max on the development suite in
+            docs/benchmarks.md, "Score aggregation and region rules"). The held-out threshold scores use the
+            same rule.
 
     The threshold's training scores are k-fold held-out scores: each scored image is compared
     with the bank fitted without its fold (see :meth:`_held_out_scores`).
@@ -154,6 +167,7 @@ class PatchCore(Detector):
         rotations: int = 1,
         tiles: int = 1,
         tile_overlap: float = 0.25,
+        score_patches: int = 1,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -182,6 +196,7 @@ class PatchCore(Detector):
         self.rotations = rotations
         self.tiles = tiles
         self.tile_overlap = tile_overlap
+        self.score_patches = score_patches
 
     def _validate_params(self) -> None:
         super()._validate_params()
@@ -232,6 +247,11 @@ class PatchCore(Detector):
                 "limit: use fewer tiles, a smaller image size or more overlap"
             )
         check_image_size(canvas)
+        if isinstance(self.score_patches, bool) or not isinstance(self.score_patches, numbers.Integral):
+            raise DefectscopeError(f"score_patches must be a whole number >= 1, got {self.score_patches!r}")
+        if self.score_patches < 1:
+            raise DefectscopeError(f"score_patches must be a whole number >= 1, got {self.score_patches!r}")
+        self.score_patches = int(self.score_patches)
         if self.target_dim is not None and self.target_dim < 1:
             raise DefectscopeError(f"target_dim must be a positive integer, got {self.target_dim}")
 
@@ -539,10 +559,14 @@ class PatchCore(Detector):
         The ratio is a softmax over those distances, computed stably in float64. ``inside`` (B, P) bool:
         m_test* is the most anomalous patch among those inside the region of interest; a row with none
         inside (a tile outside the region) scores 0.
+        With ``score_patches`` k >= 2 the score is instead the mean of the k largest distances (all of
+        them on a map of fewer patches; only those inside a region of interest), without re-weighting.
         """
         if inside is not None:
             scores = self._image_scores(patches, dist.masked_fill(~inside, float("-inf")), nn_idx, bank, index)
             return scores.masked_fill(~inside.any(dim=1), 0.0)
+        if self.score_patches > 1:
+            return top_k_mean(dist, self.score_patches)
         best = dist.argmax(dim=1)  # (B,)
         rows = torch.arange(dist.shape[0])
         s_star = dist[rows, best]

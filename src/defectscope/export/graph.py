@@ -34,7 +34,7 @@ from torch import nn
 from ..components.embedding import local_average, weigh_layers
 from ..detectors.base import Detector, gaussian_blur
 from ..detectors.padim import PaDiM
-from ..detectors.patchcore import PatchCore
+from ..detectors.patchcore import PatchCore, top_k_mean
 from ..errors import DefectscopeError
 
 
@@ -89,6 +89,7 @@ class PatchCoreGraph(_Graph):
         self.patch_size = detector.patch_size
         self.border_padding = detector.border_padding
         self.layer_weighting = detector.layer_weighting
+        self.score_patches = detector.score_patches
 
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised -> (N, h, w, D), as PatchCore._patch_features (adaptive pooling
@@ -121,9 +122,11 @@ class PatchCoreGraph(_Graph):
         min_d2, nn_idx = d2.min(dim=2)  # (N, P)
         dist = min_d2.clamp_min(0.0).sqrt()
         maps = self.roi_maps(self.finish_maps(dist.reshape(n, h, w)))
+        ranked = dist.masked_fill(~self.get_buffer("inside"), float("-inf")) if self.has_roi else dist
+        if self.score_patches > 1:  # the mean of the k largest patch distances (PatchCore.score_patches)
+            return top_k_mean(ranked, self.score_patches), maps
         # image score, eq. 7: the most anomalous patch m_test* (inside the region of interest), its nearest
         # entry m*, and m*'s b neighbours
-        ranked = dist.masked_fill(~self.get_buffer("inside"), float("-inf")) if self.has_roi else dist
         best = ranked.argmax(dim=1, keepdim=True)  # (N, 1)
         s_star = dist.gather(1, best).squeeze(1)
         m_test = patches.gather(1, best.unsqueeze(2).expand(n, 1, d))  # (N, 1, D)
