@@ -436,3 +436,28 @@ def test_top_k_models_round_trip_and_export(synthetic_category, tmp_path):
     export_model(tmp_path / "top5.dsmodel", tmp_path / "top5-onnx")
     exported = defectscope.load(tmp_path / "top5-onnx").predict(paths, maps=False)
     assert [r.score for r in exported] == pytest.approx(scores, rel=SCORE_RTOL)
+
+
+# ----------------------------------------------------------------------------------------- front ends
+def test_serve_and_batch_judge_by_the_rule(fitted, synthetic_category, tmp_path):
+    model = defectscope.load(fitted["region"].path)
+    paths = sorted((synthetic_category / "test").rglob("*.png"))[::6]
+    expected = {str(p): r for p, r in zip(paths, model.predict(paths, maps=False))}
+    from defectscope.batch.sinks import read_output
+
+    out = tmp_path / "rows.csv"
+    assert main(["batch", str(model.path), *map(str, paths), "-o", str(out), "--no-progress"]) == 0
+    for row in read_output(out):  # batch runs the model's onnxruntime export (runtime auto): the rule, on its map
+        want = expected[row["path"]]
+        assert row["score"] == pytest.approx(want.score, rel=1e-4) and row["judgement"] == want.judgement
+    pytest.importorskip("fastapi")
+    import httpx
+    from serving import running
+
+    from defectscope.serve.app import create_app
+
+    with running(create_app({"part": model})) as url, httpx.Client(base_url=url, timeout=60) as client:
+        answer = client.post("/v1/models/part/predict", content=paths[0].read_bytes()).json()
+    want = expected[str(paths[0])]
+    assert answer["score"] == pytest.approx(want.score, rel=1e-5) and answer["judgement"] == want.judgement
+    assert answer["regions"]["level"] == model.threshold and answer["regions"]["unit"] == "px"
