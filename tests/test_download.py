@@ -70,8 +70,8 @@ class _Server:
                 if mode == "truncate_once":
                     state.modes[name] = ""  # behave next time
                     body = body[: len(body) // 2]
+                state.sent.append(len(body))  # before the write: the client may assert as soon as it has the bytes
                 self.wfile.write(body)
-                state.sent.append(len(body))
                 self.close_connection = True
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
